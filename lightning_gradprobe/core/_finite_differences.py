@@ -1,0 +1,157 @@
+"""Central differences along random directions, with an error bound measured from the stencil itself.
+
+For a direction ``v`` and step ``h`` the stencil evaluates ``f0 = f(x)``, ``f+ = f(x + h v)`` and
+``f- = f(x - h v)`` (one ``f0`` per sample, shared by all directions). With the *realized*
+displacements ``d+ = (x + h v) - x`` and ``d- = x - (x - h v)`` (the perturbed inputs are rounded):
+
+- autograd predicts ``a = J (d+ + d-)``; the finite difference measures ``d = f+ - f-``;
+- the second difference ``s = f+ - 2 f0 + f- - J (d+ - d-)`` bounds the difference's own error:
+  exactly so for a piecewise-linear function with one kink inside the stencil (``d - a = s``), and
+  conservatively for a smooth one (``s ~ h^2 f''`` while the truncation error is ``~ h^3 f'''``);
+- round-off adds ``~ eps * (|f+| + 2|f0| + |f-|)``.
+
+A direction passes when ``|a - d| <= rtol * scale + 2 (|s| + round-off)``, where ``scale`` is the
+larger of ``|a|``, ``|d|`` and the typical size of ``J v`` (a backward's round-off scales with its
+terms, not with a result that happens to cancel). A direction whose
+``s`` stands well above both round-off and a tenth of the signal has a kink (or a discontinuity)
+inside its stencil: it proves nothing either way and is retried with a smaller step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._functions import BatchFunction, Selection
+
+__all__ = ["Comparison", "Stencil", "compare", "default_step", "evaluate_stencil"]
+
+_ROUNDOFF_FACTOR = 8.0
+_KINK_FRACTION = 0.1
+
+
+def default_step(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-sample central-difference step: ``eps(dtype)^(1/3) * max(1, rms(x_i))``.
+
+    Balances truncation (``~h^2``) against round-off (``~eps/h``); scales with the input's size.
+
+    Example:
+        >>> import torch
+        >>> step = default_step(torch.ones(2, 3) * torch.tensor([[1.0], [1e3]]), torch.float64)
+        >>> [f"{s:.1e}" for s in step.tolist()]
+        ['6.1e-06', '6.1e-03']
+
+    """
+    rms = x.detach().to(torch.float64).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
+    return torch.finfo(dtype).eps ** (1 / 3) * rms.clamp_min(1.0)
+
+
+@dataclass(frozen=True)
+class Stencil:
+    """Evaluated stencil for ``n`` samples and ``k`` directions (all in the finite-difference dtype)."""
+
+    f0: Tensor  # (n, M)
+    f_plus: Tensor  # (n, k, M)
+    f_minus: Tensor  # (n, k, M)
+    d_plus: Tensor  # (n, k, D) realized displacement x+ - x
+    d_minus: Tensor  # (n, k, D) realized displacement x - x-
+    eps: float
+
+
+def evaluate_stencil(
+    function: BatchFunction,
+    selection: Selection,
+    x: Tensor,
+    index: Tensor,
+    directions: Tensor,
+    steps: Tensor,
+    *,
+    f0: Tensor | None = None,
+    rows_per_call: int = 256,
+) -> Stencil:
+    """Evaluate ``f(x)``, ``f(x + h v)``, ``f(x - h v)`` in as few batched forward calls as memory allows.
+
+    Args:
+        function: The model as a function of a batch, already in the finite-difference dtype.
+        selection: Which outputs to compare.
+        x: The checked samples ``(n, ...)``, in the finite-difference dtype.
+        index: Their per-sample output indices ``(n,)``.
+        directions: ``(n, k, ...)`` directions.
+        steps: ``(n,)`` steps.
+        f0: Reuse already evaluated ``f(x)``.
+        rows_per_call: Rows per forward call.
+
+    """
+    n, k = directions.shape[:2]
+    scaled = steps.to(x.dtype).reshape(n, 1, *([1] * (x.ndim - 1))) * directions.to(x.dtype)
+    x_plus = x.unsqueeze(1) + scaled
+    x_minus = x.unsqueeze(1) - scaled
+    d_plus = (x_plus - x.unsqueeze(1)).reshape(n, k, -1)
+    d_minus = (x.unsqueeze(1) - x_minus).reshape(n, k, -1)
+    parts = [x_plus.flatten(0, 1), x_minus.flatten(0, 1)]
+    part_index = [index.repeat_interleave(k), index.repeat_interleave(k)]
+    if f0 is None:
+        parts.insert(0, x)
+        part_index.insert(0, index)
+    stacked, stacked_index = torch.cat(parts), torch.cat(part_index)
+    with torch.no_grad():
+        values = torch.cat(
+            [
+                selection(function(stacked[i : i + rows_per_call]), stacked_index[i : i + rows_per_call])
+                for i in range(0, stacked.shape[0], rows_per_call)
+            ]
+        )
+    if f0 is None:
+        f0, values = values[:n], values[n:]
+    f_plus, f_minus = values[: n * k].reshape(n, k, -1), values[n * k :].reshape(n, k, -1)
+    return Stencil(f0, f_plus, f_minus, d_plus, d_minus, torch.finfo(values.dtype).eps)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Per-direction comparison of autograd with a stencil; every field is ``(n, k)``."""
+
+    passed: Tensor  # bool: |a - d| within tolerance
+    reliable: Tensor  # bool: finite, and no kink or discontinuity inside the stencil
+    relative_error: Tensor  # |a - d| / max(|a|, |d|)
+    fd_error: Tensor  # the stencil's own error bound, relative to max(|a|, |d|)
+
+
+def compare(jacobians: Tensor, stencil: Stencil, rtol: float) -> Comparison:
+    """Compare ``J (d+ + d-)`` with ``f+ - f-`` for each sample and direction (whole output vectors).
+
+    Args:
+        jacobians: ``(n, M, ...)`` autograd Jacobians of the checked samples (any dtype).
+        stencil: The evaluated stencil.
+        rtol: Relative tolerance granted to the autograd side (its own dtype's precision).
+
+    """
+    jac = jacobians.to(stencil.f0.dtype).reshape(jacobians.shape[0], jacobians.shape[1], -1)
+    predicted = torch.einsum("nmd,nkd->nkm", jac, stencil.d_plus + stencil.d_minus)
+    asymmetry = torch.einsum("nmd,nkd->nkm", jac, stencil.d_plus - stencil.d_minus)
+    measured = stencil.f_plus - stencil.f_minus
+    f0 = stencil.f0.unsqueeze(1)
+    second = stencil.f_plus - 2 * f0 + stencil.f_minus - asymmetry
+    roundoff = _ROUNDOFF_FACTOR * stencil.eps * (stencil.f_plus.abs() + 2 * f0.abs() + stencil.f_minus.abs())
+
+    error = (predicted - measured).norm(dim=-1)
+    magnitude = torch.maximum(predicted.norm(dim=-1), measured.norm(dim=-1))
+    # A backward's round-off scales with its terms, not with a result that cancelled by chance:
+    # the typical size of J v over random directions is ||J||_F ||v|| / sqrt(D).
+    displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
+    typical = jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5
+    scale = torch.maximum(magnitude, typical.nan_to_num(nan=0.0))
+    curvature = second.norm(dim=-1)
+    bound = (second.abs() + roundoff).norm(dim=-1)
+    finite = measured.isfinite().all(-1) & second.isfinite().all(-1) & f0.isfinite().all(-1)
+    kink = (curvature > _KINK_FRACTION * magnitude) & (curvature > 4 * roundoff.norm(dim=-1))
+    passed = error <= rtol * scale + 2 * bound  # False when autograd is non-finite
+    tiny = torch.finfo(magnitude.dtype).tiny
+    return Comparison(
+        passed=passed & finite,
+        reliable=finite & ~kink,
+        relative_error=error / magnitude.clamp_min(tiny),
+        fd_error=bound / magnitude.clamp_min(tiny),
+    )

@@ -1,0 +1,206 @@
+"""The model as a pure function of its input batch, and the choice of outputs to differentiate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "BatchFunction",
+    "OutputSelector",
+    "Selection",
+    "Target",
+    "build_batch_function",
+    "build_selection",
+]
+
+OutputSelector = Union[int, str, Callable[[Any], Tensor], None]
+"""Which tensor of a tuple/dict output to check: an index, a key, or a callable."""
+
+Target = Union[None, str, int, Tensor, Callable[[Tensor], Tensor]]
+"""Which outputs of each sample to differentiate (see :func:`~lightning_gradprobe.probe`)."""
+
+BatchFunction = Callable[[Tensor], Tensor]
+
+
+class _ForwardModule(nn.Module):
+    """Wraps ``forward(module, x)`` so that ``functional_call`` can swap the module's tensors."""
+
+    def __init__(self, module: nn.Module, forward: Callable[[nn.Module, Tensor], Any]) -> None:
+        super().__init__()
+        self.module = module
+        self._forward = forward
+
+    def forward(self, x: Tensor) -> Any:
+        return self._forward(self.module, x)
+
+
+def _pick_output(outputs: Any, output: OutputSelector) -> Tensor:
+    if output is not None:
+        outputs = output(outputs) if callable(output) else outputs[output]
+    if not isinstance(outputs, Tensor):
+        kind = type(outputs).__name__
+        raise TypeError(
+            f"probe: the model returned a {kind}, not a tensor; pass `output=` (an index, a key or a "
+            "callable) to say which tensor's input gradient to check."
+        )
+    return outputs
+
+
+def build_batch_function(
+    model: Any,
+    *,
+    forward: Callable[[Any, Tensor], Any] | None,
+    output: OutputSelector,
+    dtype: torch.dtype | None,
+) -> BatchFunction:
+    """Return ``x -> outputs`` over *detached* copies of the model's tensors, optionally cast to ``dtype``.
+
+    For an ``nn.Module`` the parameters and buffers are swapped in with ``functional_call``:
+    parameters are detached (no ``.grad`` can ever be written) and buffers cloned (no running
+    statistic can ever move). For a plain callable the inputs are cast and the callable called.
+    """
+    if isinstance(model, nn.Module):
+        root: nn.Module = model if forward is None else _ForwardModule(model, forward)
+        prefix = "" if forward is None else "module."
+        tensors: dict[str, Tensor] = {}
+        for name, param in model.named_parameters():
+            tensors[prefix + name] = _cast(param.detach(), dtype)
+        for name, buffer in model.named_buffers():
+            tensors[prefix + name] = _cast(buffer.detach(), dtype).clone()
+
+        def call(x: Tensor) -> Tensor:
+            return _pick_output(functional_call(root, tensors, (x,), strict=False), output)
+
+        return call
+
+    if not callable(model):
+        raise TypeError(f"probe: `model` must be an nn.Module or a callable, got {type(model).__name__}.")
+
+    def call_plain(x: Tensor) -> Tensor:
+        outputs = model(x) if forward is None else forward(model, x)
+        return _pick_output(outputs, output)
+
+    return call_plain
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(dtype)
+
+
+def model_dtype(model: Any, inputs: Tensor) -> torch.dtype:
+    """The floating dtype the model computes in: its first floating parameter's, else the inputs'."""
+    if isinstance(model, nn.Module):
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return inputs.dtype
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Maps a batch of outputs ``(B, ...)`` to the rows to differentiate, ``(B, M)``.
+
+    ``kind`` is ``"all"`` (every output), ``"index"`` (one output per sample, chosen by the
+    per-sample ``index`` passed alongside), ``"callable"`` (a user function), or ``"projected"``
+    (many outputs, compared through random projections ``outputs @ projection``).
+    """
+
+    kind: str
+    n_outputs: int
+    projection: Tensor | None = None
+    function: Callable[[Tensor], Tensor] | None = None
+
+    def __call__(self, outputs: Tensor, index: Tensor) -> Tensor:
+        if self.kind == "callable":
+            assert self.function is not None
+            outputs = self.function(outputs)
+        flat = outputs.reshape(outputs.shape[0], -1)
+        if self.kind == "index":
+            return flat.gather(1, index.reshape(-1, 1))
+        if self.kind == "projected":
+            assert self.projection is not None
+            return flat @ self.projection.to(flat.dtype)
+        return flat
+
+
+def build_selection(
+    target: Target,
+    outputs: Tensor,
+    *,
+    max_full_outputs: int,
+    n_projections: int,
+    generator: torch.Generator,
+) -> tuple[Selection, Tensor]:
+    """Validate ``target`` against a batch of outputs; return the selection and the per-sample index.
+
+    Args:
+        target: See :func:`~lightning_gradprobe.probe`.
+        outputs: The model's outputs on the whole batch, ``(N, ...)``.
+        max_full_outputs: Above this many outputs per sample, compare random projections instead.
+        n_projections: How many random output projections to use then.
+        generator: The probe's own generator (the global RNG is never touched).
+
+    Returns:
+        The selection, and a ``(N,)`` long tensor of per-sample output indices (zeros when unused).
+
+    """
+    n = outputs.shape[0]
+    flat = outputs.detach().reshape(n, -1)
+    n_outputs = flat.shape[1]
+    zeros = torch.zeros(n, dtype=torch.long, device=outputs.device)
+    if callable(target) and not isinstance(target, Tensor):
+        selected = target(outputs.detach())
+        if not isinstance(selected, Tensor) or selected.ndim == 0 or selected.shape[0] != n:
+            shape = tuple(selected.shape) if isinstance(selected, Tensor) else type(selected).__name__
+            raise ValueError(
+                f"probe: `target` callable must return a tensor with the batch dimension first, shape "
+                f"({n}, ...); it returned {shape}. Select per sample, e.g. `lambda out: out[:, 3]`."
+            )
+        width = selected.reshape(n, -1).shape[1]
+        if width > max_full_outputs:
+            raise ValueError(
+                f"probe: `target` callable selects {width} outputs per sample; at most "
+                f"`max_full_outputs`={max_full_outputs} are supported. Use target=None for random projections."
+            )
+        return Selection("callable", width, function=target), zeros
+    if target is None:
+        if n_outputs <= max_full_outputs:
+            return Selection("all", n_outputs), zeros
+        # Row 0 is all ones: the gradient of the output sum, used as the saliency in this mode.
+        gaussian = torch.randn(n_outputs, n_projections, generator=generator, dtype=torch.float64)
+        projection = torch.cat([torch.ones(n_outputs, 1, dtype=torch.float64), gaussian / n_outputs**0.5], 1)
+        return Selection("projected", n_projections + 1, projection=projection.to(outputs.device)), zeros
+    if isinstance(target, str):
+        if target != "argmax":
+            raise ValueError(
+                f"probe: `target` must be None, 'argmax', an int, a tensor or a callable; got {target!r}."
+            )
+        return Selection("index", 1), flat.argmax(1)
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise TypeError(
+            f"probe: `target` must be None, 'argmax', an int, a tensor or a callable; got {target!r}."
+        )
+    index = torch.as_tensor(target, device=outputs.device)
+    if index.is_floating_point() or index.is_complex():
+        raise TypeError(f"probe: `target` tensor must hold integer output indices, got dtype {index.dtype}.")
+    index = index.long().expand(n) if index.ndim == 0 else index.long()
+    if index.shape != (n,):
+        raise ValueError(
+            f"probe: `target` tensor must have shape ({n},), one output index per sample; got {tuple(index.shape)}."
+        )
+    bad = (index < 0) | (index >= n_outputs)
+    if bad.any():
+        value = int(index[bad][0])
+        raise ValueError(
+            f"probe: `target`={value} is out of range: each sample has {n_outputs} outputs "
+            f"(flattened), so indices must be in [0, {n_outputs - 1}]."
+        )
+    return Selection("index", 1), index

@@ -1,0 +1,461 @@
+"""``probe()``: per-sample input Jacobians checked against finite differences, with verdicts you can trust."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._finite_differences import compare, default_step, evaluate_stencil
+from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
+from ._isolation import isolated
+from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, batch_leaks, per_sample_jacobians
+from .report import ProbeReport, Verdict
+
+__all__ = ["default_rtol", "jacobians", "probe", "saliency"]
+
+_DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+_ENGINES = ("auto", ENGINE_FUNC, ENGINE_AUTOGRAD)
+_RETRY_STEP_DIVISOR = 8.0
+# Direction status codes, ordered by severity.
+_PASS, _PRECISION, _INCONCLUSIVE, _FAIL = 0, 1, 2, 3
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance granted to a backward computed in ``dtype``.
+
+    Example:
+        >>> default_rtol(torch.float32), default_rtol(torch.float64)
+        (0.001, 1e-06)
+
+    """
+    return _DEFAULT_RTOL.get(dtype, 3e-2)
+
+
+def probe(
+    model: Any,
+    inputs: Tensor,
+    *,
+    target: Target = None,
+    n_directions: int = 4,
+    seed: int = 0,
+    forward: Callable[[Any, Tensor], Any] | None = None,
+    output: OutputSelector = None,
+    check_samples: int | Sequence[int] | None = None,
+    rtol: float | None = None,
+    fd_dtype: torch.dtype | None = torch.float64,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+    max_full_outputs: int = 64,
+    check_batch: bool = True,
+) -> ProbeReport:
+    """Compute per-sample input Jacobians and spot-check them against finite differences.
+
+    Each sample's Jacobian is computed with ``vmap(jacrev)`` over ``functional_call`` with detached
+    parameters (falling back to plain autograd with batched cotangents when the model cannot run
+    under ``torch.func``), then compared, as whole output vectors, with central differences along
+    ``n_directions`` random directions, evaluated in float64 on a float64 copy of the model's
+    tensors. The step is ``eps^(1/3)`` times the input's scale, and the stencil's own second
+    difference bounds its error, so round-off and kinks are told apart from a wrong backward.
+
+    The model is probed in eval mode (every submodule's own mode is restored afterwards); no
+    parameter ``.grad``, buffer, RNG state or input changes. Works under ``torch.no_grad()`` and
+    ``torch.inference_mode()``.
+
+    Args:
+        model: An ``nn.Module``, or any callable mapping a batch ``(N, ...)`` to outputs ``(N, ...)``.
+        inputs: A floating tensor ``(N, ...)``; the batch dimension comes first.
+        target: Which outputs of each sample to differentiate: ``None`` for all (random projections
+            above ``max_full_outputs``), ``"argmax"``, an int index into each sample's flattened
+            outputs, an ``(N,)`` tensor of per-sample indices, or a callable ``outputs -> (N, ...)``.
+        n_directions: Random directions per checked sample.
+        seed: Seed of the probe's own generator (directions, sample subset, projections).
+        forward: ``forward(model, x) -> outputs``, when calling ``model(x)`` is not the way to run it.
+        output: For tuple/dict outputs: the index or key of the tensor to check, or a callable.
+        check_samples: Which samples to check against finite differences: ``None`` for all, an int
+            for that many drawn at random, or a sequence of indices. Saliency and health cover all.
+        rtol: Relative tolerance for the model-dtype backward (default: by dtype, see
+            :func:`default_rtol`).
+        fd_dtype: Dtype of the finite differences (default float64; ``None`` for the model's own, as
+            on devices without float64). Falls back to the model's dtype, with a note, if the model
+            cannot run in float64.
+        engine: ``"auto"``, ``"torch.func"`` or ``"autograd"``.
+        chunk_size: Samples per ``vmap`` chunk, to bound memory (``None``: all at once).
+        max_full_outputs: Above this many outputs per sample, full Jacobians are not built.
+        check_batch: Whether to check that samples do not leak into each other through the batch.
+
+    Returns:
+        A :class:`~lightning_gradprobe.ProbeReport`.
+
+    Raises:
+        TypeError: If ``inputs`` is not a floating tensor, or the model's outputs are not a tensor.
+        ValueError: If the batch is empty or non-finite, an option is out of range, or the outputs
+            have no batch dimension.
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradprobe import probe
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> report = probe(model, torch.randn(5, 4), target="argmax")
+        >>> report.ok, report.verdicts[0]
+        (True, <Verdict.PASS: 'pass'>)
+        >>> report.saliency.shape
+        torch.Size([5, 4])
+
+    """
+    _check_arguments(inputs, n_directions, engine, rtol, fd_dtype, max_full_outputs, chunk_size)
+    generator = torch.Generator().manual_seed(int(seed))
+    notes: list[str] = []
+    with isolated(model, inputs.device):
+        x = inputs.detach().clone()
+        n = x.shape[0]
+        dtype = model_dtype(model, x)
+        rtol = default_rtol(dtype) if rtol is None else float(rtol)
+        function = build_batch_function(model, forward=forward, output=output, dtype=None)
+        with torch.no_grad():
+            outputs = function(x)
+        _check_outputs(outputs, n)
+        selection, index = build_selection(
+            target,
+            outputs,
+            max_full_outputs=max_full_outputs,
+            n_projections=n_directions,
+            generator=generator,
+        )
+        leaks = batch_leaks(function, selection, x, index, generator=generator) if check_batch else []
+        jac, engine_used, engine_note = per_sample_jacobians(
+            function, selection, x, index, engine=engine, chunk_size=chunk_size, owner=type(model).__name__
+        )
+        if engine_note:
+            notes.append(f"torch.func could not run the model ({engine_note}); plain autograd was used")
+        checked = _choose_samples(check_samples, n, generator)
+        shape = (n, n_directions)
+        status = torch.full(shape, _PASS)
+        relative_error = torch.full(shape, float("nan"), dtype=torch.float64)
+        fd_error = torch.full(shape, float("nan"), dtype=torch.float64)
+        steps = torch.full((n,), float("nan"), dtype=torch.float64)
+        fd_function, used_fd_dtype = _finite_difference_function(
+            model, forward, output, function, x, fd_dtype or dtype, notes
+        )
+        if leaks:
+            notes.append("samples leak into each other, so per-sample gradients are ill-defined: not checked")
+            status[checked] = _INCONCLUSIVE
+        elif len(checked):
+            _check_samples(
+                jac[checked.to(jac.device)],
+                fd_function,
+                selection,
+                x,
+                index,
+                checked,
+                generator=generator,
+                n_directions=n_directions,
+                rtol=rtol,
+                fd_dtype=used_fd_dtype,
+                model_dtype=dtype,
+                engine=engine_used,
+                chunk_size=chunk_size,
+                out=(status, relative_error, fd_error, steps),
+            )
+    flat = jac.reshape(n, -1)
+    verdicts = [Verdict.UNCHECKED] * n
+    for i in checked.tolist():
+        verdicts[i] = _sample_verdict(status[i])
+    return ProbeReport(
+        verdicts=tuple(verdicts),
+        saliency=_saliency_rows(jac, selection.kind, outputs).reshape(x.shape),
+        batch_independent=(not leaks) if check_batch and n > 1 else None,
+        leaking_pairs=tuple(leaks),
+        checked=checked,
+        relative_error=relative_error,
+        fd_error=fd_error,
+        steps=steps,
+        grad_norm=flat.double().norm(dim=1).cpu(),
+        nonfinite_count=(~flat.isfinite()).sum(1).cpu(),
+        zero_fraction=(flat == 0).double().mean(1).cpu(),
+        engine=engine_used,
+        engine_note=engine_note,
+        model_dtype=dtype,
+        fd_dtype=used_fd_dtype,
+        n_outputs=selection.n_outputs,
+        projected=selection.kind == "projected",
+        rtol=rtol,
+        notes=tuple(notes),
+    )
+
+
+def _check_samples(
+    jac: Tensor,
+    fd_function: Callable[[Tensor], Tensor],
+    selection: Any,
+    x: Tensor,
+    index: Tensor,
+    checked: Tensor,
+    *,
+    generator: torch.Generator,
+    n_directions: int,
+    rtol: float,
+    fd_dtype: torch.dtype,
+    model_dtype: torch.dtype,
+    engine: str,
+    chunk_size: int | None,
+    out: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> None:
+    """Judge each checked sample along each direction; write codes and evidence into ``out``."""
+    status, relative_error, fd_error, steps = out
+    device = x.device
+    rows = checked.to(device)
+    xc, ic = x[rows].to(fd_dtype), index[rows]
+    directions = torch.randn(
+        (len(checked), n_directions, *x.shape[1:]), generator=generator, dtype=torch.float64
+    )
+    rms = directions.reshape(len(checked), n_directions, -1).pow(2).mean(-1).sqrt()
+    directions = (directions / rms.reshape(*rms.shape, *([1] * (x.ndim - 1)))).to(device)
+    step = default_step(xc, fd_dtype).to(device)
+
+    stencil = evaluate_stencil(fd_function, selection, xc, ic, directions, step)
+    first = compare(jac, stencil, rtol)
+    code = torch.full(first.passed.shape, _PASS, device=device)
+    rel, bound = first.relative_error, first.fd_error
+    used_step = step.clone()
+    redo = ~(first.passed & first.reliable)
+    if redo.any():
+        # Anything short of a clean pass is looked at again with a step 8x smaller: a kink inside
+        # the first stencil most likely falls outside the second, while a wrong backward stays wrong.
+        again = redo.any(1).nonzero().flatten()
+        small = step[again] / _RETRY_STEP_DIVISOR
+        stencil2 = evaluate_stencil(
+            fd_function, selection, xc[again], ic[again], directions[again], small, f0=stencil.f0[again]
+        )
+        second = compare(jac[again], stencil2, rtol)
+        code2 = torch.where(
+            second.reliable,
+            torch.where(second.passed, _PASS, _FAIL),
+            torch.full_like(code[again], _INCONCLUSIVE),
+        )
+        suspects = ((code2 == _FAIL) & redo[again]).any(1)
+        if suspects.any() and model_dtype != torch.float64 and fd_dtype == torch.float64:
+            # Same backward formula in float64: agreement means only the model dtype's precision fell short.
+            sub = again[suspects]
+            jac64, _, _ = per_sample_jacobians(
+                fd_function, selection, xc[sub], ic[sub], engine=engine, chunk_size=chunk_size
+            )
+            picked = _subset(stencil2, suspects)
+            third = compare(jac64, picked, default_rtol(torch.float64))
+            code2[suspects] = torch.where(
+                (code2[suspects] == _FAIL) & third.passed, _PRECISION, code2[suspects]
+            )
+        mask = redo[again]
+        code[again] = torch.where(mask, code2, code[again])
+        rel[again] = torch.where(mask, second.relative_error, rel[again])
+        bound[again] = torch.where(mask, second.fd_error, bound[again])
+        used_step[again] = small
+    status[checked] = code.cpu()
+    relative_error[checked] = rel.double().cpu()
+    fd_error[checked] = bound.double().cpu()
+    steps[checked] = used_step.double().cpu()
+
+
+def _subset(stencil: Any, mask: Tensor) -> Any:
+    from ._finite_differences import Stencil
+
+    return Stencil(
+        stencil.f0[mask],
+        stencil.f_plus[mask],
+        stencil.f_minus[mask],
+        stencil.d_plus[mask],
+        stencil.d_minus[mask],
+        stencil.eps,
+    )
+
+
+def _sample_verdict(codes: Tensor) -> Verdict:
+    if (codes == _FAIL).any():
+        return Verdict.FAIL
+    if (codes == _INCONCLUSIVE).all():
+        return Verdict.INCONCLUSIVE
+    if (codes == _PRECISION).any():
+        return Verdict.PRECISION_LIMITED
+    return Verdict.PASS
+
+
+def _saliency_rows(jac: Tensor, kind: str, outputs: Tensor) -> Tensor:
+    if kind == "all" and jac.shape[1] > 1:
+        rows = outputs.reshape(outputs.shape[0], -1).argmax(1).to(jac.device)
+        return jac[torch.arange(jac.shape[0], device=jac.device), rows]
+    if kind == "callable":
+        return jac.sum(1)
+    return jac[:, 0]
+
+
+def _finite_difference_function(
+    model: Any,
+    forward: Any,
+    output: OutputSelector,
+    function: Callable[[Tensor], Tensor],
+    x: Tensor,
+    fd_dtype: torch.dtype,
+    notes: list[str],
+) -> tuple[Callable[[Tensor], Tensor], torch.dtype]:
+    """The model in ``fd_dtype`` if it runs there, else the model as it is (with a note)."""
+    own = x.dtype if not x.is_floating_point() else model_dtype(model, x)
+    if fd_dtype == own:
+        return function, own
+    candidate = build_batch_function(model, forward=forward, output=output, dtype=fd_dtype)
+    try:
+        with torch.no_grad():
+            result = candidate(x[:1].to(fd_dtype))
+        if result.dtype == fd_dtype:
+            return candidate, fd_dtype
+        reason = f"it returned {result.dtype}"
+    except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+    notes.append(
+        f"finite differences ran in {own} with a step sized for it: the model cannot run in {fd_dtype} ({reason})"
+    )
+    return function, own
+
+
+def _choose_samples(check_samples: int | Sequence[int] | None, n: int, generator: torch.Generator) -> Tensor:
+    if check_samples is None:
+        return torch.arange(n)
+    if isinstance(check_samples, bool):
+        raise TypeError(
+            f"probe: `check_samples` must be None, an int or a sequence of indices, got {check_samples!r}."
+        )
+    if isinstance(check_samples, int):
+        if check_samples < 0:
+            raise ValueError(f"probe: `check_samples` must be >= 0, got {check_samples}.")
+        return torch.randperm(n, generator=generator)[: min(check_samples, n)].sort().values
+    chosen = torch.as_tensor(list(check_samples), dtype=torch.long)
+    if chosen.numel() and (chosen.min() < 0 or chosen.max() >= n):
+        raise ValueError(f"probe: `check_samples` indices must be in [0, {n - 1}], got {chosen.tolist()}.")
+    return chosen.unique()
+
+
+def _check_arguments(
+    inputs: Any,
+    n_directions: int,
+    engine: str,
+    rtol: float | None,
+    fd_dtype: torch.dtype | None,
+    max_full_outputs: int,
+    chunk_size: int | None,
+) -> None:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"probe: `inputs` must be a tensor, got {type(inputs).__name__}.")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"probe: `inputs` must be a floating tensor, got {inputs.dtype}. Input gradients of integer "
+            "inputs (token ids) do not exist: probe the embedding output instead, e.g. "
+            "`probe(lambda e: model.head(model.body(e)), model.embed(ids))`."
+        )
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(
+            f"probe: `inputs` must have a non-empty batch dimension first, got shape {tuple(inputs.shape)}."
+        )
+    if not bool(inputs.isfinite().all()):
+        bad = int((~inputs.isfinite()).sum())
+        raise ValueError(
+            f"probe: `inputs` holds {bad} NaN/Inf values; finite differences need finite inputs."
+        )
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
+        raise ValueError(f"probe: `n_directions` must be an int >= 1, got {n_directions!r}.")
+    if engine not in _ENGINES:
+        raise ValueError(f"probe: `engine` must be one of {_ENGINES}, got {engine!r}.")
+    if rtol is not None and not rtol > 0:
+        raise ValueError(f"probe: `rtol` must be > 0, got {rtol!r}.")
+    if fd_dtype is not None and not (isinstance(fd_dtype, torch.dtype) and fd_dtype.is_floating_point):
+        raise ValueError(f"probe: `fd_dtype` must be a floating torch.dtype or None, got {fd_dtype!r}.")
+    if isinstance(max_full_outputs, bool) or not isinstance(max_full_outputs, int) or max_full_outputs < 1:
+        raise ValueError(f"probe: `max_full_outputs` must be an int >= 1, got {max_full_outputs!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"probe: `chunk_size` must be None or an int >= 1, got {chunk_size!r}.")
+
+
+def _check_outputs(outputs: Tensor, n: int) -> None:
+    if outputs.ndim == 0 or outputs.shape[0] != n:
+        raise ValueError(
+            f"probe: the model's output has shape {tuple(outputs.shape)}, without the batch dimension "
+            f"({n}) first. Return per-sample outputs (N, ...) - e.g. not a loss already reduced over the batch."
+        )
+    if not outputs.is_floating_point():
+        raise TypeError(f"probe: the model's output must be floating, got {outputs.dtype}.")
+
+
+def jacobians(
+    model: Any,
+    inputs: Tensor,
+    *,
+    target: Target = None,
+    forward: Callable[[Any, Tensor], Any] | None = None,
+    output: OutputSelector = None,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample input Jacobians ``(N, M, *inputs.shape[1:])``, batched with ``vmap(jacrev)``.
+
+    Same model handling as :func:`probe` (eval mode, detached parameters, no side effects), no check.
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradprobe import jacobians
+        >>> jacobians(torch.nn.Linear(3, 2), torch.randn(4, 3)).shape
+        torch.Size([4, 2, 3])
+
+    """
+    return _gradients(model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=10**9)[0]
+
+
+def saliency(
+    model: Any,
+    inputs: Tensor,
+    *,
+    target: Target = "argmax",
+    forward: Callable[[Any, Tensor], Any] | None = None,
+    output: OutputSelector = None,
+    engine: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample input gradient of one target output, shaped like ``inputs`` (signed).
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradprobe import saliency
+        >>> saliency(torch.nn.Linear(3, 2), torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+
+    """
+    jac, kind, outputs = _gradients(
+        model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=64
+    )
+    return _saliency_rows(jac, kind, outputs).reshape(inputs.shape)
+
+
+def _gradients(
+    model: Any,
+    inputs: Tensor,
+    target: Target,
+    forward: Any,
+    output: OutputSelector,
+    engine: str,
+    chunk_size: int | None,
+    *,
+    max_full_outputs: int,
+) -> tuple[Tensor, str, Tensor]:
+    _check_arguments(inputs, 1, engine, None, None, max_full_outputs, chunk_size)
+    with isolated(model, inputs.device):
+        x = inputs.detach().clone()
+        function = build_batch_function(model, forward=forward, output=output, dtype=None)
+        with torch.no_grad():
+            outputs = function(x)
+        _check_outputs(outputs, x.shape[0])
+        selection, index = build_selection(
+            target, outputs, max_full_outputs=max_full_outputs, n_projections=4, generator=torch.Generator()
+        )
+        jac, _, _ = per_sample_jacobians(
+            function, selection, x, index, engine=engine, chunk_size=chunk_size, owner=type(model).__name__
+        )
+    return jac, selection.kind, outputs

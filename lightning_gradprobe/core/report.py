@@ -1,0 +1,179 @@
+"""The probe's result: verdicts, evidence and gradient health, as a plain object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from .._errors import GradientCheckError
+
+__all__ = ["ProbeReport", "Verdict"]
+
+
+class Verdict(str, Enum):
+    """Per-sample verdict. Compares equal to its string value (``Verdict.PASS == "pass"``)."""
+
+    PASS = "pass"
+    """Autograd agrees with a reliable finite difference in every judged direction."""
+    PRECISION_LIMITED = "precision-limited"
+    """The model-dtype backward misses the tolerance, but the same backward in float64 agrees: the formula is right."""
+    INCONCLUSIVE = "inconclusive"
+    """The finite difference cannot be trusted here (kink, discontinuity, non-finite values, mixed batch)."""
+    FAIL = "fail"
+    """The backward disagrees with a reliable finite difference, at two step sizes and in float64 too."""
+    UNCHECKED = "unchecked"
+    """The sample's gradient was computed (saliency, health) but not spot-checked."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeReport:
+    """What :func:`~lightning_gradprobe.probe` found. Per-sample tensors have the batch size ``N`` first.
+
+    Attributes:
+        verdicts: One :class:`Verdict` per sample.
+        saliency: Input gradient of each sample's target, shaped like the inputs (signed).
+        batch_independent: Whether no sample's outputs depend on another sample's input (``None``: not checked).
+        leaking_pairs: ``(i, j)`` pairs where sample ``i``'s outputs depend on sample ``j``'s input.
+        checked: Indices of the samples that were spot-checked against finite differences.
+        relative_error: ``(N, k)`` autograd-vs-finite-difference relative error per direction (NaN: unchecked).
+        fd_error: ``(N, k)`` the finite difference's own error bound, relative (the noise floor).
+        steps: ``(N,)`` the step finally used per sample (NaN: unchecked).
+        grad_norm: ``(N,)`` Frobenius norm of each sample's input Jacobian.
+        nonfinite_count: ``(N,)`` NaN/Inf entries in each sample's input Jacobian.
+        zero_fraction: ``(N,)`` fraction of exactly-zero entries in each sample's input Jacobian.
+        engine: ``"torch.func"`` or ``"autograd"`` (the fallback).
+        engine_note: Why the fallback ran, if it did.
+        model_dtype: The dtype the model and its backward computed in.
+        fd_dtype: The dtype of the finite differences.
+        n_outputs: Outputs compared per sample (after target selection or projection).
+        projected: Whether outputs were compared through random projections (many outputs).
+        rtol: Relative tolerance granted to the model-dtype backward.
+        notes: Human-readable remarks (fallbacks, skipped checks).
+
+    """
+
+    verdicts: tuple[Verdict, ...]
+    saliency: Tensor
+    batch_independent: bool | None
+    leaking_pairs: tuple[tuple[int, int], ...]
+    checked: Tensor
+    relative_error: Tensor
+    fd_error: Tensor
+    steps: Tensor
+    grad_norm: Tensor
+    nonfinite_count: Tensor
+    zero_fraction: Tensor
+    engine: str
+    engine_note: str | None
+    model_dtype: torch.dtype
+    fd_dtype: torch.dtype
+    n_outputs: int
+    projected: bool
+    rtol: float
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of samples judged ``"fail"``."""
+        return [i for i, v in enumerate(self.verdicts) if v is Verdict.FAIL]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many samples got each verdict."""
+        return {v.value: sum(1 for w in self.verdicts if w is v) for v in Verdict}
+
+    @property
+    def ok(self) -> bool:
+        """No ``"fail"``, no non-finite input gradient, and samples independent (when checked)."""
+        return (
+            not self.failed and int(self.nonfinite_count.sum()) == 0 and self.batch_independent is not False
+        )
+
+    def problems(self) -> list[str]:
+        """One sentence per reason ``ok`` is False (empty when ``ok``)."""
+        found = []
+        if self.failed:
+            worst = self.relative_error[self.failed].nan_to_num(nan=0.0).max()
+            found.append(
+                f"{len(self.failed)} of {len(self.checked)} checked samples fail: the backward disagrees with "
+                f"finite differences (worst relative error {float(worst):.3g}; samples {self.failed[:8]})"
+            )
+        bad = (self.nonfinite_count > 0).nonzero().flatten().tolist()
+        if bad:
+            found.append(f"non-finite input gradients in samples {bad[:8]}")
+        if self.batch_independent is False:
+            found.append(
+                f"samples are not independent: outputs depend on other samples' inputs, e.g. (output, input) "
+                f"pairs {list(self.leaking_pairs[:6])}"
+            )
+        return found
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`~lightning_gradprobe.GradientCheckError` (carrying this report) unless ``ok``."""
+        if not self.ok:
+            raise GradientCheckError(
+                "gradient check failed: " + "; ".join(self.problems()) + f"\n{self}", self
+            )
+
+    def summary(self) -> dict[str, float]:
+        """Scalar figures for logging: verdict fractions, error and gradient-norm statistics."""
+        n_checked = max(len(self.checked), 1)
+        counts = self.counts
+        errors = self.relative_error[self.checked].flatten()
+        errors = errors[errors.isfinite()]
+        norms = self.grad_norm.double()
+        norms = norms[norms.isfinite()]
+        figures = {
+            "fail_fraction": counts["fail"] / n_checked,
+            "inconclusive_fraction": counts["inconclusive"] / n_checked,
+            "precision_limited_fraction": counts["precision-limited"] / n_checked,
+            "relative_error_max": float(errors.max()) if errors.numel() else float("nan"),
+            "relative_error_median": float(errors.median()) if errors.numel() else float("nan"),
+            "nonfinite_count": float(self.nonfinite_count.sum()),
+            "zero_fraction_mean": float(self.zero_fraction.double().mean()),
+            "leaking_pairs": float(len(self.leaking_pairs)),
+        }
+        for q in (0.1, 0.5, 0.9):
+            key = f"grad_norm_p{int(q * 100)}"
+            figures[key] = float(torch.quantile(norms, q)) if norms.numel() else float("nan")
+        return figures
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{v} {c}" for v, c in self.counts.items() if c)
+        steps = self.steps[self.checked]
+        steps = steps[steps.isfinite()]
+        step_text = f"{float(steps.min()):.2g}..{float(steps.max()):.2g}" if steps.numel() else "n/a"
+        fd_noise = self.fd_error[self.checked]
+        fd_noise = fd_noise[fd_noise.isfinite()]
+        noise_text = f"{float(fd_noise.median()):.2g}" if fd_noise.numel() else "n/a"
+        lines = [
+            f"ProbeReport: {'OK' if self.ok else 'NOT OK'} - {counts} ({len(self.verdicts)} samples)",
+            f"  engine {self.engine}; backward in {_name(self.model_dtype)} (rtol {self.rtol:g}); "
+            f"finite differences in {_name(self.fd_dtype)}, central, step {step_text} "
+            f"(eps^(1/3) x input scale), median noise floor {noise_text} relative",
+            f"  outputs compared per sample: {self.n_outputs}{' (random projections)' if self.projected else ''}; "
+            f"directions per sample: {self.relative_error.shape[1]}",
+            f"  batch independent: {self.batch_independent}",
+        ]
+        for i in self.checked.tolist():
+            if self.verdicts[i] is Verdict.PASS:
+                continue
+            err = self.relative_error[i]
+            lines.append(
+                f"  sample {i}: {self.verdicts[i]} - relative error per direction "
+                f"{[float(f'{e:.3g}') for e in err.tolist()]}, finite-difference error bound "
+                f"{[float(f'{e:.2g}') for e in self.fd_error[i].tolist()]}"
+            )
+        lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  problem: {p}" for p in self.problems()]
+        return "\n".join(lines)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

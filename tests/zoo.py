@@ -1,0 +1,162 @@
+"""The bug zoo: correct models and models with a planted wrong backward, shared by tests and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _mlp(n_in: int, width: int, n_out: int, act: type[nn.Module], dtype=torch.float32) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(n_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, n_out)
+    ).to(dtype)
+
+
+class TanhFunction(torch.autograd.Function):
+    """tanh with a hand-written backward (modern style, vmap-able); ``mode`` plants a bug."""
+
+    @staticmethod
+    def forward(x, mode):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mode = inputs[1]
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        g = grad * (1 - y * y)
+        if ctx.mode == "scale":
+            g = g * 1.1
+        elif ctx.mode == "sign":
+            g = torch.cat([-g[..., :1], g[..., 1:]], dim=-1)
+        return g, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, mode):
+        return TanhFunction.apply(x.movedim(in_dims[0], 0) if in_dims[0] is not None else x, mode), 0
+
+
+class ClassicMulTanh(torch.autograd.Function):
+    """y = x * tanh(x), classic style (no setup_context): torch.func cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x, drop_term):
+        ctx.save_for_backward(x)
+        ctx.drop_term = drop_term
+        return x * torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(x)
+        full = t + x * (1 - t * t)
+        return grad * (t if ctx.drop_term else full), None
+
+
+class Act(nn.Module):
+    def __init__(self, kind: str = "ok") -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "classic":
+            return ClassicMulTanh.apply(x, False)
+        if self.kind == "dropped-term":
+            return ClassicMulTanh.apply(x, True)
+        return TanhFunction.apply(x, self.kind)
+
+
+class DetachMLP(nn.Module):
+    """A residual block whose skip path is cut by a stray ``.detach()`` (in the forward of the gradient)."""
+
+    def __init__(self, n_in: int, bug: bool) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(n_in, 16), nn.Tanh(), nn.Linear(16, n_in))
+        self.head = nn.Linear(n_in, 3)
+        self.bug = bug
+
+    def forward(self, x):
+        skip = x.detach() if self.bug else x
+        # The value is the same either way; only the gradient path differs: y = x + f(x).
+        return self.head(torch.tanh(skip + self.inner(x)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, n_classes: int = 10, side: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(16 * (side // 4) ** 2, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def correct_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Correct models with inputs: none of them may ever be judged "fail"."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cnn = SmallCNN(side=12)
+    with torch.no_grad():  # non-trivial running statistics, then eval mode
+        cnn.train()
+        cnn(torch.randn(32, 1, 12, 12, generator=g))
+    cnn.eval()
+    saturated = _mlp(6, 16, 2, nn.Tanh)
+    with torch.no_grad():
+        saturated[0].weight.mul_(8.0)
+    scaled_out = _mlp(6, 16, 3, nn.Tanh)
+    with torch.no_grad():
+        scaled_out[-1].weight.mul_(1e6)
+    return {
+        "tanh-mlp": (_mlp(10, 32, 3, nn.Tanh), torch.randn(8, 10, generator=g)),
+        "relu-mlp": (_mlp(10, 32, 1, nn.ReLU), torch.randn(8, 10, generator=g)),
+        "cnn-bn-eval": (cnn, torch.randn(8, 1, 12, 12, generator=g)),
+        "float64-mlp": (
+            _mlp(10, 32, 3, nn.Tanh, torch.float64),
+            torch.randn(8, 10, generator=g, dtype=torch.float64),
+        ),
+        "custom-function": (
+            nn.Sequential(nn.Linear(10, 16), Act("ok"), nn.Linear(16, 3)),
+            torch.randn(8, 10, generator=g),
+        ),
+        "classic-function": (
+            nn.Sequential(nn.Linear(10, 16), Act("classic"), nn.Linear(16, 3)),
+            torch.randn(8, 10, generator=g),
+        ),
+        "saturated": (saturated, 3 * torch.randn(8, 6, generator=g)),
+        "outputs-1e6": (scaled_out, torch.randn(8, 6, generator=g)),
+        "inputs-1e3": (_mlp(6, 16, 3, nn.ReLU), 1e3 * torch.randn(8, 6, generator=g)),
+        "detach-free": (DetachMLP(10, bug=False), torch.randn(8, 10, generator=g)),
+    }
+
+
+def buggy_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Models whose backward is wrong: every sample should be judged "fail"."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return {
+        "scaled-1.1": (
+            nn.Sequential(nn.Linear(10, 16), Act("scale"), nn.Linear(16, 3)),
+            torch.randn(8, 10, generator=g),
+        ),
+        "sign-one-coordinate": (
+            nn.Sequential(nn.Linear(10, 16), Act("sign"), nn.Linear(16, 3)),
+            torch.randn(8, 10, generator=g),
+        ),
+        "dropped-product-term": (
+            nn.Sequential(nn.Linear(10, 16), Act("dropped-term"), nn.Linear(16, 3)),
+            torch.randn(8, 10, generator=g),
+        ),
+        "stray-detach": (DetachMLP(10, bug=True), torch.randn(8, 10, generator=g)),
+    }
