@@ -7,9 +7,9 @@ from torch import nn
 
 
 def _mlp(n_in: int, width: int, n_out: int, act: type[nn.Module], dtype=torch.float32) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(n_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, n_out)
-    ).to(dtype)
+    return nn.Sequential(nn.Linear(n_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, n_out)).to(
+        dtype
+    )
 
 
 class TanhFunction(torch.autograd.Function):

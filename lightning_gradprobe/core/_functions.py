@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +19,10 @@ __all__ = [
     "build_selection",
 ]
 
-OutputSelector = Union[int, str, Callable[[Any], Tensor], None]
+OutputSelector = int | str | Callable[[Any], Tensor] | None
 """Which tensor of a tuple/dict output to check: an index, a key, or a callable."""
 
-Target = Union[None, str, int, Tensor, Callable[[Tensor], Tensor]]
+Target = str | int | Tensor | Callable[[Tensor], Tensor] | None
 """Which outputs of each sample to differentiate (see :func:`~lightning_gradprobe.probe`)."""
 
 BatchFunction = Callable[[Tensor], Tensor]
@@ -180,14 +180,10 @@ def build_selection(
         return Selection("projected", n_projections + 1, projection=projection.to(outputs.device)), zeros
     if isinstance(target, str):
         if target != "argmax":
-            raise ValueError(
-                f"probe: `target` must be None, 'argmax', an int, a tensor or a callable; got {target!r}."
-            )
+            raise ValueError(f"probe: `target` must be None, 'argmax', an int, a tensor or a callable; got {target!r}.")
         return Selection("index", 1), flat.argmax(1)
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
-        raise TypeError(
-            f"probe: `target` must be None, 'argmax', an int, a tensor or a callable; got {target!r}."
-        )
+        raise TypeError(f"probe: `target` must be None, 'argmax', an int, a tensor or a callable; got {target!r}.")
     index = torch.as_tensor(target, device=outputs.device)
     if index.is_floating_point() or index.is_complex():
         raise TypeError(f"probe: `target` tensor must hold integer output indices, got dtype {index.dtype}.")

@@ -208,9 +208,7 @@ def _check_samples(
     device = x.device
     rows = checked.to(device)
     xc, ic = x[rows].to(fd_dtype), index[rows]
-    directions = torch.randn(
-        (len(checked), n_directions, *x.shape[1:]), generator=generator, dtype=torch.float64
-    )
+    directions = torch.randn((len(checked), n_directions, *x.shape[1:]), generator=generator, dtype=torch.float64)
     rms = directions.reshape(len(checked), n_directions, -1).pow(2).mean(-1).sqrt()
     directions = (directions / rms.reshape(*rms.shape, *([1] * (x.ndim - 1)))).to(device)
     step = default_step(xc, fd_dtype).to(device)
@@ -244,9 +242,7 @@ def _check_samples(
             )
             picked = _subset(stencil2, suspects)
             third = compare(jac64, picked, default_rtol(torch.float64))
-            code2[suspects] = torch.where(
-                (code2[suspects] == _FAIL) & third.passed, _PRECISION, code2[suspects]
-            )
+            code2[suspects] = torch.where((code2[suspects] == _FAIL) & third.passed, _PRECISION, code2[suspects])
         mask = redo[again]
         code[again] = torch.where(mask, code2, code[again])
         rel[again] = torch.where(mask, second.relative_error, rel[again])
@@ -322,9 +318,7 @@ def _choose_samples(check_samples: int | Sequence[int] | None, n: int, generator
     if check_samples is None:
         return torch.arange(n)
     if isinstance(check_samples, bool):
-        raise TypeError(
-            f"probe: `check_samples` must be None, an int or a sequence of indices, got {check_samples!r}."
-        )
+        raise TypeError(f"probe: `check_samples` must be None, an int or a sequence of indices, got {check_samples!r}.")
     if isinstance(check_samples, int):
         if check_samples < 0:
             raise ValueError(f"probe: `check_samples` must be >= 0, got {check_samples}.")
@@ -358,9 +352,7 @@ def _check_arguments(
         )
     if not bool(inputs.isfinite().all()):
         bad = int((~inputs.isfinite()).sum())
-        raise ValueError(
-            f"probe: `inputs` holds {bad} NaN/Inf values; finite differences need finite inputs."
-        )
+        raise ValueError(f"probe: `inputs` holds {bad} NaN/Inf values; finite differences need finite inputs.")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
         raise ValueError(f"probe: `n_directions` must be an int >= 1, got {n_directions!r}.")
     if engine not in _ENGINES:
@@ -428,9 +420,7 @@ def saliency(
         torch.Size([4, 3])
 
     """
-    jac, kind, outputs = _gradients(
-        model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=64
-    )
+    jac, kind, outputs = _gradients(model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=64)
     return _saliency_rows(jac, kind, outputs).reshape(inputs.shape)
 
 

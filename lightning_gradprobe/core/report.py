@@ -91,9 +91,7 @@ class ProbeReport:
     @property
     def ok(self) -> bool:
         """No ``"fail"``, no non-finite input gradient, and samples independent (when checked)."""
-        return (
-            not self.failed and int(self.nonfinite_count.sum()) == 0 and self.batch_independent is not False
-        )
+        return not self.failed and int(self.nonfinite_count.sum()) == 0 and self.batch_independent is not False
 
     def problems(self) -> list[str]:
         """One sentence per reason ``ok`` is False (empty when ``ok``)."""
@@ -117,9 +115,7 @@ class ProbeReport:
     def raise_if_failed(self) -> None:
         """Raise :class:`~lightning_gradprobe.GradientCheckError` (carrying this report) unless ``ok``."""
         if not self.ok:
-            raise GradientCheckError(
-                "gradient check failed: " + "; ".join(self.problems()) + f"\n{self}", self
-            )
+            raise GradientCheckError("gradient check failed: " + "; ".join(self.problems()) + f"\n{self}", self)
 
     def summary(self) -> dict[str, float]:
         """Scalar figures for logging: verdict fractions, error and gradient-norm statistics."""

@@ -1,0 +1,188 @@
+"""Verdicts in both directions: no false alarms on correct models, planted bugs caught."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from zoo import buggy_models, correct_models
+
+from lightning_gradprobe import GradientCheckError, Verdict, probe
+
+SEEDS = range(20)
+
+
+@pytest.mark.parametrize("name", sorted(correct_models(0)))
+def test_correct_models_never_fail(name):
+    verdicts = []
+    for seed in SEEDS:
+        model, x = correct_models(seed)[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = probe(model, x, seed=seed)
+        verdicts += report.verdicts
+        assert report.ok, f"seed {seed}:\n{report}"
+    assert Verdict.FAIL not in verdicts
+    # Most samples must be judged (passing), not waved through as inconclusive.
+    assert sum(v in (Verdict.PASS, Verdict.PRECISION_LIMITED) for v in verdicts) >= 0.9 * len(verdicts)
+
+
+@pytest.mark.parametrize("name", sorted(buggy_models(0)))
+def test_wrong_backwards_are_caught(name):
+    verdicts = []
+    for seed in SEEDS:
+        model, x = buggy_models(seed)[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = probe(model, x, seed=seed)
+        verdicts += report.verdicts
+        assert not report.ok
+    assert sum(v is Verdict.FAIL for v in verdicts) >= 0.95 * len(verdicts)
+
+
+def test_origin_case_float32_relu_scalar_output():
+    """A naive h=1e-6 float32 central difference disagrees with autograd; probe() says autograd is right."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.randn(16, 10)
+    autograd = torch.func.vmap(torch.func.grad(lambda s: model(s.unsqueeze(0)).squeeze()))(x)
+    h = 1e-6
+    naive = torch.stack(
+        [(model(x + h * e).squeeze(1) - model(x - h * e).squeeze(1)) / (2 * h) for e in torch.eye(10)], dim=1
+    )
+    naive_error = ((naive - autograd).norm(dim=1) / autograd.norm(dim=1)).median()
+    assert naive_error > 0.05  # round-off makes the naive check useless
+
+    report = probe(model, x)
+    assert report.verdicts == (Verdict.PASS,) * 16, str(report)
+    eps_step = torch.finfo(torch.float64).eps ** (1 / 3)
+    assert torch.all(report.steps >= eps_step * 0.99 / 8) and torch.all(report.steps > h / 8)
+    assert "float64" in str(report) and "step" in str(report)
+    assert float(report.relative_error.median()) < 1e-4
+
+
+def _functions_for_gradcheck():
+    class ScaledExp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, scale):
+            y = x.exp()
+            ctx.save_for_backward(y)
+            ctx.scale = scale
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * y * ctx.scale, None
+
+    class SinCos(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, swap):
+            ctx.save_for_backward(x)
+            ctx.swap = swap
+            return torch.stack([x.sin().sum(-1), (x * x).sum(-1)], -1)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            d0, d1 = x.cos(), 2 * x
+            if ctx.swap:
+                d0 = d0.flip(-1)
+            return g[..., :1] * d0 + g[..., 1:] * d1, None
+
+    return {
+        "exp-ok": (lambda x: ScaledExp.apply(x, 1.0), True),
+        "exp-1.01": (lambda x: ScaledExp.apply(x, 1.01), False),
+        "sincos-ok": (lambda x: SinCos.apply(x, False), True),
+        "sincos-swapped": (lambda x: SinCos.apply(x, True), False),
+        "tanh-chain": (lambda x: torch.tanh(x @ torch.linspace(-1, 1, 15, dtype=x.dtype).reshape(5, 3)), True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_functions_for_gradcheck()))
+def test_agrees_with_gradcheck_on_float64(name):
+    function, expected = _functions_for_gradcheck()[name]
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    reference = torch.autograd.gradcheck(function, (x.clone().requires_grad_(),), raise_exception=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = probe(function, x)
+    assert reference == expected
+    assert report.ok == reference, str(report)
+
+
+def test_kink_at_the_point_is_inconclusive_not_fail():
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    report = probe(lambda t: t.abs().sum(1, keepdim=True), x)
+    assert report.verdicts == (Verdict.INCONCLUSIVE,) * 2
+    assert report.ok  # nothing is known to be wrong
+
+
+def test_precision_limited_when_only_the_float32_backward_is_coarse():
+    class CoarseIn32(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            grad = 2 * x * g
+            if grad.dtype == torch.float32:  # the formula is right; float32 loses bits
+                grad = grad.to(torch.bfloat16).to(torch.float32)
+            return grad
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 32)
+
+        def forward(self, x):
+            return CoarseIn32.apply(self.linear(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = probe(Model(), x)
+    assert Verdict.FAIL not in report.verdicts
+    assert Verdict.PRECISION_LIMITED in report.verdicts, str(report)
+
+
+def test_raise_if_failed_carries_the_report():
+    model, x = buggy_models(0)["scaled-1.1"]
+    report = probe(model, x)
+    with pytest.raises(GradientCheckError, match="backward disagrees") as info:
+        report.raise_if_failed()
+    assert info.value.report is report
+    correct, y = correct_models(0)["tanh-mlp"]
+    probe(correct, y).raise_if_failed()
+
+
+def test_float32_finite_differences_when_float64_is_unsupported():
+    class Float32Only(nn.Module):
+        def __init__(self, bug: bool):
+            super().__init__()
+            self.inner = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+            self.bug = bug
+
+        def forward(self, x):
+            if x.dtype != torch.float32:
+                raise RuntimeError("this kernel only supports float32")
+            if self.bug:
+                from zoo import TanhFunction
+
+                return TanhFunction.apply(self.inner(x), "scale")
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 8)
+    good = probe(Float32Only(False), x)
+    assert good.fd_dtype == torch.float32 and any("float32" in n for n in good.notes)
+    assert Verdict.FAIL not in good.verdicts
+    bad = probe(Float32Only(True), x)
+    assert sum(v is Verdict.FAIL for v in bad.verdicts) >= 7, str(bad)
