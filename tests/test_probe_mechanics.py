@@ -33,19 +33,31 @@ def test_func_engine_matches_loop_oracle_and_fallback():
     torch.testing.assert_close(jacobians(model, x, chunk_size=1), expected)
 
 
-def test_fallback_engine_warns_once_and_reports_itself():
+def test_torch_func_engine_falls_back_with_one_warning():
     _jacobian._WARNED.clear()
     model = nn.Sequential(nn.Linear(10, 16), Act("classic"), nn.Linear(16, 3))
     x = torch.randn(6, 10)
     with pytest.warns(RuntimeWarning, match="cannot run under torch.func"):
-        report = probe(model, x)
+        report = probe(model, x, engine="torch.func")
     assert report.engine == "autograd" and "setup_context" in report.engine_note
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = probe(model, x)
-    assert again.verdicts == report.verdicts == (Verdict.PASS,) * 6
-    with pytest.raises(RuntimeError):
-        probe(model, x, engine="torch.func")
+        again = probe(model, x, engine="torch.func")
+        default = probe(model, x)
+    assert again.verdicts == report.verdicts == default.verdicts == (Verdict.PASS,) * 6
+    assert default.engine == "autograd" and default.engine_note is None
+
+
+@pytest.mark.parametrize("name", ["scaled-1.1", "sign-one-coordinate", "stray-detach"])
+def test_both_engines_reach_the_same_verdicts(name):
+    from zoo import buggy_models, correct_models
+
+    for models in (correct_models(3), buggy_models(3)):
+        model, x = models.get(name, models["tanh-mlp"] if "tanh-mlp" in models else (None, None))
+        func = probe(model, x, engine="torch.func")
+        assert func.engine == "torch.func"
+        assert func.verdicts == probe(model, x).verdicts
+        torch.testing.assert_close(func.saliency, probe(model, x).saliency)
 
 
 def test_targets_select_the_right_rows():
@@ -182,7 +194,7 @@ def _assert_same(before, after):
     assert before["modes"] == after["modes"]
     for key, value in before["tensors"].items():
         assert torch.equal(value, after["tensors"][key]), key
-    for a, b in zip(before["grads"], after["grads"]):
+    for a, b in zip(before["grads"], after["grads"], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
     assert before["requires_grad"] == after["requires_grad"]
     assert torch.equal(before["torch_rng"], after["torch_rng"])

@@ -1,9 +1,27 @@
-"""Per-sample input Jacobians: ``vmap(jacrev)`` first, plain autograd with batched cotangents as fallback."""
+"""Per-sample input Jacobians, and the check that the batch really holds independent samples.
+
+Two engines:
+
+- ``"autograd"`` (default): one forward of the whole batch, then one backward per selected output,
+  all batched through ``torch.autograd.grad(..., is_grads_batched=True)`` (``vmap`` over the
+  cotangents; a Python loop where an op has no batching rule). Row ``m`` of sample ``i`` is exact
+  when samples are independent, which is verified on every call (below). Runs any model autograd
+  can run, classic ``torch.autograd.Function`` included.
+- ``"torch.func"``: ``vmap`` over samples of ``jacrev`` of the per-sample function (each sample
+  alone, through ``functional_call``). Falls back to ``"autograd"``, with a one-time warning, for
+  models that cannot run under the transforms.
+
+Independence check: one more batched cotangent, random ``u``. Through the batch graph it gives
+``g_j = sum_i J_ij^T u_i``; from the per-sample rows, ``sum_m u_jm J_j[m]``. They differ exactly
+when some sample's outputs depend on another sample's input. The offending pairs are then found
+with :func:`leaking_pairs`.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -11,57 +29,98 @@ from torch.func import jacrev, vmap
 
 from ._functions import BatchFunction, Selection
 
-__all__ = ["ENGINE_AUTOGRAD", "ENGINE_FUNC", "batch_leaks", "per_sample_jacobians"]
+__all__ = ["ENGINE_AUTOGRAD", "ENGINE_FUNC", "Gradients", "compute_gradients", "leaking_pairs"]
 
 ENGINE_FUNC = "torch.func"
 ENGINE_AUTOGRAD = "autograd"
 _WARNED: set[tuple[str, str]] = set()
 
 
-def per_sample_jacobians(
+@dataclass(frozen=True)
+class Gradients:
+    """Jacobians ``(N, M, ...)`` of the selected outputs, and how they were obtained."""
+
+    jacobians: Tensor
+    engine: str
+    fallback_reason: str | None
+    leaking_inputs: Tensor | None  # (N,) bool: inputs reached by another sample's outputs; None if unchecked
+
+
+def compute_gradients(
     function: BatchFunction,
     selection: Selection,
-    x: Tensor,
+    leaf: Tensor,
+    outputs: Tensor,
     index: Tensor,
     *,
-    engine: str = "auto",
+    engine: str,
+    check_batch: bool,
+    generator: torch.Generator,
     chunk_size: int | None = None,
     owner: str = "model",
-) -> tuple[Tensor, str, str | None]:
-    """Jacobians of each sample's selected outputs with respect to that sample's input.
+) -> Gradients:
+    """Per-sample Jacobians of ``selection(outputs)`` with respect to ``leaf``.
 
     Args:
-        function: The model as a function of a batch.
+        function: The model as a function of a batch (used by the ``torch.func`` engine).
         selection: Which outputs to differentiate.
-        x: Inputs ``(N, ...)`` (not modified).
-        index: Per-sample output indices for ``selection`` (``(N,)``, long).
-        engine: ``"auto"`` (``torch.func``, falling back to autograd), ``"torch.func"`` or ``"autograd"``.
-        chunk_size: Samples per ``vmap`` chunk (bounds memory); ``None`` for all at once.
-        owner: A name for the model, used in the one-time fallback warning.
-
-    Returns:
-        ``(jacobians, engine_used, fallback_reason)``: ``jacobians`` has shape ``(N, M, *x.shape[1:])``.
+        leaf: The input batch, a leaf that requires grad.
+        outputs: ``function(leaf)``, with its graph.
+        index: Per-sample output indices for ``selection``.
+        engine: ``"auto"``/``"autograd"`` or ``"torch.func"``.
+        check_batch: Whether to verify that samples are independent.
+        generator: The probe's own generator.
+        chunk_size: Samples per ``vmap`` chunk for the ``torch.func`` engine.
+        owner: A name for the model, for the one-time fallback warning.
 
     """
+    selected = selection(outputs, index)
+    n, n_outputs = selected.shape
+    eye = torch.eye(n_outputs, dtype=selected.dtype, device=selected.device)
+    rows = [eye[:, None, :].expand(n_outputs, n, n_outputs)]
+    probe_weights = None
+    if check_batch and n > 1:
+        probe_weights = torch.randn((n, n_outputs), generator=generator, dtype=torch.float64).to(selected)
+        rows.append(probe_weights[None])
     reason = None
-    if engine in ("auto", ENGINE_FUNC):
+    used = ENGINE_AUTOGRAD
+    if engine == ENGINE_FUNC:
         try:
-            return _jacobians_func(function, selection, x, index, chunk_size), ENGINE_FUNC, None
-        except Exception as error:  # any failure under the transforms: fall back, or report
-            if engine == ENGINE_FUNC:
-                raise
+            jac = _jacobians_func(function, selection, leaf, index, chunk_size)
+            used = ENGINE_FUNC
+            rows = rows[1:]
+        except Exception as error:  # any failure under the transforms: fall back, warn once
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-            key = (owner, type(error).__name__)
-            if key not in _WARNED:
-                _WARNED.add(key)
-                warnings.warn(
-                    f"gradprobe: {owner} cannot run under torch.func ({reason}); probing it with plain "
-                    "autograd and batched cotangents instead (same verdicts, somewhat slower). "
-                    "This warning is shown once.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _jacobians_autograd(function, selection, x, index), ENGINE_AUTOGRAD, reason
+            _warn_once(owner, type(error).__name__, reason)
+    grads = _batched_grad(selected, leaf, torch.cat(rows)) if rows else None
+    if used == ENGINE_AUTOGRAD:
+        assert grads is not None
+        jac, grads = grads[:n_outputs].transpose(0, 1), grads[n_outputs:]
+    leaking = None
+    if probe_weights is not None:
+        assert grads is not None
+        through_batch = grads[0].reshape(n, -1).double()
+        per_sample = torch.einsum("nm,nmd->nd", probe_weights.double(), jac.reshape(n, n_outputs, -1).double())
+        gap = (through_batch - per_sample).norm(dim=1).nan_to_num(nan=math.inf)
+        scale = torch.maximum(through_batch.norm(dim=1), per_sample.norm(dim=1)).nan_to_num(nan=0.0).max()
+        leaking = gap > _leak_tolerance(selected.dtype) * scale.clamp_min(torch.finfo(torch.float64).tiny)
+    return Gradients(jac, used, reason, leaking)
+
+
+def _leak_tolerance(dtype: torch.dtype) -> float:
+    return min(1e3 * torch.finfo(dtype).eps, 1e-2)
+
+
+def _warn_once(owner: str, kind: str, reason: str) -> None:
+    if (owner, kind) in _WARNED:
+        return
+    _WARNED.add((owner, kind))
+    warnings.warn(
+        f"gradprobe: {owner} cannot run under torch.func ({reason}); probing it with plain autograd and "
+        "batched cotangents instead (same verdicts). This warning is shown once.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _jacobians_func(
@@ -73,16 +132,38 @@ def _jacobians_func(
     return vmap(jacrev(per_sample), chunk_size=chunk_size)(x.detach(), index)
 
 
+def jacobians_of(
+    function: BatchFunction, selection: Selection, x: Tensor, index: Tensor, *, engine: str, chunk_size: int | None
+) -> Tensor:
+    """Jacobians on a fresh graph, with the engine that already ran once (no check, no warning)."""
+    if engine == ENGINE_FUNC:
+        return _jacobians_func(function, selection, x, index, chunk_size)
+    leaf = x.detach().requires_grad_(True)
+    outputs = function(leaf.clone())
+    return compute_gradients(
+        function,
+        selection,
+        leaf,
+        outputs,
+        index,
+        engine=ENGINE_AUTOGRAD,
+        check_batch=False,
+        generator=torch.Generator(),
+    ).jacobians
+
+
 def _batched_grad(outputs: Tensor, leaf: Tensor, cotangents: Tensor) -> Tensor:
     """``d<cotangent_p, outputs>/d leaf`` for each cotangent ``p``: one vmapped backward, or a loop."""
     if not outputs.requires_grad:
         return torch.zeros((cotangents.shape[0], *leaf.shape), dtype=leaf.dtype, device=leaf.device)
+    if cotangents.shape[0] == 1:  # a plain backward: vmap would only add overhead
+        return torch.autograd.grad(outputs, leaf, cotangents[0], retain_graph=True, materialize_grads=True)[0][None]
     try:
         (grads,) = torch.autograd.grad(
             outputs, leaf, cotangents, is_grads_batched=True, retain_graph=True, materialize_grads=True
         )
         return grads
-    except RuntimeError:
+    except RuntimeError:  # an op without a batching rule: one backward per cotangent
         rows = [
             torch.autograd.grad(outputs, leaf, cotangent, retain_graph=True, materialize_grads=True)[0]
             for cotangent in cotangents
@@ -90,71 +171,63 @@ def _batched_grad(outputs: Tensor, leaf: Tensor, cotangents: Tensor) -> Tensor:
         return torch.stack(rows)
 
 
-def _jacobians_autograd(function: BatchFunction, selection: Selection, x: Tensor, index: Tensor) -> Tensor:
-    # The batch-sum trick: exact per-sample rows when samples are independent (checked separately).
-    leaf = x.detach().requires_grad_(True)
-    outputs = selection(function(leaf.clone()), index)
-    n_outputs = outputs.shape[1]
-    eye = torch.eye(n_outputs, dtype=outputs.dtype, device=outputs.device)
-    cotangents = eye[:, None, :].expand(n_outputs, outputs.shape[0], n_outputs)
-    return _batched_grad(outputs, leaf, cotangents).transpose(0, 1)
-
-
-def batch_leaks(
-    function: BatchFunction,
-    selection: Selection,
-    x: Tensor,
-    index: Tensor,
+def leaking_pairs(
+    selected: Tensor,
+    leaf: Tensor,
     *,
     generator: torch.Generator,
-    tolerance: float = 1e-6,
+    tolerance: float,
     max_exact_sources: int = 16,
 ) -> list[tuple[int, int]]:
     """Find pairs ``(i, j)`` where sample ``i``'s outputs depend on sample ``j``'s input.
 
-    One forward of the whole batch, then ``2 * ceil(log2 N)`` backwards: for each bit ``b`` of the
-    sample index, a random cotangent on the samples whose bit ``b`` is 0 (then 1). Any gradient
-    reaching a sample outside that group is a leak. Every leaking pair differs in some bit, so every
-    leak is seen. The candidate sources this leaves are then confirmed exactly, one backward per
-    candidate source with a cotangent on that sample alone, when there are at most
-    ``max_exact_sources`` of them; past that (e.g. BatchNorm on batch statistics, where every
-    sample reaches every other) the candidate pairs, a superset, are returned.
+    ``2 * ceil(log2 N)`` backwards through the batch graph: for each bit ``b`` of the sample index,
+    a random cotangent on the samples whose bit ``b`` is 0 (then 1). Any gradient reaching a sample
+    outside that group is a leak, and every leaking pair differs in some bit, so every leak is seen.
+    The candidate sources this leaves are confirmed exactly, one backward per source with a
+    cotangent on that sample alone, when there are at most ``max_exact_sources``; past that (e.g.
+    BatchNorm on batch statistics, where every sample reaches every other) the candidate pairs, a
+    superset, are returned.
 
-    Returns:
-        The leaking pairs, sorted; empty when samples are independent.
+    Args:
+        selected: Selected outputs ``(N, M)`` with their graph.
+        leaf: The input batch they were computed from.
+        generator: The probe's own generator.
+        tolerance: Relative size of a cross-sample gradient that counts as a leak.
+        max_exact_sources: Most candidate sources confirmed one by one.
 
     """
-    n = x.shape[0]
+    n = leaf.shape[0]
     if n < 2:
         return []
-    leaf = x.detach().requires_grad_(True)
-    outputs = selection(function(leaf.clone()), index)
     n_bits = max(1, math.ceil(math.log2(n)))
-    ids = torch.arange(n, device=x.device)
-    bits = (ids[None, :] >> torch.arange(n_bits, device=x.device)[:, None]) & 1  # (B, N)
+    ids = torch.arange(n, device=leaf.device)
+    bits = (ids[None, :] >> torch.arange(n_bits, device=leaf.device)[:, None]) & 1  # (B, N)
     groups = torch.cat([bits == 0, bits == 1])  # (2B, N): row p selects the samples given a cotangent
-    weights = torch.randn(outputs.shape, generator=generator, dtype=torch.float64).to(outputs)
-    cotangents = groups[:, :, None].to(outputs.dtype) * weights[None]
-    grads = _batched_grad(outputs, leaf, cotangents)
-    norms = grads.reshape(grads.shape[0], n, -1).double().norm(dim=2).nan_to_num(nan=math.inf)
-    own_scale = (norms * groups).amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    leak = (norms > tolerance * own_scale) & ~groups  # (2B, N): some source in group p reaches input j
+    weights = torch.randn(selected.shape, generator=generator, dtype=torch.float64).to(selected)
+    leak = _reached(selected, leaf, groups, weights, tolerance)
     if not leak.any():
         return []
-    # Sample i can be a source for input j iff for every bit where they differ, the group holding i leaked into j.
+    # Sample i can be a source for input j iff, for every bit where they differ, i's group reached j.
     side = bits.T  # (N, B): bit b of sample i
     leak_by_side = leak.reshape(2, n_bits, n).permute(1, 0, 2)  # (B, side, N)
     differs = side[:, None, :] != side[None, :, :]  # (i, j, B)
-    reached = leak_by_side[torch.arange(n_bits)[None, :], side, :]  # (i, B, j)
+    reached = leak_by_side[torch.arange(n_bits, device=leaf.device)[None, :], side, :]  # (i, B, j)
     candidate = (~differs | reached.permute(0, 2, 1)).all(dim=2) & differs.any(dim=2)
     candidate &= leak.any(dim=0)[None, :]
     sources = candidate.any(dim=1).nonzero().flatten()
     if len(sources) <= max_exact_sources:
-        single = torch.zeros((len(sources), n), dtype=torch.bool, device=x.device)
+        single = torch.zeros((len(sources), n), dtype=torch.bool, device=leaf.device)
         single[torch.arange(len(sources)), sources] = True
-        grads = _batched_grad(outputs, leaf, single[:, :, None].to(outputs.dtype) * weights[None])
-        norms = grads.reshape(len(sources), n, -1).double().norm(dim=2).nan_to_num(nan=math.inf)
-        scale = (norms * single).amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         candidate = torch.zeros_like(candidate)
-        candidate[sources] = (norms > tolerance * scale) & ~single
+        candidate[sources] = _reached(selected, leaf, single, weights, tolerance)
     return [(int(i), int(j)) for i, j in candidate.nonzero().tolist()]
+
+
+def _reached(selected: Tensor, leaf: Tensor, groups: Tensor, weights: Tensor, tolerance: float) -> Tensor:
+    """For each group of samples given a random cotangent: which *other* samples' inputs get gradient."""
+    n = leaf.shape[0]
+    grads = _batched_grad(selected, leaf, groups[:, :, None].to(selected.dtype) * weights[None])
+    norms = grads.reshape(grads.shape[0], n, -1).double().norm(dim=2).nan_to_num(nan=math.inf)
+    scale = (norms * groups).amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return (norms > tolerance * scale) & ~groups

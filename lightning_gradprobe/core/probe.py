@@ -11,7 +11,7 @@ from torch import Tensor
 from ._finite_differences import compare, default_step, evaluate_stencil
 from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
 from ._isolation import isolated
-from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, batch_leaks, per_sample_jacobians
+from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, _leak_tolerance, compute_gradients, jacobians_of, leaking_pairs
 from .report import ProbeReport, Verdict
 
 __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
@@ -81,8 +81,10 @@ def probe(
         fd_dtype: Dtype of the finite differences (default float64; ``None`` for the model's own, as
             on devices without float64). Falls back to the model's dtype, with a note, if the model
             cannot run in float64.
-        engine: ``"auto"``, ``"torch.func"`` or ``"autograd"``.
-        chunk_size: Samples per ``vmap`` chunk, to bound memory (``None``: all at once).
+        engine: ``"auto"`` or ``"autograd"`` (one batched forward, batched cotangents, exactness verified
+            each call) or ``"torch.func"`` (``vmap`` over samples of ``jacrev``; falls back to autograd,
+            with a one-time warning, for models the transforms cannot run).
+        chunk_size: Samples per ``vmap`` chunk of the ``torch.func`` engine, to bound memory.
         max_full_outputs: Above this many outputs per sample, full Jacobians are not built.
         check_batch: Whether to check that samples do not leak into each other through the batch.
 
@@ -114,20 +116,34 @@ def probe(
         dtype = model_dtype(model, x)
         rtol = default_rtol(dtype) if rtol is None else float(rtol)
         function = build_batch_function(model, forward=forward, output=output, dtype=None)
-        with torch.no_grad():
-            outputs = function(x)
+        leaf = x.requires_grad_(True)
+        outputs = function(leaf.clone())  # the model may write into its input; ours stays intact
         _check_outputs(outputs, n)
         selection, index = build_selection(
-            target,
+            target, outputs.detach(), max_full_outputs=max_full_outputs, n_projections=n_directions, generator=generator
+        )
+        gradients = compute_gradients(
+            function,
+            selection,
+            leaf,
             outputs,
-            max_full_outputs=max_full_outputs,
-            n_projections=n_directions,
+            index,
+            engine=engine,
+            check_batch=check_batch,
             generator=generator,
+            chunk_size=chunk_size,
+            owner=type(model).__name__,
         )
-        leaks = batch_leaks(function, selection, x, index, generator=generator) if check_batch else []
-        jac, engine_used, engine_note = per_sample_jacobians(
-            function, selection, x, index, engine=engine, chunk_size=chunk_size, owner=type(model).__name__
-        )
+        jac, engine_used, engine_note = gradients.jacobians.detach(), gradients.engine, gradients.fallback_reason
+        leaks: list[tuple[int, int]] = []
+        if gradients.leaking_inputs is not None and bool(gradients.leaking_inputs.any()):
+            leaks = leaking_pairs(
+                selection(outputs, index), leaf, generator=generator, tolerance=_leak_tolerance(outputs.dtype)
+            )
+            if not leaks:
+                notes.append("a cross-sample gradient was seen once but not confirmed; treated as independent")
+        outputs = outputs.detach()
+        x = x.detach()
         if engine_note:
             notes.append(f"torch.func could not run the model ({engine_note}); plain autograd was used")
         checked = _choose_samples(check_samples, n, generator)
@@ -237,9 +253,7 @@ def _check_samples(
         if suspects.any() and model_dtype != torch.float64 and fd_dtype == torch.float64:
             # Same backward formula in float64: agreement means only the model dtype's precision fell short.
             sub = again[suspects]
-            jac64, _, _ = per_sample_jacobians(
-                fd_function, selection, xc[sub], ic[sub], engine=engine, chunk_size=chunk_size
-            )
+            jac64 = jacobians_of(fd_function, selection, xc[sub], ic[sub], engine=engine, chunk_size=chunk_size)
             picked = _subset(stencil2, suspects)
             third = compare(jac64, picked, default_rtol(torch.float64))
             code2[suspects] = torch.where((code2[suspects] == _FAIL) & third.passed, _PRECISION, code2[suspects])
@@ -437,15 +451,24 @@ def _gradients(
 ) -> tuple[Tensor, str, Tensor]:
     _check_arguments(inputs, 1, engine, None, None, max_full_outputs, chunk_size)
     with isolated(model, inputs.device):
-        x = inputs.detach().clone()
+        leaf = inputs.detach().clone().requires_grad_(True)
         function = build_batch_function(model, forward=forward, output=output, dtype=None)
-        with torch.no_grad():
-            outputs = function(x)
-        _check_outputs(outputs, x.shape[0])
+        outputs = function(leaf.clone())
+        _check_outputs(outputs, leaf.shape[0])
         selection, index = build_selection(
-            target, outputs, max_full_outputs=max_full_outputs, n_projections=4, generator=torch.Generator()
+            target, outputs.detach(), max_full_outputs=max_full_outputs, n_projections=4, generator=torch.Generator()
         )
-        jac, _, _ = per_sample_jacobians(
-            function, selection, x, index, engine=engine, chunk_size=chunk_size, owner=type(model).__name__
-        )
+        jac = compute_gradients(
+            function,
+            selection,
+            leaf,
+            outputs,
+            index,
+            engine=engine,
+            check_batch=False,
+            generator=torch.Generator(),
+            chunk_size=chunk_size,
+            owner=type(model).__name__,
+        ).jacobians.detach()
+        outputs = outputs.detach()
     return jac, selection.kind, outputs

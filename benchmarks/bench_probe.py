@@ -1,0 +1,95 @@
+"""Engine cost, as ratios against anchors measured side by side in the same process.
+
+CNN (2 conv + BatchNorm + ReLU + max-pool, eval mode), batch 64, 1x28x28 inputs, 10 classes, CPU.
+Each method and its anchor are timed alternately; the figure is the ratio of medians.
+
+    (a) per-sample saliency, target "argmax"     vs one batch-sum backward (Captum's Saliency trick)
+    (b) full 10-output per-sample Jacobians      vs one forward + ten batch-sum backwards
+    (c) a whole probe() with defaults            vs its floor: one batch-sum backward for the saliency
+                                                    + two float64 forwards per direction per checked sample
+
+Run:  python benchmarks/bench_probe.py [--repeats 15] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo import SmallCNN
+
+from lightning_gradprobe import jacobians, probe, saliency
+
+
+def batch_sum_saliency(model, x):
+    leaf = x.clone().requires_grad_()
+    out = model(leaf)
+    picked = out.gather(1, out.argmax(1, keepdim=True)).sum()
+    return torch.autograd.grad(picked, leaf)[0]
+
+
+def forward_plus_ten_backwards(model, x):
+    leaf = x.clone().requires_grad_()
+    out = model(leaf)
+    return [torch.autograd.grad(out[:, m].sum(), leaf, retain_graph=True)[0] for m in range(out.shape[1])]
+
+
+def probe_floor(model, model64, x, n_directions=4):
+    batch_sum_saliency(model, x)
+    x64 = x.double()
+    with torch.no_grad():
+        for _ in range(2 * n_directions):
+            model64(x64)  # 2 k float64 forwards of each of the N samples, batched
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def ratio(method, anchor, repeats):
+    a, b = [], []
+    for _ in range(repeats):  # alternate, so drift hits both alike
+        a += timed(method, 1)
+        b += timed(anchor, 1)
+    return statistics.median(a) / statistics.median(b), statistics.median(a), statistics.median(b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = SmallCNN(n_classes=10, side=28).eval()
+    model64 = SmallCNN(n_classes=10, side=28).double().eval()
+    model64.load_state_dict(model.state_dict())
+    x = torch.randn(args.batch, 1, 28, 28)
+
+    rows = [
+        ("(a) saliency, argmax", lambda: saliency(model, x), lambda: batch_sum_saliency(model, x), 1.2),
+        ("(b) 10-output Jacobians", lambda: jacobians(model, x), lambda: forward_plus_ten_backwards(model, x), 1.5),
+        ("(c) probe() defaults", lambda: probe(model, x), lambda: probe_floor(model, model64, x), 2.0),
+    ]
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, medians of {args.repeats}")
+    print(f"{'method':28s} {'ratio':>7s} {'target':>7s} {'method ms':>10s} {'anchor ms':>10s}")
+    for name, method, anchor, target in rows:
+        r, m, a = ratio(method, anchor, args.repeats)
+        print(f"{name:28s} {r:7.2f} {'<=' + str(target):>7s} {m * 1e3:10.1f} {a * 1e3:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
