@@ -52,8 +52,7 @@ def test_torch_func_engine_falls_back_with_one_warning():
 def test_both_engines_reach_the_same_verdicts(name):
     from zoo import buggy_models, correct_models
 
-    for models in (correct_models(3), buggy_models(3)):
-        model, x = models.get(name, models["tanh-mlp"] if "tanh-mlp" in models else (None, None))
+    for model, x in (correct_models(3)["tanh-mlp"], buggy_models(3)[name]):
         func = probe(model, x, engine="torch.func")
         assert func.engine == "torch.func"
         assert func.verdicts == probe(model, x).verdicts
