@@ -111,11 +111,26 @@ def test_agrees_with_gradcheck_on_float64(name):
     assert report.ok == reference, str(report)
 
 
-def test_kink_at_the_point_is_inconclusive_not_fail():
-    x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+def test_kink_at_the_point_is_rechecked_nearby():
+    x = torch.zeros(2, 3, dtype=torch.float64)  # |x| is not differentiable at 0: autograd's 0 is a subgradient
     report = probe(lambda t: t.abs().sum(1, keepdim=True), x)
-    assert report.verdicts == (Verdict.INCONCLUSIVE,) * 2
-    assert report.ok  # nothing is known to be wrong
+    assert report.verdicts == (Verdict.PASS,) * 2
+    assert report.rechecked_nearby.all() and "nearby point" in str(report)
+
+
+def test_staircase_is_inconclusive_not_fail():
+    """round() has zero gradient but jumps everywhere at the finite-difference scale: nothing can be said."""
+    x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
+    report = probe(lambda t: (torch.round(t * 1e6) / 1e6).sum(1, keepdim=True), x)
+    assert Verdict.FAIL not in report.verdicts, str(report)
+    assert report.verdicts.count(Verdict.INCONCLUSIVE) >= 3
+    assert report.ok
+
+
+def test_nonfinite_outputs_are_inconclusive():
+    x = torch.tensor([[-1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    report = probe(lambda t: t.log().sum(1, keepdim=True), x)
+    assert report.verdicts == (Verdict.INCONCLUSIVE, Verdict.PASS), str(report)
 
 
 def test_precision_limited_when_only_the_float32_backward_is_coarse():

@@ -103,6 +103,14 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+def _digits(seed: int) -> torch.Tensor:
+    """Eight real 8x8 digit images: flat zero regions give exact max-pool ties at the sample itself."""
+    from sklearn.datasets import load_digits
+
+    images = torch.tensor(load_digits().images[8 * seed : 8 * seed + 8], dtype=torch.float32)
+    return images.unsqueeze(1) / 16.0
+
+
 def correct_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """Correct models with inputs: none of them may ever be judged "fail"."""
     g = torch.Generator().manual_seed(seed)
@@ -118,7 +126,9 @@ def correct_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     scaled_out = _mlp(6, 16, 3, nn.Tanh)
     with torch.no_grad():
         scaled_out[-1].weight.mul_(1e6)
+    digits_cnn = SmallCNN(side=8).eval()
     return {
+        "digits-cnn-flat-regions": (digits_cnn, _digits(seed)),
         "tanh-mlp": (_mlp(10, 32, 3, nn.Tanh), torch.randn(8, 10, generator=g)),
         "relu-mlp": (_mlp(10, 32, 1, nn.ReLU), torch.randn(8, 10, generator=g)),
         "cnn-bn-eval": (cnn, torch.randn(8, 1, 12, 12, generator=g)),

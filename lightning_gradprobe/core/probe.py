@@ -19,6 +19,7 @@ __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
 _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _ENGINES = ("auto", ENGINE_FUNC, ENGINE_AUTOGRAD)
 _RETRY_STEP_DIVISOR = 8.0
+_JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
 # Direction status codes, ordered by severity.
 _PASS, _PRECISION, _INCONCLUSIVE, _FAIL = 0, 1, 2, 3
 
@@ -152,6 +153,7 @@ def probe(
         relative_error = torch.full(shape, float("nan"), dtype=torch.float64)
         fd_error = torch.full(shape, float("nan"), dtype=torch.float64)
         steps = torch.full((n,), float("nan"), dtype=torch.float64)
+        moved = torch.zeros(n, dtype=torch.bool)
         fd_function, used_fd_dtype = _finite_difference_function(
             model, forward, output, function, x, fd_dtype or dtype, notes
         )
@@ -161,6 +163,7 @@ def probe(
         elif len(checked):
             _check_samples(
                 jac[checked.to(jac.device)],
+                function,
                 fd_function,
                 selection,
                 x,
@@ -173,7 +176,7 @@ def probe(
                 model_dtype=dtype,
                 engine=engine_used,
                 chunk_size=chunk_size,
-                out=(status, relative_error, fd_error, steps),
+                out=(status, relative_error, fd_error, steps, moved),
             )
     flat = jac.reshape(n, -1)
     verdicts = [Verdict.UNCHECKED] * n
@@ -188,6 +191,7 @@ def probe(
         relative_error=relative_error,
         fd_error=fd_error,
         steps=steps,
+        rechecked_nearby=moved,
         grad_norm=flat.double().norm(dim=1).cpu(),
         nonfinite_count=(~flat.isfinite()).sum(1).cpu(),
         zero_fraction=(flat == 0).double().mean(1).cpu(),
@@ -204,6 +208,7 @@ def probe(
 
 def _check_samples(
     jac: Tensor,
+    function: Callable[[Tensor], Tensor],
     fd_function: Callable[[Tensor], Tensor],
     selection: Any,
     x: Tensor,
@@ -217,16 +222,16 @@ def _check_samples(
     model_dtype: torch.dtype,
     engine: str,
     chunk_size: int | None,
-    out: tuple[Tensor, Tensor, Tensor, Tensor],
+    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
 ) -> None:
     """Judge each checked sample along each direction; write codes and evidence into ``out``."""
-    status, relative_error, fd_error, steps = out
+    status, relative_error, fd_error, steps, moved = out
     device = x.device
     rows = checked.to(device)
     xc, ic = x[rows].to(fd_dtype), index[rows]
-    directions = torch.randn((len(checked), n_directions, *x.shape[1:]), generator=generator, dtype=torch.float64)
-    rms = directions.reshape(len(checked), n_directions, -1).pow(2).mean(-1).sqrt()
-    directions = (directions / rms.reshape(*rms.shape, *([1] * (x.ndim - 1)))).to(device)
+    directions = _unit_rms(
+        torch.randn((len(checked), n_directions, *x.shape[1:]), generator=generator, dtype=torch.float64), 2
+    ).to(device)
     step = default_step(xc, fd_dtype).to(device)
 
     stencil = evaluate_stencil(fd_function, selection, xc, ic, directions, step)
@@ -236,36 +241,74 @@ def _check_samples(
     used_step = step.clone()
     redo = ~(first.passed & first.reliable)
     if redo.any():
-        # Anything short of a clean pass is looked at again with a step 8x smaller: a kink inside
-        # the first stencil most likely falls outside the second, while a wrong backward stays wrong.
+        # Anything short of a clean pass is checked again at a nearby point, with a step 8x smaller.
+        # Ties (max-pool over a flat image region, ReLU at exactly 0) and kinks sit on sets of measure
+        # zero: moving off them makes the function differentiable where we check it, while a wrong
+        # backward formula stays wrong nearby.
         again = redo.any(1).nonzero().flatten()
+        jitter = _unit_rms(torch.randn((len(again), *x.shape[1:]), generator=generator, dtype=torch.float64), 1)
+        scale = (step[again] / step.new_tensor(torch.finfo(fd_dtype).eps ** (1 / 3))).reshape(-1, *[1] * (x.ndim - 1))
+        nearby = (xc[again] + _JITTER * scale * jitter.to(device, fd_dtype)).to(x.dtype)  # representable in both
         small = step[again] / _RETRY_STEP_DIVISOR
-        stencil2 = evaluate_stencil(
-            fd_function, selection, xc[again], ic[again], directions[again], small, f0=stencil.f0[again]
-        )
-        second = compare(jac[again], stencil2, rtol)
+        stencil2 = evaluate_stencil(fd_function, selection, nearby.to(fd_dtype), ic[again], directions[again], small)
+        jac2 = jacobians_of(function, selection, nearby, ic[again], engine=engine, chunk_size=chunk_size)
+        second = compare(jac2, stencil2, rtol)
         code2 = torch.where(
-            second.reliable,
-            torch.where(second.passed, _PASS, _FAIL),
-            torch.full_like(code[again], _INCONCLUSIVE),
+            second.reliable, torch.where(second.passed, _PASS, _FAIL), torch.full_like(code[again], _INCONCLUSIVE)
         )
         suspects = ((code2 == _FAIL) & redo[again]).any(1)
+        if suspects.any():
+            # A verdict of "fail" needs finite differences that agree with themselves: D(h) = D(2h) for a
+            # differentiable function, while a jump inside the stencil does not scale with the step.
+            sub = again[suspects]
+            stencil3 = evaluate_stencil(
+                fd_function,
+                selection,
+                nearby[suspects].to(fd_dtype),
+                ic[sub],
+                directions[sub],
+                2 * small[suspects],
+                f0=stencil2.f0[suspects],
+            )
+            consistent = _consistent(_subset(stencil2, suspects), stencil3)
+            code2[suspects] = torch.where((code2[suspects] == _FAIL) & ~consistent, _INCONCLUSIVE, code2[suspects])
+            suspects = ((code2 == _FAIL) & redo[again]).any(1)
         if suspects.any() and model_dtype != torch.float64 and fd_dtype == torch.float64:
             # Same backward formula in float64: agreement means only the model dtype's precision fell short.
             sub = again[suspects]
-            jac64 = jacobians_of(fd_function, selection, xc[sub], ic[sub], engine=engine, chunk_size=chunk_size)
-            picked = _subset(stencil2, suspects)
-            third = compare(jac64, picked, default_rtol(torch.float64))
+            jac64 = jacobians_of(
+                fd_function, selection, nearby[suspects].to(fd_dtype), ic[sub], engine=engine, chunk_size=chunk_size
+            )
+            third = compare(jac64, _subset(stencil2, suspects), default_rtol(torch.float64))
             code2[suspects] = torch.where((code2[suspects] == _FAIL) & third.passed, _PRECISION, code2[suspects])
         mask = redo[again]
         code[again] = torch.where(mask, code2, code[again])
         rel[again] = torch.where(mask, second.relative_error, rel[again])
         bound[again] = torch.where(mask, second.fd_error, bound[again])
         used_step[again] = small
+        moved[checked[again.cpu()]] = True
     status[checked] = code.cpu()
     relative_error[checked] = rel.double().cpu()
     fd_error[checked] = bound.double().cpu()
     steps[checked] = used_step.double().cpu()
+
+
+def _consistent(fine: Any, coarse: Any, tolerance: float = 1e-2) -> Tensor:
+    """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
+
+    def derivative(stencil: Any) -> Tensor:
+        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
+        return (stencil.f_plus - stencil.f_minus) / length
+
+    a, b = derivative(fine), derivative(coarse)
+    gap = (a - b).norm(dim=-1)
+    return gap <= tolerance * torch.maximum(a.norm(dim=-1), b.norm(dim=-1))
+
+
+def _unit_rms(directions: Tensor, lead: int) -> Tensor:
+    """Scale each direction (the dims after the first ``lead``) to unit RMS."""
+    rms = directions.reshape(*directions.shape[:lead], -1).pow(2).mean(-1).sqrt()
+    return directions / rms.reshape(*rms.shape, *[1] * (directions.ndim - lead))
 
 
 def _subset(stencil: Any, mask: Tensor) -> Any:

@@ -44,6 +44,8 @@ class ProbeReport:
         relative_error: ``(N, k)`` autograd-vs-finite-difference relative error per direction (NaN: unchecked).
         fd_error: ``(N, k)`` the finite difference's own error bound, relative (the noise floor).
         steps: ``(N,)`` the step finally used per sample (NaN: unchecked).
+        rechecked_nearby: ``(N,)`` whether some direction was re-checked at a nearby point with a smaller
+            step (the sample sat on a tie or kink, or the first check was not a clean pass).
         grad_norm: ``(N,)`` Frobenius norm of each sample's input Jacobian.
         nonfinite_count: ``(N,)`` NaN/Inf entries in each sample's input Jacobian.
         zero_fraction: ``(N,)`` fraction of exactly-zero entries in each sample's input Jacobian.
@@ -66,6 +68,7 @@ class ProbeReport:
     relative_error: Tensor
     fd_error: Tensor
     steps: Tensor
+    rechecked_nearby: Tensor
     grad_norm: Tensor
     nonfinite_count: Tensor
     zero_fraction: Tensor
@@ -161,10 +164,17 @@ class ProbeReport:
             if self.verdicts[i] is Verdict.PASS:
                 continue
             err = self.relative_error[i]
+            nearby = " (re-checked at a nearby point)" if bool(self.rechecked_nearby[i]) else ""
             lines.append(
-                f"  sample {i}: {self.verdicts[i]} - relative error per direction "
+                f"  sample {i}: {self.verdicts[i]}{nearby} - relative error per direction "
                 f"{[float(f'{e:.3g}') for e in err.tolist()]}, finite-difference error bound "
                 f"{[float(f'{e:.2g}') for e in self.fd_error[i].tolist()]}"
+            )
+        moved = int(self.rechecked_nearby.sum())
+        if moved:
+            lines.append(
+                f"  {moved} samples re-checked at a nearby point (1% of the input scale away, step / 8): ties or "
+                "kinks at the sample itself (max-pool over flat regions, ReLU at 0) make one point undecidable"
             )
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  problem: {p}" for p in self.problems()]

@@ -1,0 +1,236 @@
+"""Alert conditions as plain data and pure functions: no Lightning, no I/O.
+
+A probe's figures (:class:`ProbeFigures`, summable across processes) are judged against
+:class:`AlertThresholds`, giving a list of :class:`Alert` records. What to do about them (warn,
+stop, raise, call back) is the callback's business.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .core.report import ProbeReport, Verdict
+
+__all__ = ["Alert", "AlertCondition", "AlertThresholds", "ProbeFigures", "evaluate_alerts", "figures_from_report"]
+
+
+class AlertCondition(str, Enum):
+    """What an alert is about."""
+
+    FAILED_CHECKS = "failed_checks"
+    """Too many probed samples judged ``"fail"``: a backward disagrees with finite differences."""
+    NONFINITE_GRADIENTS = "nonfinite_gradients"
+    """Some input gradient holds NaN or Inf."""
+    BATCH_LEAKAGE = "batch_leakage"
+    """Some sample's outputs depend on another sample's input."""
+    VANISHING_SALIENCY = "vanishing_saliency"
+    """Too many probed samples have an input gradient that is exactly zero everywhere."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class AlertThresholds:
+    """When to alert. ``None`` switches a condition off.
+
+    Args:
+        fail_fraction: Alert when the fraction of checked samples judged ``"fail"`` exceeds this
+            (``0.0``: any failure alerts).
+        check_finite: Alert on any NaN/Inf input gradient.
+        check_leakage: Alert when samples leak into each other through the batch.
+        vanishing_fraction: Alert when the fraction of probed samples whose input gradient is
+            exactly zero exceeds this.
+
+    Example:
+        >>> AlertThresholds(fail_fraction=0.25).fail_fraction
+        0.25
+        >>> AlertThresholds(fail_fraction=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: GradProbe: `fail_threshold` must be None or in [0, 1), got 1.5: it is a fraction of probed samples.
+
+    """
+
+    fail_fraction: float | None = 0.0
+    check_finite: bool = True
+    check_leakage: bool = True
+    vanishing_fraction: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value in (("fail_threshold", self.fail_fraction), ("vanishing_threshold", self.vanishing_fraction)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(
+                    f"GradProbe: `{name}` must be None or in [0, 1), got {value!r}: it is a fraction of probed samples."
+                )
+
+
+@dataclass(frozen=True)
+class ProbeFigures:
+    """Counts from one probe, or from several processes' probes added together."""
+
+    probed: int = 0
+    checked: int = 0
+    failed: int = 0
+    inconclusive: int = 0
+    nonfinite: int = 0
+    leaking_pairs: int = 0
+    vanishing: int = 0
+    worst_relative_error: float = float("nan")
+    failed_samples: tuple[int, ...] = field(default=())
+
+    def to_tensor(self) -> torch.Tensor:
+        """Pack the additive counts (and the worst error) for a collective across processes."""
+        error = -1.0 if math.isnan(self.worst_relative_error) else self.worst_relative_error
+        values = [self.probed, self.checked, self.failed, self.inconclusive, self.nonfinite, self.leaking_pairs]
+        return torch.tensor([*values, self.vanishing, error], dtype=torch.float64)
+
+    @staticmethod
+    def from_gathered(rows: torch.Tensor, failed_samples: tuple[int, ...] = ()) -> ProbeFigures:
+        """Combine ``(world_size, 8)`` rows from :meth:`to_tensor`: counts add, the worst error is the max."""
+        rows = rows.reshape(-1, 8).double().cpu()
+        total = rows[:, :7].sum(0).round().long().tolist()
+        worst = float(rows[:, 7].max())
+        return ProbeFigures(
+            *total, worst_relative_error=float("nan") if worst < 0 else worst, failed_samples=failed_samples
+        )
+
+
+def figures_from_report(report: ProbeReport) -> ProbeFigures:
+    """Count what a report found.
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradprobe import probe
+        >>> figures = figures_from_report(probe(torch.nn.Linear(3, 2), torch.randn(4, 3)))
+        >>> figures.probed, figures.checked, figures.failed
+        (4, 4, 0)
+
+    """
+    errors = report.relative_error[report.checked].flatten()
+    errors = errors[errors.isfinite()]
+    return ProbeFigures(
+        probed=len(report.verdicts),
+        checked=len(report.checked),
+        failed=len(report.failed),
+        inconclusive=sum(v is Verdict.INCONCLUSIVE for v in report.verdicts),
+        nonfinite=int((report.nonfinite_count > 0).sum()),
+        leaking_pairs=len(report.leaking_pairs),
+        vanishing=int((report.zero_fraction == 1).sum()),
+        worst_relative_error=float(errors.max()) if errors.numel() else float("nan"),
+        failed_samples=tuple(report.failed),
+    )
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One condition that fired, with its evidence.
+
+    Attributes:
+        condition: What fired.
+        value: The measured value (a fraction or a count).
+        threshold: The threshold it crossed.
+        step: The trainer's global step (``-1`` outside training).
+        samples: Probed-sample indices involved, where known.
+        message: One readable sentence.
+
+    """
+
+    condition: AlertCondition
+    value: float
+    threshold: float
+    step: int
+    samples: tuple[int, ...] = ()
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (checkpoints, loggers)."""
+        out = asdict(self)
+        out["condition"] = self.condition.value
+        out["samples"] = list(self.samples)
+        return out
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Alert:
+        """Inverse of :meth:`to_dict`."""
+        return Alert(
+            AlertCondition(data["condition"]),
+            float(data["value"]),
+            float(data["threshold"]),
+            int(data["step"]),
+            tuple(data.get("samples", ())),
+            data.get("message", ""),
+        )
+
+
+def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: int) -> list[Alert]:
+    """Judge a probe's figures against the thresholds.
+
+    Example:
+        >>> figures = ProbeFigures(probed=8, checked=8, failed=2, failed_samples=(1, 5), worst_relative_error=0.09)
+        >>> [str(a.condition) for a in evaluate_alerts(figures, AlertThresholds(), step=100)]
+        ['failed_checks']
+        >>> evaluate_alerts(figures, AlertThresholds(fail_fraction=0.5), step=100)
+        []
+
+    """
+    alerts = []
+    if thresholds.fail_fraction is not None and figures.checked:
+        fraction = figures.failed / figures.checked
+        if fraction > thresholds.fail_fraction:
+            alerts.append(
+                Alert(
+                    AlertCondition.FAILED_CHECKS,
+                    fraction,
+                    thresholds.fail_fraction,
+                    step,
+                    figures.failed_samples,
+                    f"{figures.failed} of {figures.checked} probed samples fail the gradient check: the backward "
+                    f"disagrees with finite differences (worst relative error {figures.worst_relative_error:.3g})",
+                )
+            )
+    if thresholds.check_finite and figures.nonfinite:
+        alerts.append(
+            Alert(
+                AlertCondition.NONFINITE_GRADIENTS,
+                figures.nonfinite,
+                0,
+                step,
+                (),
+                f"{figures.nonfinite} of {figures.probed} probed samples have NaN/Inf input gradients",
+            )
+        )
+    if thresholds.check_leakage and figures.leaking_pairs:
+        alerts.append(
+            Alert(
+                AlertCondition.BATCH_LEAKAGE,
+                figures.leaking_pairs,
+                0,
+                step,
+                (),
+                f"{figures.leaking_pairs} (output, input) sample pairs leak through the batch: per-sample gradients "
+                "mix samples (BatchNorm on batch statistics, or a reshape/transpose across the batch dimension?)",
+            )
+        )
+    if thresholds.vanishing_fraction is not None and figures.probed:
+        fraction = figures.vanishing / figures.probed
+        if fraction > thresholds.vanishing_fraction:
+            alerts.append(
+                Alert(
+                    AlertCondition.VANISHING_SALIENCY,
+                    fraction,
+                    thresholds.vanishing_fraction,
+                    step,
+                    (),
+                    f"{figures.vanishing} of {figures.probed} probed samples have an input gradient that is exactly "
+                    "zero (a .detach() or a non-differentiable op cutting the input off?)",
+                )
+            )
+    return alerts

@@ -1,0 +1,398 @@
+"""``GradProbe``: a Lightning callback that probes input gradients during validation and alerts.
+
+A thin shell: it draws the probe set, calls :func:`~lightning_gradprobe.probe`, gathers figures
+across processes, judges them with :mod:`~lightning_gradprobe.alerts`, acts, and hands rendering to
+:mod:`~lightning_gradprobe.render`. Training is never touched: the probe runs in eval mode on
+detached copies of the parameters, with every RNG state restored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from ._batches import BatchKey, Reservoir, extract
+from ._errors import GradientCheckError
+from .alerts import Alert, AlertThresholds, ProbeFigures, evaluate_alerts, figures_from_report
+from .core import ProbeReport, probe
+
+__all__ = ["GradProbe"]
+
+OnAlert = Literal["warn", "stop", "raise"] | Callable[[Alert], None]
+_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+
+
+class GradProbe(Callback):
+    r"""Probe input gradients of a few validation samples during training; alert when they can't be trusted.
+
+    At validation time (every ``every_n_epochs`` epochs, or after every ``every_n_train_steps``
+    steps; never during the sanity check), ``num_samples`` validation samples drawn uniformly by the
+    callback's own seeded generator are probed with :func:`~lightning_gradprobe.probe`: per-sample
+    input gradients, spot-checked against float64 finite differences, checked for NaN/Inf,
+    all-zero gradients and cross-sample leakage. Figures are logged under ``gradprobe/...`` (in
+    ``trainer.callback_metrics`` and every logger); alerts warn, stop, raise or call back.
+
+    Training is bit-for-bit unaffected: the probe runs in eval mode on detached copies of the
+    parameters and buffers, draws from its own generator, restores every RNG state, and never
+    writes a ``.grad``. An exception inside the probe is reported once and the probe backs off; only
+    ``on_alert="raise"`` ever stops a run by raising.
+
+    Args:
+        num_samples: Validation samples probed (in total, shared out across processes).
+        every_n_epochs: Probe at the first validation of every n-th epoch (default 1).
+        every_n_train_steps: Probe at the first validation after every n training steps instead.
+        target: ``"argmax"`` (the predicted class), ``"label"`` (the class in the batch's labels),
+            an int output index, or a callable ``outputs -> (N, ...)``; ``None`` compares every output.
+        input_key: How to take the input from a batch: a key or index, or a callable ``batch -> x``.
+            Default: the batch itself if it is a tensor, ``batch[0]`` of a tuple, a usual key of a dict.
+        label_key: Likewise for labels (default ``batch[1]``, or ``"y"``/``"label"``/... in a dict).
+        forward: ``forward(pl_module, x) -> outputs`` (default ``pl_module(x)``).
+        output: For tuple/dict outputs: index, key or callable selecting the tensor to check.
+        redraw: Draw a new probe set at every probe (default: the same samples throughout).
+        n_directions: Finite-difference directions per sample.
+        fail_threshold: Alert when the fraction of samples judged ``"fail"`` exceeds this (``None``: off).
+        check_finite: Alert on NaN/Inf input gradients.
+        check_leakage: Alert when samples leak into each other through the batch.
+        vanishing_threshold: Alert when more than this fraction of samples has an all-zero input
+            gradient (``None``: off).
+        on_alert: ``"warn"``, ``"stop"`` (end training like ``EarlyStopping``), ``"raise"``
+            (:class:`~lightning_gradprobe.GradientCheckError`), or a callable receiving each :class:`Alert`.
+        on_test: Also probe during ``trainer.test()``.
+        time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
+        log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
+        feature_names: Names of tabular features, for attribution charts.
+        seed: Seed of the callback's own generator (probe set, directions).
+        verbose: Report alerts and probe problems through rank-zero warnings.
+
+    Example:
+        >>> from lightning_gradprobe import GradProbe
+        >>> callback = GradProbe(num_samples=4, on_alert="stop", fail_threshold=0.25)
+        >>> callback.state_key
+        "GradProbe{'num_samples': 4, 'seed': 0}"
+
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 8,
+        every_n_epochs: int | None = None,
+        every_n_train_steps: int | None = None,
+        target: str | int | Callable[[Tensor], Tensor] | None = "argmax",
+        input_key: BatchKey = None,
+        label_key: BatchKey = None,
+        forward: Callable[[pl.LightningModule, Tensor], Any] | None = None,
+        output: str | int | Callable[[Any], Tensor] | None = None,
+        redraw: bool = False,
+        n_directions: int = 4,
+        fail_threshold: float | None = 0.0,
+        check_finite: bool = True,
+        check_leakage: bool = True,
+        vanishing_threshold: float | None = 0.5,
+        on_alert: OnAlert = "warn",
+        on_test: bool = False,
+        time_budget: float | None = 60.0,
+        log_images: bool = True,
+        feature_names: list[str] | None = None,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        _positive_int("num_samples", num_samples)
+        _positive_int("n_directions", n_directions)
+        if every_n_epochs is not None and every_n_train_steps is not None:
+            raise ValueError(
+                f"GradProbe: `every_n_epochs`={every_n_epochs} and `every_n_train_steps`={every_n_train_steps} are "
+                "mutually exclusive; set one of them."
+            )
+        if every_n_epochs is not None:
+            _positive_int("every_n_epochs", every_n_epochs)
+        if every_n_train_steps is not None:
+            _positive_int("every_n_train_steps", every_n_train_steps)
+        if isinstance(target, str) and target not in ("argmax", "label"):
+            raise ValueError(
+                f"GradProbe: `target` must be 'argmax', 'label', an int, a callable or None; got {target!r}."
+            )
+        if not callable(on_alert) and on_alert not in ("warn", "stop", "raise"):
+            raise ValueError(f"GradProbe: `on_alert` must be 'warn', 'stop', 'raise' or a callable; got {on_alert!r}.")
+        if time_budget is not None and not time_budget > 0:
+            raise ValueError(f"GradProbe: `time_budget` must be None or > 0 seconds, got {time_budget!r}.")
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs if every_n_train_steps is None and every_n_epochs is not None else 1
+        self.every_n_train_steps = every_n_train_steps
+        self.target = target
+        self.input_key = input_key
+        self.label_key = label_key
+        self.forward = forward
+        self.output = output
+        self.redraw = redraw
+        self.n_directions = n_directions
+        self.thresholds = AlertThresholds(fail_threshold, check_finite, check_leakage, vanishing_threshold)
+        self.on_alert = on_alert
+        self.on_test = on_test
+        self.time_budget = time_budget
+        self.log_images = log_images
+        self.feature_names = feature_names
+        self.seed = seed
+        self.verbose = verbose
+        # State (checkpointed).
+        self.probe_inputs: Tensor | None = None
+        self.probe_labels: Tensor | None = None
+        self.probes_done = 0
+        self.last_probe_step: int | None = None
+        self.last_probe_epoch: int | None = None
+        self.alerts: list[Alert] = []
+        self.failures = 0
+        self.active_samples = num_samples
+        self._skip = 0
+        # Per-run scratch.
+        self.last_report: ProbeReport | None = None
+        self.stopping_reason: str | None = None
+        self._reservoir: Reservoir | None = None
+        self._due = False
+        self._disabled_reason: str | None = None
+        self._warned: set[str] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(num_samples=self.num_samples, seed=self.seed)
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if any(kind in name for kind in _SHARDED):
+            self._disabled_reason = (
+                f"GradProbe: skipped under {name}: parameters are sharded across processes and the probe does not "
+                "gather them. Probe a checkpoint with trainer.validate() on a single device instead."
+            )
+            rank_zero_warn(self._disabled_reason)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_test:
+            self._start(trainer)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.on_test:
+            self._collect(batch)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_test:
+            self._finish(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe_inputs": self.probe_inputs,
+            "probe_labels": self.probe_labels,
+            "probes_done": self.probes_done,
+            "last_probe_step": self.last_probe_step,
+            "last_probe_epoch": self.last_probe_epoch,
+            "alerts": [alert.to_dict() for alert in self.alerts[-50:]],
+            "failures": self.failures,
+            "active_samples": self.active_samples,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe_inputs = state_dict.get("probe_inputs")
+        self.probe_labels = state_dict.get("probe_labels")
+        self.probes_done = state_dict.get("probes_done", 0)
+        self.last_probe_step = state_dict.get("last_probe_step")
+        self.last_probe_epoch = state_dict.get("last_probe_epoch")
+        self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
+        self.failures = state_dict.get("failures", 0)
+        self.active_samples = state_dict.get("active_samples", self.num_samples)
+
+    # ----------------------------------------------------------------- schedule and probe set
+    def _is_due(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking or self._disabled_reason is not None:
+            return False
+        if trainer.state.fn != "fit":
+            return True  # an explicit trainer.validate() / trainer.test(): always probe
+        if self.every_n_train_steps is not None:
+            last = self.last_probe_step
+            return last is None or trainer.global_step - last >= self.every_n_train_steps
+        epoch = trainer.current_epoch
+        return (epoch + 1) % self.every_n_epochs == 0 and epoch != self.last_probe_epoch
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        self._due = self._is_due(trainer)
+        if self._due and self._skip > 0:  # backing off after a probe failure
+            self._skip -= 1
+            self._due = False
+        needs_samples = self.redraw or self.probe_inputs is None
+        share = -(-self.active_samples // trainer.world_size)
+        seed = self.seed + 7919 * trainer.global_rank + (self.probes_done if self.redraw else 0)
+        self._reservoir = Reservoir(share, seed) if self._due and needs_samples else None
+
+    def _collect(self, batch: Any) -> None:
+        if self._reservoir is None:
+            return
+        inputs = extract(batch, self.input_key, what="input", argument="input_key")
+        labels = extract(batch, self.label_key, what="label", argument="label_key") if self.target == "label" else None
+        if self.target == "label" and labels is None:
+            raise ValueError(
+                "GradProbe: target='label' but the batch has no labels; pass `label_key=` or another target."
+            )
+        assert inputs is not None
+        self._reservoir.offer(inputs, labels)
+
+    # ----------------------------------------------------------------- probing
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due:
+            return
+        if self._reservoir is not None:
+            drawn = self._reservoir.result()
+            self._reservoir = None
+            if drawn is not None:
+                self.probe_inputs, self.probe_labels = drawn
+        report, error, elapsed = self._probe_locally(trainer, pl_module)
+        figures = figures_from_report(report) if report is not None else ProbeFigures()
+        figures, any_error = self._gather(trainer, pl_module, figures, error is not None)
+        self.probes_done += 1
+        self.last_probe_step = trainer.global_step
+        self.last_probe_epoch = trainer.current_epoch
+        if any_error:
+            self._back_off(error)
+        if figures.probed == 0:
+            return
+        self.last_report = report
+        self._log(trainer, pl_module, figures, report)
+        self._shrink_if_slow(elapsed)
+        alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if trainer.state.fn == "fit" else -1)
+        self.alerts += alerts
+        self._act(trainer, alerts, report)
+
+    def _probe_locally(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[ProbeReport | None, BaseException | None, float]:
+        if self.probe_inputs is None:
+            return None, None, 0.0
+        start = time.perf_counter()
+        try:
+            share = -(-self.active_samples // trainer.world_size)
+            x = trainer.precision_plugin.convert_input(self.probe_inputs[:share].to(pl_module.device))
+            target: Any = self.target
+            if target == "label":
+                assert self.probe_labels is not None
+                target = self.probe_labels[:share].to(pl_module.device).long().reshape(-1)
+            report = probe(
+                pl_module,
+                x,
+                target=target,
+                forward=self.forward,
+                output=self.output,
+                n_directions=self.n_directions,
+                seed=self.seed + self.probes_done,
+            )
+            return report, None, time.perf_counter() - start
+        except Exception as error:  # never kill the run for a probe's own failure
+            return None, error, time.perf_counter() - start
+
+    def _gather(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: ProbeFigures, failed: bool
+    ) -> tuple[ProbeFigures, bool]:
+        if trainer.world_size == 1:
+            return figures, failed
+        row = torch.cat([figures.to_tensor(), torch.tensor([float(failed)], dtype=torch.float64)])
+        rows = pl_module.all_gather(row.to(pl_module.device)).reshape(-1, row.numel())
+        return ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples), bool(rows[:, -1].sum() > 0)
+
+    def _back_off(self, error: BaseException | None) -> None:
+        self.failures += 1
+        self._skip = 2 ** min(self.failures, 6) - 1
+        reason = f"{type(error).__name__}: {error}" if error is not None else "on another process"
+        key = type(error).__name__ if error is not None else "remote"
+        if self.verbose and key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(
+                f"GradProbe: the probe failed ({reason}); training goes on. Skipping the next {self._skip} probes "
+                "(doubling after each further failure). This is reported once per kind of error."
+            )
+
+    def _shrink_if_slow(self, elapsed: float) -> None:
+        if self.time_budget is None or elapsed <= self.time_budget or self.active_samples == 1:
+            return
+        self.active_samples = max(1, self.active_samples // 2)
+        if self.verbose:
+            rank_zero_warn(
+                f"GradProbe: a probe took {elapsed:.1f}s, over `time_budget`={self.time_budget}s; probing "
+                f"{self.active_samples} samples from now on."
+            )
+
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: ProbeFigures, report: ProbeReport | None
+    ) -> None:
+        metrics = {
+            "gradprobe/checks/fail_fraction": figures.failed / max(figures.checked, 1),
+            "gradprobe/checks/inconclusive_fraction": figures.inconclusive / max(figures.checked, 1),
+            "gradprobe/checks/relative_error_max": figures.worst_relative_error,
+            "gradprobe/health/nonfinite_samples": float(figures.nonfinite),
+            "gradprobe/health/vanishing_samples": float(figures.vanishing),
+            "gradprobe/health/leaking_pairs": float(figures.leaking_pairs),
+        }
+        if report is not None:
+            summary = report.summary()
+            metrics["gradprobe/checks/relative_error_median"] = summary["relative_error_median"]
+            for key in ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90"):
+                metrics[f"gradprobe/health/{key}"] = summary[key]
+        sync = trainer.world_size > 1
+        for name, value in metrics.items():
+            pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=sync, batch_size=1)
+        if report is not None and trainer.is_global_zero:
+            from .render import render_report
+
+            render_report(trainer, report, self)
+
+    def _act(self, trainer: pl.Trainer, alerts: list[Alert], report: ProbeReport | None) -> None:
+        if self.on_alert == "stop":
+            should_stop = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
+            if should_stop and trainer.state.fn == "fit":
+                trainer.should_stop = True
+                self.stopping_reason = "; ".join(a.message for a in alerts) or "an alert on another process"
+                rank_zero_info(f"GradProbe: stopping training at step {trainer.global_step}: {self.stopping_reason}")
+        if not alerts:
+            return
+        if callable(self.on_alert):
+            for alert in alerts:
+                self.on_alert(alert)
+            return
+        text = "; ".join(f"[{a.condition}] {a.message}" for a in alerts)
+        if self.on_alert == "raise":
+            raise GradientCheckError(f"GradProbe at step {trainer.global_step}: {text}", report, tuple(alerts))
+        if self.verbose and self.on_alert == "warn":
+            rank_zero_warn(f"GradProbe at step {trainer.global_step}: {text}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"GradProbe: `{name}` must be an int >= 1, got {value!r}.")
