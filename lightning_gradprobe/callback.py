@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from ._batches import BatchKey, Reservoir, extract
 from ._errors import GradientCheckError
@@ -160,10 +161,12 @@ class GradProbe(Callback):
         self._warned: set[str] = set()
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(num_samples=self.num_samples, seed=self.seed)
 
     # ----------------------------------------------------------------- hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
         if any(kind in name for kind in _SHARDED):
@@ -173,9 +176,11 @@ class GradProbe(Callback):
             )
             rank_zero_warn(self._disabled_reason)
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -187,13 +192,16 @@ class GradProbe(Callback):
     ) -> None:
         self._collect(batch)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer, pl_module)
 
+    @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.on_test:
             self._start(trainer)
 
+    @override
     def on_test_batch_end(
         self,
         trainer: pl.Trainer,
@@ -206,10 +214,12 @@ class GradProbe(Callback):
         if self.on_test:
             self._collect(batch)
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.on_test:
             self._finish(trainer, pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "probe_inputs": self.probe_inputs,
@@ -222,6 +232,7 @@ class GradProbe(Callback):
             "active_samples": self.active_samples,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_inputs = state_dict.get("probe_inputs")
         self.probe_labels = state_dict.get("probe_labels")
@@ -286,6 +297,12 @@ class GradProbe(Callback):
         if figures.probed == 0:
             return
         self.last_report = report
+        if report is not None and self.verbose and "dtypes" not in self._warned:
+            self._warned.add("dtypes")
+            rank_zero_info(
+                f"GradProbe: probing {len(report.verdicts)} samples per process; backward in "
+                f"{report.model_dtype}, finite differences in {report.fd_dtype}, engine {report.engine}."
+            )
         self._log(trainer, pl_module, figures, report)
         self._shrink_if_slow(elapsed)
         alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if trainer.state.fn == "fit" else -1)

@@ -79,7 +79,7 @@ class DigitsModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         x, y = self._xy(batch)
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y), add_dataloader_idx=False)
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
     test_step = validation_step
 

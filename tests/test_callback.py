@@ -1,0 +1,197 @@
+"""GradProbe on real Trainer runs: schedule, probe set, alerts, robustness, metrics, checkpoints."""
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lit_models import DigitsModule, TensorBatchModule, trainer
+
+from lightning_gradprobe import GradientCheckError, GradProbe
+from lightning_gradprobe.alerts import Alert, AlertCondition
+
+
+def _fit(tmp_path, module, callback, **kwargs):
+    run = trainer(tmp_path, [callback], **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(module)
+    return run, [str(w.message) for w in caught if "GradProbe" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("module", "target"),
+    [
+        (DigitsModule(batch="tuple"), "argmax"),
+        (DigitsModule(batch="dict"), "label"),
+        (TensorBatchModule(batch="tensor"), "argmax"),
+        (DigitsModule(batch="iterable"), "argmax"),
+    ],
+)
+def test_zero_config_on_common_batch_shapes(tmp_path, module, target):
+    callback = GradProbe(target=target)
+    run, messages = _fit(tmp_path, module, callback)
+    assert callback.probes_done == 2 and not messages, messages
+    assert callback.last_report is not None and callback.last_report.ok, str(callback.last_report)
+    assert float(run.callback_metrics["gradprobe/checks/fail_fraction"]) == 0.0
+    assert len(callback.last_report.verdicts) == 8
+
+
+def test_wrong_backward_warns_with_the_evidence(tmp_path):
+    callback = GradProbe()
+    _, messages = _fit(tmp_path, DigitsModule(bug="scale"), callback)
+    assert len(messages) == 2 and all("[failed_checks] 8 of 8" in m for m in messages)
+    assert [a.condition for a in callback.alerts] == [AlertCondition.FAILED_CHECKS] * 2
+
+
+def test_on_alert_stop_ends_training_like_early_stopping(tmp_path):
+    callback = GradProbe(on_alert="stop")
+    run, _ = _fit(tmp_path, DigitsModule(bug="scale"), callback, max_epochs=5)
+    assert run.should_stop and run.current_epoch == 1 and callback.probes_done == 1
+    assert "fail the gradient check" in callback.stopping_reason
+
+
+def test_on_alert_raise_carries_report_and_alerts(tmp_path):
+    callback = GradProbe(on_alert="raise")
+    with pytest.raises(GradientCheckError, match="failed_checks") as info:
+        _fit(tmp_path, DigitsModule(bug="scale"), callback)
+    assert info.value.report is callback.last_report and not info.value.report.ok
+    assert info.value.alerts[0].condition is AlertCondition.FAILED_CHECKS
+
+
+def test_on_alert_callable_and_thresholds(tmp_path):
+    received: list[Alert] = []
+    _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(on_alert=received.append))
+    assert len(received) == 2 and received[0].value == 1.0 and received[0].threshold == 0.0
+    assert received[0].step == 8 and len(received[0].samples) == 8
+    received.clear()
+    _fit(tmp_path, DigitsModule(bug="ok"), GradProbe(on_alert=received.append))
+    assert received == []
+
+
+def test_leakage_alert(tmp_path):
+    received: list[Alert] = []
+    _fit(tmp_path, DigitsModule(leak=True), GradProbe(on_alert=received.append))
+    assert {a.condition for a in received} == {AlertCondition.BATCH_LEAKAGE}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_epochs": 1, "every_n_train_steps": 5}, "mutually exclusive"),
+        ({"fail_threshold": 1.0}, "fail_threshold"),
+        ({"vanishing_threshold": -0.1}, "vanishing_threshold"),
+        ({"on_alert": "panic"}, "on_alert"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"target": "logits"}, "target"),
+        ({"time_budget": 0}, "time_budget"),
+    ],
+)
+def test_nonsense_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradProbe(**kwargs)
+
+
+def test_schedule_every_n_epochs_and_sanity_check_skipped(tmp_path):
+    callback = GradProbe(every_n_epochs=2)
+    _fit(tmp_path, DigitsModule(), callback, max_epochs=4, num_sanity_val_steps=2)
+    assert callback.probes_done == 2 and callback.last_probe_epoch == 3
+
+
+def test_schedule_every_n_train_steps_mid_epoch(tmp_path):
+    callback = GradProbe(every_n_train_steps=6)
+    _fit(tmp_path, DigitsModule(), callback, max_epochs=2, val_check_interval=0.25)  # 8 steps/epoch, val every 2
+    assert callback.probes_done == 3  # steps 2, 8, 14
+
+
+def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
+    fixed = GradProbe()
+    seen = []
+    module = DigitsModule()
+    run = trainer(tmp_path, [fixed], max_epochs=3)
+    original = fixed._finish
+
+    def spy(trainer_, pl_module):
+        original(trainer_, pl_module)
+        seen.append(fixed.probe_inputs.clone())
+
+    fixed._finish = spy
+    run.fit(module)
+    assert all(torch.equal(seen[0], s) for s in seen)
+    redraw = GradProbe(redraw=True)
+    seen_redraw = []
+    original_redraw = redraw._finish
+
+    def spy_redraw(trainer_, pl_module):
+        original_redraw(trainer_, pl_module)
+        seen_redraw.append(redraw.probe_inputs.clone())
+
+    redraw._finish = spy_redraw
+    trainer(tmp_path, [redraw], max_epochs=3).fit(DigitsModule())
+    assert not torch.equal(seen_redraw[0], seen_redraw[1])
+
+
+def test_probe_set_spans_all_validation_loaders_and_short_last_batch(tmp_path):
+    callback = GradProbe(num_samples=40)
+    _fit(tmp_path, DigitsModule(val_loaders=2, n_val=30, batch_size=16), callback, max_epochs=1)
+    assert len(callback.probe_inputs) == 40  # 2 loaders x 30 samples (batches of 16, 14)
+    assert len(callback.last_report.verdicts) == 40
+
+
+def test_trainer_validate_and_test_probe_under_inference_mode(tmp_path):
+    module = DigitsModule()
+    callback = GradProbe(on_test=True)
+    run = trainer(tmp_path, [callback], max_epochs=1)
+    run.fit(module)
+    done = callback.probes_done
+    metrics = run.validate(module, verbose=False)[0]
+    assert callback.probes_done == done + 1 and metrics["gradprobe/checks/fail_fraction"] == 0.0
+    assert callback.last_report.ok and callback.last_report.saliency.abs().sum() > 0
+    run.test(module, verbose=False)
+    assert callback.probes_done == done + 2
+
+
+def test_probe_failure_never_kills_training_and_backs_off(tmp_path):
+    def broken(pl_module, x):
+        raise RuntimeError("this model cannot be probed")
+
+    callback = GradProbe(forward=broken)
+    run, messages = _fit(tmp_path, DigitsModule(), callback, max_epochs=4)
+    assert run.current_epoch == 4  # training completed
+    assert len(messages) == 1 and "this model cannot be probed" in messages[0] and "training goes on" in messages[0]
+    assert callback.failures == 2  # epochs 0 and 2 tried; 1 skipped (back-off), 3 skipped (back-off doubles)
+
+
+def test_time_budget_shrinks_the_probe(tmp_path):
+    callback = GradProbe(time_budget=1e-6)
+    _, messages = _fit(tmp_path, DigitsModule(), callback, max_epochs=2)
+    assert callback.active_samples == 2 and any("time_budget" in m for m in messages)
+
+
+def test_metrics_reach_csv_logger_and_run_without_logger(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    run, _ = _fit(tmp_path, DigitsModule(), GradProbe(), logger=logger)
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "gradprobe/checks/fail_fraction" in header and "gradprobe/health/grad_norm_p50" in header
+    received = []
+    _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(on_alert=received.append), logger=False)
+    assert received
+
+
+def test_checkpoint_resume_keeps_probe_set_and_schedule(tmp_path):
+    callback = GradProbe(every_n_epochs=2)
+    run = trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=True)
+    run.fit(DigitsModule())
+    path = tmp_path / "resume.ckpt"
+    run.save_checkpoint(path)
+    state = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
+    assert state["probes_done"] == 1 and torch.equal(state["probe_inputs"], callback.probe_inputs)
+
+    resumed = GradProbe(every_n_epochs=2)
+    run2 = trainer(tmp_path, [resumed], max_epochs=4)
+    run2.fit(DigitsModule(), ckpt_path=path)
+    assert resumed.probes_done == 2 and resumed.last_probe_epoch == 3
+    assert torch.equal(resumed.probe_inputs, callback.probe_inputs)
+    old = GradProbe()
+    old.load_state_dict({"probes_done": 3})  # an older, smaller state still loads
+    assert old.probes_done == 3 and old.probe_inputs is None and old.alerts == []
