@@ -170,7 +170,7 @@ def test_time_budget_shrinks_the_probe(tmp_path):
 
 def test_metrics_reach_csv_logger_and_run_without_logger(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
-    run, _ = _fit(tmp_path, DigitsModule(), GradProbe(), logger=logger)
+    _fit(tmp_path, DigitsModule(), GradProbe(), logger=logger)
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "gradprobe/checks/fail_fraction" in header and "gradprobe/health/grad_norm_p50" in header
     received = []

@@ -38,5 +38,5 @@ def test_ddp_raise_on_every_rank_without_deadlock(tmp_path):
 
 
 def test_ddp_correct_model_trains_through(tmp_path):
-    result, completed = _run(tmp_path, "ddp", "ok", "stop")
+    result, _ = _run(tmp_path, "ddp", "ok", "stop")
     assert result["outcome"] == "finished" and result["epoch"] == 4 and result["fail_fraction"] == 0.0
