@@ -68,6 +68,7 @@ class GradProbe(Callback):
         on_test: Also probe during ``trainer.test()``.
         time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
         log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
+        shared_scale: Keep the first probe's colour scale for all saliency pictures (default: per probe).
         feature_names: Names of tabular features, for attribution charts.
         seed: Seed of the callback's own generator (probe set, directions).
         verbose: Report alerts and probe problems through rank-zero warnings.
@@ -100,6 +101,7 @@ class GradProbe(Callback):
         on_test: bool = False,
         time_budget: float | None = 60.0,
         log_images: bool = True,
+        shared_scale: bool = False,
         feature_names: list[str] | None = None,
         seed: int = 0,
         verbose: bool = True,
@@ -139,6 +141,7 @@ class GradProbe(Callback):
         self.on_test = on_test
         self.time_budget = time_budget
         self.log_images = log_images
+        self.shared_scale = shared_scale
         self.feature_names = feature_names
         self.seed = seed
         self.verbose = verbose
@@ -152,6 +155,7 @@ class GradProbe(Callback):
         self.failures = 0
         self.active_samples = num_samples
         self._skip = 0
+        self.saliency_scale: float | None = None
         # Per-run scratch.
         self.last_report: ProbeReport | None = None
         self.stopping_reason: str | None = None
@@ -159,6 +163,7 @@ class GradProbe(Callback):
         self._due = False
         self._disabled_reason: str | None = None
         self._warned: set[str] = set()
+        self._layout_written = False
 
     @property
     @override
@@ -230,6 +235,7 @@ class GradProbe(Callback):
             "alerts": [alert.to_dict() for alert in self.alerts[-50:]],
             "failures": self.failures,
             "active_samples": self.active_samples,
+            "saliency_scale": self.saliency_scale,
         }
 
     @override
@@ -242,6 +248,7 @@ class GradProbe(Callback):
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
         self.failures = state_dict.get("failures", 0)
         self.active_samples = state_dict.get("active_samples", self.num_samples)
+        self.saliency_scale = state_dict.get("saliency_scale")
 
     # ----------------------------------------------------------------- schedule and probe set
     def _is_due(self, trainer: pl.Trainer) -> bool:
@@ -307,7 +314,19 @@ class GradProbe(Callback):
         self._shrink_if_slow(elapsed)
         alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if trainer.state.fn == "fit" else -1)
         self.alerts += alerts
+        if report is not None and trainer.is_global_zero:
+            self._render(trainer, report, alerts)
         self._act(trainer, alerts, report)
+
+    def _render(self, trainer: pl.Trainer, report: ProbeReport, alerts: list[Alert]) -> None:
+        try:
+            from .render import render_report
+
+            render_report(trainer, report, alerts, self)
+        except Exception as error:  # a picture is never worth a training run
+            if self.verbose and "render" not in self._warned:
+                self._warned.add("render")
+                rank_zero_warn(f"GradProbe: could not write the TensorBoard panels ({type(error).__name__}: {error}).")
 
     def _probe_locally(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -377,7 +396,10 @@ class GradProbe(Callback):
             "gradprobe/health/vanishing_samples": float(figures.vanishing),
             "gradprobe/health/leaking_pairs": float(figures.leaking_pairs),
         }
+        if self.thresholds.fail_fraction is not None:
+            metrics["gradprobe/checks/fail_threshold"] = self.thresholds.fail_fraction
         if report is not None:
+            metrics["gradprobe/checks/tolerance"] = report.rtol
             summary = report.summary()
             metrics["gradprobe/checks/relative_error_median"] = summary["relative_error_median"]
             for key in ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90"):
@@ -385,10 +407,6 @@ class GradProbe(Callback):
         sync = trainer.world_size > 1
         for name, value in metrics.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=sync, batch_size=1)
-        if report is not None and trainer.is_global_zero:
-            from .render import render_report
-
-            render_report(trainer, report, self)
 
     def _act(self, trainer: pl.Trainer, alerts: list[Alert], report: ProbeReport | None) -> None:
         if self.on_alert == "stop":

@@ -203,6 +203,7 @@ def probe(
         projected=selection.kind == "projected",
         rtol=rtol,
         notes=tuple(notes),
+        outputs=outputs.cpu(),
     )
 
 

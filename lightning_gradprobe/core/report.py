@@ -80,6 +80,7 @@ class ProbeReport:
     projected: bool
     rtol: float
     notes: tuple[str, ...] = field(default=())
+    outputs: Tensor | None = None
 
     @property
     def failed(self) -> list[int]:

@@ -1,0 +1,140 @@
+"""Panels read back from real event files with TensorBoard's own EventAccumulator."""
+
+import gc
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lit_models import DigitsModule, trainer
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_gradprobe import GradProbe, probe
+from lightning_gradprobe.render import input_kind, log_probe, saliency_figure
+
+
+def _events(path):
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _image(event):
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"), dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tb")
+    logger = TensorBoardLogger(tmp_path, name="digits", version=0)
+    callback = GradProbe(on_alert="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [callback], max_epochs=3, logger=logger).fit(DigitsModule(bug="scale"))
+    return tmp_path / "digits" / "version_0"
+
+
+def test_scalar_tags_are_grouped_under_one_prefix(run_dir):
+    tags = _events(run_dir).Tags()["scalars"]
+    ours = {t for t in tags if t.startswith("gradprobe/")}
+    assert {
+        "gradprobe/checks/fail_fraction",
+        "gradprobe/checks/relative_error_max",
+        "gradprobe/checks/tolerance",
+        "gradprobe/health/grad_norm_p50",
+        "gradprobe/health/nonfinite_samples",
+    } <= ours
+    assert {t.split("/")[1] for t in ours} == {"checks", "health"}
+    fail = [e.value for e in _events(run_dir).Scalars("gradprobe/checks/fail_fraction")]
+    assert fail == [1.0, 1.0, 1.0]
+
+
+def test_histograms_and_saliency_images_change_between_steps(run_dir):
+    events = _events(run_dir)
+    assert {"gradprobe/histograms/log10_relative_error", "gradprobe/histograms/abs_input_gradient"} <= set(
+        events.Tags()["histograms"]
+    )
+    images = events.Images("gradprobe/saliency")
+    scalar_steps = [e.step for e in events.Scalars("gradprobe/checks/fail_fraction")]
+    assert [e.step for e in images] == scalar_steps == [7, 15, 23]  # on the slider with the scalars
+    first, last = _image(images[0]), _image(images[-1])
+    assert images[0].width > 300 and images[0].height > 8 * 96  # 8 samples x (input, saliency, overlay)
+    assert first.std() > 10  # not a blank or constant picture
+    assert first.shape == last.shape and np.abs(first - last).mean() > 0.1  # saliency evolves with training
+
+
+def test_alert_log_is_markdown_per_alert(run_dir):
+    texts = _events(run_dir).Tensors("gradprobe/alerts/text_summary")
+    assert len(texts) == 3
+    body = texts[0].tensor_proto.string_val[0].decode()
+    assert "| step | condition |" in body and "failed_checks" in body and "8 of 8" in body
+
+
+def test_custom_scalars_layout_in_its_own_run(run_dir):
+    events = _events(run_dir / "gradprobe_layout")
+    (event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    (category,) = layout.category
+    titles = {chart.title: chart for chart in category.chart}
+    assert "fail fraction vs threshold" in titles
+    assert list(titles["fail fraction vs threshold"].multiline.tag) == [
+        "gradprobe/checks/fail_fraction",
+        "gradprobe/checks/fail_threshold",
+    ]
+    assert len(titles["input-gradient norm (p50, band p10-p90)"].margin.series) == 1
+    assert "custom_scalars__config__" not in _events(run_dir).Tags()["tensors"]  # the user's run keeps its own
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 12, 20), (4, 1, 8, 8), (5, 12), (3, 16, 4), (2, 2, 3, 4, 5)])
+def test_every_input_kind_renders(shape):
+    x = torch.randn(shape)
+    figure = saliency_figure(x, torch.randn(shape), feature_names=[f"feat{i}" for i in range(shape[1])])
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    picture = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float64)
+    assert picture.std() > 10
+    assert input_kind(shape) in {"image", "tabular", "sequence", "other"}
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+def test_memory_stays_flat_over_many_probes(tmp_path):
+    """Figures are closed: resident memory does not grow with the number of probes (1000: benchmarks/)."""
+    from matplotlib import pyplot
+    from torch.utils.tensorboard import SummaryWriter
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.randn(1, 16)  # tabular: a matplotlib figure per probe, the case that could leak
+    report = probe(model, x)
+    writer = SummaryWriter(tmp_path)
+    for step in range(10):  # warm-up: caches, fonts
+        log_probe(writer, report, x, [], step)
+    gc.collect()
+    baseline = _rss_bytes()
+    for step in range(10, 60):
+        log_probe(writer, report, x, [], step)
+    gc.collect()
+    grown = _rss_bytes() - baseline
+    writer.close()
+    assert pyplot.get_fignums() == []
+    assert grown < 20_000_000, f"{grown} bytes more resident memory after 50 probes"
+
+
+def test_terminal_summary_command(run_dir, capsys):
+    from lightning_gradprobe.cli import main
+
+    assert main(["summary", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [line.split()[0] for line in lines] == ["7", "15", "23"]
+    assert all("100%" in line and "failed_checks" in line for line in lines)
+    with pytest.raises(SystemExit):
+        main(["summary", str(run_dir / "missing")])
