@@ -115,8 +115,8 @@ class Comparison:
 
     passed: Tensor  # bool: |a - d| within tolerance
     reliable: Tensor  # bool: finite, and no kink or discontinuity inside the stencil
-    relative_error: Tensor  # |a - d| / max(|a|, |d|)
-    fd_error: Tensor  # the stencil's own error bound, relative to max(|a|, |d|)
+    relative_error: Tensor  # |a - d| / scale, scale = max(|a|, |d|, typical |J v|)
+    fd_error: Tensor  # the stencil's own error bound, relative to the same scale
 
 
 def compare(jacobians: Tensor, stencil: Stencil, rtol: float) -> Comparison:
@@ -153,6 +153,6 @@ def compare(jacobians: Tensor, stencil: Stencil, rtol: float) -> Comparison:
     return Comparison(
         passed=passed & finite,
         reliable=finite & ~kink,
-        relative_error=error / magnitude.clamp_min(tiny),
-        fd_error=bound / magnitude.clamp_min(tiny),
+        relative_error=error / scale.clamp_min(tiny),
+        fd_error=bound / scale.clamp_min(tiny),
     )

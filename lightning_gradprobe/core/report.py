@@ -174,8 +174,9 @@ class ProbeReport:
         moved = int(self.rechecked_nearby.sum())
         if moved:
             lines.append(
-                f"  {moved} samples re-checked at a nearby point (1% of the input scale away, step / 8): ties or "
-                "kinks at the sample itself (max-pool over flat regions, ReLU at 0) make one point undecidable"
+                f"  {moved} samples re-checked at a nearby point (1% of the input scale away, step / 8): every check "
+                "short of a clean pass is repeated there, so a tie or kink at the sample itself (max-pool over a "
+                "flat region, ReLU at 0) cannot decide a verdict"
             )
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  problem: {p}" for p in self.problems()]

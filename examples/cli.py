@@ -1,0 +1,32 @@
+"""LightningCLI: GradProbe configured from YAML (see ``cli_config.yaml``).
+
+python examples/cli.py fit --config examples/cli_config.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+sys.path.insert(0, str(Path(__file__).parent))
+from digits_cnn import DigitsCNN, digits_loaders
+
+
+class DigitsCNNWithData(DigitsCNN):
+    def train_dataloader(self):
+        return digits_loaders()[0]
+
+    def val_dataloader(self):
+        return digits_loaders()[1]
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    return LightningCLI(DigitsCNNWithData, args=args, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Every example runs (reduced sizes) and shows what it claims."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def _run(*args, timeout=300):
+    done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_digits_demo(tmp_path):
+    out = _run(EXAMPLES / "digits_cnn.py", "--epochs", "2", "--samples", "400", "--logdir", tmp_path)
+    assert "tensorboard --logdir" in out and "ProbeReport: OK" in out
+    assert out.count("0%") >= 4  # two probes, no failures, no inconclusive
+
+
+def test_tabular_example(tmp_path):
+    out = _run(EXAMPLES / "tabular_diabetes.py", "--epochs", "5", "--logdir", tmp_path)
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 1 and rows[0][1] == "0%" and rows[0][-1] == "-"  # one probe, no failure, no alert
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events_file,) = tmp_path.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(events_file.parent), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["gradprobe/saliency"]  # the per-feature chart and heat map
+
+
+def test_bug_caught_and_fixed():
+    out = _run(EXAMPLES / "bug_caught.py", "--epochs", "3")
+    assert "Stopped after epoch 1" in out and "fail the gradient check" in out
+    out = _run(EXAMPLES / "bug_caught.py", "--epochs", "3", "--fixed")
+    assert "Trained all 3 epochs" in out and "no alert" in out
+
+
+def test_classic_question():
+    out = _run(EXAMPLES / "classic_question.py")
+    assert "Verdict: pass" in out and "relative error 0." in out
+
+
+def test_lightning_cli_example(tmp_path):
+    _run(
+        EXAMPLES / "cli.py",
+        "fit",
+        "--config",
+        EXAMPLES / "cli_config.yaml",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        tmp_path,
+        "--trainer.default_root_dir",
+        tmp_path,
+    )
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
