@@ -67,6 +67,9 @@ class GradProbe(Callback):
             (:class:`~lightning_gradprobe.GradientCheckError`), or a callable receiving each :class:`Alert`.
         on_test: Also probe during ``trainer.test()``.
         time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
+        max_overhead: Fraction of the fit's wall time that probing (with its logging) may use. The
+            first probe always runs; a later due probe is postponed while the budget is spent, so a
+            very short epoch is not slowed down by a probe every epoch (``None``: follow the schedule).
         log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
         shared_scale: Keep the first probe's colour scale for all saliency pictures (default: per probe).
         feature_names: Names of tabular features, for attribution charts.
@@ -100,6 +103,7 @@ class GradProbe(Callback):
         on_alert: OnAlert = "warn",
         on_test: bool = False,
         time_budget: float | None = 60.0,
+        max_overhead: float | None = 0.05,
         log_images: bool = True,
         shared_scale: bool = False,
         feature_names: list[str] | None = None,
@@ -126,6 +130,8 @@ class GradProbe(Callback):
             raise ValueError(f"GradProbe: `on_alert` must be 'warn', 'stop', 'raise' or a callable; got {on_alert!r}.")
         if time_budget is not None and not time_budget > 0:
             raise ValueError(f"GradProbe: `time_budget` must be None or > 0 seconds, got {time_budget!r}.")
+        if max_overhead is not None and not 0 < max_overhead <= 1:
+            raise ValueError(f"GradProbe: `max_overhead` must be None or in (0, 1], got {max_overhead!r}.")
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs if every_n_train_steps is None and every_n_epochs is not None else 1
         self.every_n_train_steps = every_n_train_steps
@@ -140,6 +146,7 @@ class GradProbe(Callback):
         self.on_alert = on_alert
         self.on_test = on_test
         self.time_budget = time_budget
+        self.max_overhead = max_overhead
         self.log_images = log_images
         self.shared_scale = shared_scale
         self.feature_names = feature_names
@@ -164,6 +171,10 @@ class GradProbe(Callback):
         self._disabled_reason: str | None = None
         self._warned: set[str] = set()
         self._layout_written = False
+        self._fit_started: float | None = None
+        self._probing_seconds = 0.0
+        self._probes_this_fit = 0
+        self.postponed = 0
 
     @property
     @override
@@ -180,6 +191,12 @@ class GradProbe(Callback):
                 "gather them. Probe a checkpoint with trainer.validate() on a single device instead."
             )
             rank_zero_warn(self._disabled_reason)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._probing_seconds = 0.0
+        self._probes_this_fit = 0
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,14 +284,42 @@ class GradProbe(Callback):
         if self._due and self._skip > 0:  # backing off after a probe failure
             self._skip -= 1
             self._due = False
+        if self._due and self._over_budget(trainer):
+            self._due = False
+            self.postponed += 1
         needs_samples = self.redraw or self.probe_inputs is None
         share = -(-self.active_samples // trainer.world_size)
         seed = self.seed + 7919 * trainer.global_rank + (self.probes_done if self.redraw else 0)
         self._reservoir = Reservoir(share, seed) if self._due and needs_samples else None
 
+    def _over_budget(self, trainer: pl.Trainer) -> bool:
+        if self.max_overhead is None or trainer.state.fn != "fit" or self._fit_started is None:
+            return False
+        if self._probes_this_fit == 0:
+            return False
+        elapsed = time.perf_counter() - self._fit_started
+        expected = self._probing_seconds / self._probes_this_fit  # room for one more probe at its usual cost?
+        over = self._probing_seconds + expected > self.max_overhead * (elapsed + expected)
+        if trainer.world_size > 1:  # timings differ per process: rank zero decides for all
+            over = bool(trainer.strategy.broadcast(over, src=0))
+        if over and self.verbose and "budget" not in self._warned:
+            self._warned.add("budget")
+            rank_zero_info(
+                f"GradProbe: probing has used {self._probing_seconds:.2f}s of {elapsed:.1f}s, over "
+                f"`max_overhead`={self.max_overhead}; postponing probes until it is back under (reported once)."
+            )
+        return over
+
     def _collect(self, batch: Any) -> None:
         if self._reservoir is None:
             return
+        started = time.perf_counter()
+        try:
+            self._offer(batch)
+        finally:
+            self._probing_seconds += time.perf_counter() - started
+
+    def _offer(self, batch: Any) -> None:
         inputs = extract(batch, self.input_key, what="input", argument="input_key")
         labels = extract(batch, self.label_key, what="label", argument="label_key") if self.target == "label" else None
         if self.target == "label" and labels is None:
@@ -288,6 +333,14 @@ class GradProbe(Callback):
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due:
             return
+        started = time.perf_counter()
+        try:
+            self._probe_and_report(trainer, pl_module)
+        finally:
+            self._probing_seconds += time.perf_counter() - started
+            self._probes_this_fit += 1
+
+    def _probe_and_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._reservoir is not None:
             drawn = self._reservoir.result()
             self._reservoir = None

@@ -23,7 +23,7 @@ def main() -> None:
     strategy, bug, on_alert, out = sys.argv[1:5]
     warnings.simplefilter("ignore")
     module = DigitsModule(bug=bug)
-    callback = Record(on_alert=on_alert, num_samples=8)
+    callback = Record(on_alert=on_alert, num_samples=8, max_overhead=None)
     run = trainer(out, [callback], max_epochs=4, strategy=strategy, devices=2)
     try:
         run.fit(module)

@@ -29,7 +29,7 @@ def _fit(tmp_path, module, callback, **kwargs):
     ],
 )
 def test_zero_config_on_common_batch_shapes(tmp_path, module, target):
-    callback = GradProbe(target=target)
+    callback = GradProbe(max_overhead=None, target=target)
     run, messages = _fit(tmp_path, module, callback)
     assert callback.probes_done == 2 and not messages, messages
     assert callback.last_report is not None and callback.last_report.ok, str(callback.last_report)
@@ -38,21 +38,21 @@ def test_zero_config_on_common_batch_shapes(tmp_path, module, target):
 
 
 def test_wrong_backward_warns_with_the_evidence(tmp_path):
-    callback = GradProbe()
+    callback = GradProbe(max_overhead=None)
     _, messages = _fit(tmp_path, DigitsModule(bug="scale"), callback)
     assert len(messages) == 2 and all("[failed_checks] 8 of 8" in m for m in messages)
     assert [a.condition for a in callback.alerts] == [AlertCondition.FAILED_CHECKS] * 2
 
 
 def test_on_alert_stop_ends_training_like_early_stopping(tmp_path):
-    callback = GradProbe(on_alert="stop")
+    callback = GradProbe(max_overhead=None, on_alert="stop")
     run, _ = _fit(tmp_path, DigitsModule(bug="scale"), callback, max_epochs=5)
     assert run.should_stop and run.current_epoch == 1 and callback.probes_done == 1
     assert "fail the gradient check" in callback.stopping_reason
 
 
 def test_on_alert_raise_carries_report_and_alerts(tmp_path):
-    callback = GradProbe(on_alert="raise")
+    callback = GradProbe(max_overhead=None, on_alert="raise")
     with pytest.raises(GradientCheckError, match="failed_checks") as info:
         _fit(tmp_path, DigitsModule(bug="scale"), callback)
     assert info.value.report is callback.last_report and not info.value.report.ok
@@ -61,17 +61,17 @@ def test_on_alert_raise_carries_report_and_alerts(tmp_path):
 
 def test_on_alert_callable_and_thresholds(tmp_path):
     received: list[Alert] = []
-    _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(on_alert=received.append))
+    _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(max_overhead=None, on_alert=received.append))
     assert len(received) == 2 and received[0].value == 1.0 and received[0].threshold == 0.0
     assert received[0].step == 8 and len(received[0].samples) == 8
     received.clear()
-    _fit(tmp_path, DigitsModule(bug="ok"), GradProbe(on_alert=received.append))
+    _fit(tmp_path, DigitsModule(bug="ok"), GradProbe(max_overhead=None, on_alert=received.append))
     assert received == []
 
 
 def test_leakage_alert(tmp_path):
     received: list[Alert] = []
-    _fit(tmp_path, DigitsModule(leak=True), GradProbe(on_alert=received.append))
+    _fit(tmp_path, DigitsModule(leak=True), GradProbe(max_overhead=None, on_alert=received.append))
     assert {a.condition for a in received} == {AlertCondition.BATCH_LEAKAGE}
 
 
@@ -89,23 +89,23 @@ def test_leakage_alert(tmp_path):
 )
 def test_nonsense_arguments_get_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        GradProbe(**kwargs)
+        GradProbe(max_overhead=None, **kwargs)
 
 
 def test_schedule_every_n_epochs_and_sanity_check_skipped(tmp_path):
-    callback = GradProbe(every_n_epochs=2)
+    callback = GradProbe(max_overhead=None, every_n_epochs=2)
     _fit(tmp_path, DigitsModule(), callback, max_epochs=4, num_sanity_val_steps=2)
     assert callback.probes_done == 2 and callback.last_probe_epoch == 3
 
 
 def test_schedule_every_n_train_steps_mid_epoch(tmp_path):
-    callback = GradProbe(every_n_train_steps=6)
+    callback = GradProbe(max_overhead=None, every_n_train_steps=6)
     _fit(tmp_path, DigitsModule(), callback, max_epochs=2, val_check_interval=0.25)  # 8 steps/epoch, val every 2
     assert callback.probes_done == 3  # steps 2, 8, 14
 
 
 def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
-    fixed = GradProbe()
+    fixed = GradProbe(max_overhead=None)
     seen = []
     module = DigitsModule()
     run = trainer(tmp_path, [fixed], max_epochs=3)
@@ -118,7 +118,7 @@ def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
     fixed._finish = spy
     run.fit(module)
     assert all(torch.equal(seen[0], s) for s in seen)
-    redraw = GradProbe(redraw=True)
+    redraw = GradProbe(max_overhead=None, redraw=True)
     seen_redraw = []
     original_redraw = redraw._finish
 
@@ -132,7 +132,7 @@ def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
 
 
 def test_probe_set_spans_all_validation_loaders_and_short_last_batch(tmp_path):
-    callback = GradProbe(num_samples=40)
+    callback = GradProbe(max_overhead=None, num_samples=40)
     _fit(tmp_path, DigitsModule(val_loaders=2, n_val=30, batch_size=16), callback, max_epochs=1)
     assert len(callback.probe_inputs) == 40  # 2 loaders x 30 samples (batches of 16, 14)
     assert len(callback.last_report.verdicts) == 40
@@ -140,7 +140,7 @@ def test_probe_set_spans_all_validation_loaders_and_short_last_batch(tmp_path):
 
 def test_trainer_validate_and_test_probe_under_inference_mode(tmp_path):
     module = DigitsModule()
-    callback = GradProbe(on_test=True)
+    callback = GradProbe(max_overhead=None, on_test=True)
     run = trainer(tmp_path, [callback], max_epochs=1)
     run.fit(module)
     done = callback.probes_done
@@ -155,7 +155,7 @@ def test_probe_failure_never_kills_training_and_backs_off(tmp_path):
     def broken(pl_module, x):
         raise RuntimeError("this model cannot be probed")
 
-    callback = GradProbe(forward=broken)
+    callback = GradProbe(max_overhead=None, forward=broken)
     run, messages = _fit(tmp_path, DigitsModule(), callback, max_epochs=4)
     assert run.current_epoch == 4  # training completed
     assert len(messages) == 1 and "this model cannot be probed" in messages[0] and "training goes on" in messages[0]
@@ -163,23 +163,23 @@ def test_probe_failure_never_kills_training_and_backs_off(tmp_path):
 
 
 def test_time_budget_shrinks_the_probe(tmp_path):
-    callback = GradProbe(time_budget=1e-6)
+    callback = GradProbe(max_overhead=None, time_budget=1e-6)
     _, messages = _fit(tmp_path, DigitsModule(), callback, max_epochs=2)
     assert callback.active_samples == 2 and any("time_budget" in m for m in messages)
 
 
 def test_metrics_reach_csv_logger_and_run_without_logger(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
-    _fit(tmp_path, DigitsModule(), GradProbe(), logger=logger)
+    _fit(tmp_path, DigitsModule(), GradProbe(max_overhead=None), logger=logger)
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "gradprobe/checks/fail_fraction" in header and "gradprobe/health/grad_norm_p50" in header
     received = []
-    _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(on_alert=received.append), logger=False)
+    _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(max_overhead=None, on_alert=received.append), logger=False)
     assert received
 
 
 def test_checkpoint_resume_keeps_probe_set_and_schedule(tmp_path):
-    callback = GradProbe(every_n_epochs=2)
+    callback = GradProbe(max_overhead=None, every_n_epochs=2)
     run = trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=True)
     run.fit(DigitsModule())
     path = tmp_path / "resume.ckpt"
@@ -187,11 +187,23 @@ def test_checkpoint_resume_keeps_probe_set_and_schedule(tmp_path):
     state = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
     assert state["probes_done"] == 1 and torch.equal(state["probe_inputs"], callback.probe_inputs)
 
-    resumed = GradProbe(every_n_epochs=2)
+    resumed = GradProbe(max_overhead=None, every_n_epochs=2)
     run2 = trainer(tmp_path, [resumed], max_epochs=4)
     run2.fit(DigitsModule(), ckpt_path=path)
     assert resumed.probes_done == 2 and resumed.last_probe_epoch == 3
     assert torch.equal(resumed.probe_inputs, callback.probe_inputs)
-    old = GradProbe()
+    old = GradProbe(max_overhead=None)
     old.load_state_dict({"probes_done": 3})  # an older, smaller state still loads
     assert old.probes_done == 3 and old.probe_inputs is None and old.alerts == []
+
+
+def test_overhead_budget_postpones_probes_on_short_epochs(tmp_path):
+    budgeted = GradProbe(max_overhead=0.05)
+    _fit(tmp_path, DigitsModule(n_train=64), budgeted, max_epochs=8)
+    assert budgeted.probes_done >= 1 and budgeted.postponed >= 1
+    assert budgeted.probes_done + budgeted.postponed == 8
+    everything = GradProbe(max_overhead=None)
+    _fit(tmp_path, DigitsModule(n_train=64), everything, max_epochs=8)
+    assert everything.probes_done == 8 and everything.postponed == 0
+    with pytest.raises(ValueError, match="max_overhead"):
+        GradProbe(max_overhead=0)

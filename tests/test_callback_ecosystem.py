@@ -20,7 +20,7 @@ from lightning_gradprobe import GradProbe, Verdict
 )
 def test_precision_modes(tmp_path, precision, model_dtype):
     for bug, expected in (("ok", {Verdict.PASS, Verdict.PRECISION_LIMITED}), ("scale", {Verdict.FAIL})):
-        callback = GradProbe(on_alert=lambda alert: None)
+        callback = GradProbe(max_overhead=None, on_alert=lambda alert: None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer(tmp_path, [callback], max_epochs=1, precision=precision).fit(DigitsModule(bug=bug))
@@ -49,6 +49,7 @@ trainer:
         vanishing_threshold: null
         on_alert: stop
         target: label
+        max_overhead: null
 model:
   bug: scale
 """)

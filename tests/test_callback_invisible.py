@@ -28,7 +28,9 @@ def _run(tmp_path, callbacks):
 
 
 def test_training_is_bit_identical_with_the_probe(tmp_path):
-    callback = GradProbe(every_n_train_steps=1, redraw=True)  # probe at every validation, new draw each time
+    callback = GradProbe(
+        max_overhead=None, every_n_train_steps=1, redraw=True
+    )  # probe at every validation, new draw each time
     with_probe = _run(tmp_path, [callback])
     without = _run(tmp_path, [])
     assert callback.probes_done == 4  # val_check_interval=0.5 over 2 epochs

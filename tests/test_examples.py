@@ -16,7 +16,7 @@ def _run(*args, timeout=300):
 def test_digits_demo(tmp_path):
     out = _run(EXAMPLES / "digits_cnn.py", "--epochs", "2", "--samples", "400", "--logdir", tmp_path)
     assert "tensorboard --logdir" in out and "ProbeReport: OK" in out
-    assert out.count("0%") >= 4  # two probes, no failures, no inconclusive
+    assert out.count("0%") >= 2  # at least one probe (more when the overhead budget allows): no failure
 
 
 def test_tabular_example(tmp_path):

@@ -161,7 +161,7 @@ def saliency_grid(
     *,
     labels: Sequence[str] | None = None,
     scale: float | None = None,
-    cell: int = 96,
+    cell: int = 64,
 ) -> np.ndarray:
     """Image inputs as one RGB grid: a row per sample with input, signed saliency and overlay.
 
@@ -181,7 +181,7 @@ def saliency_grid(
     Example:
         >>> grid = saliency_grid(torch.rand(2, 3, 10, 16), torch.randn(2, 3, 10, 16), labels=["a", "b"])
         >>> grid.shape, grid.dtype
-        ((150, 410, 3), dtype('uint8'))
+        ((110, 314, 3), dtype('uint8'))
 
     """
     from matplotlib import colormaps
