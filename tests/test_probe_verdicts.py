@@ -118,12 +118,11 @@ def test_kink_at_the_point_is_rechecked_nearby():
     assert report.rechecked_nearby.all() and "nearby point" in str(report)
 
 
-def test_staircase_is_inconclusive_not_fail():
-    """round() has zero gradient but jumps everywhere at the finite-difference scale: nothing can be said."""
+def test_noise_at_the_step_scale_is_inconclusive_not_fail():
+    """sin(x * 1e15) in float64 is noise at any step we can take: autograd's 1e15 cos(.) cannot be checked."""
     x = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
-    report = probe(lambda t: (torch.round(t * 1e6) / 1e6).sum(1, keepdim=True), x)
-    assert Verdict.FAIL not in report.verdicts, str(report)
-    assert report.verdicts.count(Verdict.INCONCLUSIVE) >= 3
+    report = probe(lambda t: torch.sin(t * 1e15).sum(1, keepdim=True), x)
+    assert report.verdicts == (Verdict.INCONCLUSIVE,) * 4, str(report)
     assert report.ok
 
 

@@ -69,7 +69,7 @@ def evaluate_stencil(
     steps: Tensor,
     *,
     f0: Tensor | None = None,
-    rows_per_call: int = 256,
+    rows_per_call: int = 64,
 ) -> Stencil:
     """Evaluate ``f(x)``, ``f(x + h v)``, ``f(x - h v)`` in as few batched forward calls as memory allows.
 
@@ -81,7 +81,7 @@ def evaluate_stencil(
         directions: ``(n, k, ...)`` directions.
         steps: ``(n,)`` steps.
         f0: Reuse already evaluated ``f(x)``.
-        rows_per_call: Rows per forward call.
+        rows_per_call: Rows per forward call (64 measured fastest on CPU: the batch stays in cache).
 
     """
     n, k = directions.shape[:2]
