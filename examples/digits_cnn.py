@@ -5,7 +5,7 @@ defaults and a TensorBoardLogger. Every epoch, 8 validation digits are probed: t
 checked against float64 finite differences, their saliency drawn. At the end it prints the terminal
 summary and the line that opens the panels.
 
-    python examples/digits_cnn.py              # about a minute on 2 CPU cores
+    python examples/digits_cnn.py              # well under a minute on 2 CPU cores
     tensorboard --logdir runs/digits
 """
 
@@ -92,7 +92,7 @@ def make_trainer(logdir: str, epochs: int, callbacks: list, **kwargs) -> pl.Trai
 
 def main(argv: list[str] | None = None) -> GradProbe:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--samples", type=int, default=None, help="use only this many digits (smoke tests)")
     parser.add_argument("--logdir", default="runs/digits")
     args = parser.parse_args(argv)

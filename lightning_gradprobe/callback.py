@@ -321,12 +321,20 @@ class GradProbe(Callback):
 
     def _offer(self, batch: Any) -> None:
         inputs = extract(batch, self.input_key, what="input", argument="input_key")
-        labels = extract(batch, self.label_key, what="label", argument="label_key") if self.target == "label" else None
-        if self.target == "label" and labels is None:
-            raise ValueError(
-                "GradProbe: target='label' but the batch has no labels; pass `label_key=` or another target."
-            )
         assert inputs is not None
+        if self.target == "label":
+            labels = extract(batch, self.label_key, what="label", argument="label_key")
+            if labels is None:
+                raise ValueError(
+                    "GradProbe: target='label' but the batch has no labels; pass `label_key=` or another target."
+                )
+        else:  # labels only caption the pictures: take them when they are plainly there, never fail for them
+            try:
+                labels = extract(batch, self.label_key, what="label", argument="label_key")
+            except ValueError:
+                labels = None
+            if labels is not None and (labels.ndim != 1 or labels.shape[0] != inputs.shape[0]):
+                labels = None
         self._reservoir.offer(inputs, labels)
 
     # ----------------------------------------------------------------- probing

@@ -62,7 +62,7 @@ def test_histograms_and_saliency_images_change_between_steps(run_dir):
     scalar_steps = [e.step for e in events.Scalars("gradprobe/checks/fail_fraction")]
     assert [e.step for e in images] == scalar_steps == [7, 15, 23]  # on the slider with the scalars
     first, last = _image(images[0]), _image(images[-1])
-    assert images[0].width > 300 and images[0].height > 8 * 64  # 8 samples x (input, saliency, overlay)
+    assert images[0].width >= 3 * 64 and images[0].height > 8 * 64  # 8 samples x (input, saliency, overlay)
     assert first.std() > 10  # not a blank or constant picture
     assert first.shape == last.shape and np.abs(first - last).mean() > 0.1  # saliency evolves with training
 
