@@ -30,6 +30,8 @@ class AlertCondition(str, Enum):
     """Some sample's outputs depend on another sample's input."""
     VANISHING_SALIENCY = "vanishing_saliency"
     """Too many probed samples have an input gradient that is exactly zero everywhere."""
+    PARAMETER_GRADIENTS = "parameter_gradients"
+    """Some submodule's gradient with respect to its own parameters disagrees with finite differences."""
 
     def __str__(self) -> str:
         return self.value
@@ -72,9 +74,16 @@ class AlertThresholds:
                 )
 
 
+_COUNTS = ("probed", "checked", "failed", "inconclusive", "nonfinite", "leaking_pairs", "vanishing", "wrong_parameters")
+
+
 @dataclass(frozen=True)
 class ProbeFigures:
-    """Counts from one probe, or from several processes' probes added together."""
+    """Counts from one probe, or from several processes' probes added together.
+
+    ``failed_samples`` and ``culprits`` are this process's own (indices into its probe set, and the
+    submodules localization named).
+    """
 
     probed: int = 0
     checked: int = 0
@@ -83,23 +92,29 @@ class ProbeFigures:
     nonfinite: int = 0
     leaking_pairs: int = 0
     vanishing: int = 0
+    wrong_parameters: int = 0
     worst_relative_error: float = float("nan")
     failed_samples: tuple[int, ...] = field(default=())
+    culprits: tuple[str, ...] = field(default=())
 
     def to_tensor(self) -> torch.Tensor:
         """Pack the additive counts (and the worst error) for a collective across processes."""
         error = -1.0 if math.isnan(self.worst_relative_error) else self.worst_relative_error
-        values = [self.probed, self.checked, self.failed, self.inconclusive, self.nonfinite, self.leaking_pairs]
-        return torch.tensor([*values, self.vanishing, error], dtype=torch.float64)
+        return torch.tensor([*(getattr(self, name) for name in _COUNTS), error], dtype=torch.float64)
 
     @staticmethod
-    def from_gathered(rows: torch.Tensor, failed_samples: tuple[int, ...] = ()) -> ProbeFigures:
-        """Combine ``(world_size, 8)`` rows from :meth:`to_tensor`: counts add, the worst error is the max."""
-        rows = rows.reshape(-1, 8).double().cpu()
-        total = rows[:, :7].sum(0).round().long().tolist()
-        worst = float(rows[:, 7].max())
+    def from_gathered(
+        rows: torch.Tensor, failed_samples: tuple[int, ...] = (), culprits: tuple[str, ...] = ()
+    ) -> ProbeFigures:
+        """Combine ``(world_size, n)`` rows from :meth:`to_tensor`: counts add, the worst error is the max."""
+        rows = rows.reshape(-1, len(_COUNTS) + 1).double().cpu()
+        total = dict(zip(_COUNTS, rows[:, :-1].sum(0).round().long().tolist(), strict=True))
+        worst = float(rows[:, -1].max())
         return ProbeFigures(
-            *total, worst_relative_error=float("nan") if worst < 0 else worst, failed_samples=failed_samples
+            **total,
+            worst_relative_error=float("nan") if worst < 0 else worst,
+            failed_samples=failed_samples,
+            culprits=culprits,
         )
 
 
@@ -124,8 +139,12 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         nonfinite=int((report.nonfinite_count > 0).sum()),
         leaking_pairs=len(report.leaking_pairs),
         vanishing=int((report.zero_fraction == 1).sum()),
+        wrong_parameters=sum(1 for c in report.culprits if c.kind == "parameter"),
         worst_relative_error=float(errors.max()) if errors.numel() else float("nan"),
         failed_samples=tuple(report.failed),
+        culprits=tuple(
+            f"{c.module or '<model>'} ({c.module_type}, {c.kind})" for c in report.culprits if not c.explained_by
+        ),
     )
 
 
@@ -140,6 +159,7 @@ class Alert:
         step: The trainer's global step (``-1`` outside training).
         samples: Probed-sample indices involved, where known.
         message: One readable sentence.
+        culprits: Submodules localization named, most specific first ("name (Type, input|parameter)").
 
     """
 
@@ -149,12 +169,14 @@ class Alert:
     step: int
     samples: tuple[int, ...] = ()
     message: str = ""
+    culprits: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (checkpoints, loggers)."""
         out = asdict(self)
         out["condition"] = self.condition.value
         out["samples"] = list(self.samples)
+        out["culprits"] = list(self.culprits)
         return out
 
     @staticmethod
@@ -185,52 +207,40 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
     if thresholds.fail_fraction is not None and figures.checked:
         fraction = figures.failed / figures.checked
         if fraction > thresholds.fail_fraction:
+            inputs = tuple(c for c in figures.culprits if c.endswith(", input)"))
+            where = f"; culprit: {', '.join(inputs)}" if inputs else ""
+            message = (
+                f"{figures.failed} of {figures.checked} probed samples fail the gradient check: the backward "
+                f"disagrees with finite differences (worst relative error {figures.worst_relative_error:.3g}){where}"
+            )
+            condition = AlertCondition.FAILED_CHECKS
             alerts.append(
-                Alert(
-                    AlertCondition.FAILED_CHECKS,
-                    fraction,
-                    thresholds.fail_fraction,
-                    step,
-                    figures.failed_samples,
-                    f"{figures.failed} of {figures.checked} probed samples fail the gradient check: the backward "
-                    f"disagrees with finite differences (worst relative error {figures.worst_relative_error:.3g})",
-                )
+                Alert(condition, fraction, thresholds.fail_fraction, step, figures.failed_samples, message, inputs)
             )
     if thresholds.check_finite and figures.nonfinite:
-        alerts.append(
-            Alert(
-                AlertCondition.NONFINITE_GRADIENTS,
-                figures.nonfinite,
-                0,
-                step,
-                (),
-                f"{figures.nonfinite} of {figures.probed} probed samples have NaN/Inf input gradients",
-            )
-        )
+        message = f"{figures.nonfinite} of {figures.probed} probed samples have NaN/Inf input gradients"
+        alerts.append(Alert(AlertCondition.NONFINITE_GRADIENTS, figures.nonfinite, 0, step, (), message))
     if thresholds.check_leakage and figures.leaking_pairs:
-        alerts.append(
-            Alert(
-                AlertCondition.BATCH_LEAKAGE,
-                figures.leaking_pairs,
-                0,
-                step,
-                (),
-                f"{figures.leaking_pairs} (output, input) sample pairs leak through the batch: per-sample gradients "
-                "mix samples (BatchNorm on batch statistics, or a reshape/transpose across the batch dimension?)",
-            )
+        message = (
+            f"{figures.leaking_pairs} (output, input) sample pairs leak through the batch: per-sample gradients "
+            "mix samples (BatchNorm on batch statistics, or a reshape/transpose across the batch dimension?)"
         )
+        alerts.append(Alert(AlertCondition.BATCH_LEAKAGE, figures.leaking_pairs, 0, step, (), message))
+    if figures.wrong_parameters:
+        weights = tuple(c for c in figures.culprits if c.endswith(", parameter)"))
+        message = (
+            "gradients with respect to parameters disagree with finite differences in "
+            f"{', '.join(weights) or 'a submodule on another process'}: training consumes these"
+        )
+        condition = AlertCondition.PARAMETER_GRADIENTS
+        alerts.append(Alert(condition, figures.wrong_parameters, 0, step, (), message, weights))
     if thresholds.vanishing_fraction is not None and figures.probed:
         fraction = figures.vanishing / figures.probed
         if fraction > thresholds.vanishing_fraction:
-            alerts.append(
-                Alert(
-                    AlertCondition.VANISHING_SALIENCY,
-                    fraction,
-                    thresholds.vanishing_fraction,
-                    step,
-                    (),
-                    f"{figures.vanishing} of {figures.probed} probed samples have an input gradient that is exactly "
-                    "zero (a .detach() or a non-differentiable op cutting the input off?)",
-                )
+            message = (
+                f"{figures.vanishing} of {figures.probed} probed samples have an input gradient that is exactly "
+                "zero (a .detach() or a non-differentiable op cutting the input off?)"
             )
+            condition = AlertCondition.VANISHING_SALIENCY
+            alerts.append(Alert(condition, fraction, thresholds.vanishing_fraction, step, (), message))
     return alerts

@@ -70,6 +70,10 @@ class GradProbe(Callback):
         max_overhead: Fraction of the fit's wall time that probing (with its logging) may use. The
             first probe always runs; a later due probe is postponed while the budget is spent, so a
             very short epoch is not slowed down by a probe every epoch (``None``: follow the schedule).
+        localize: When samples fail, check each submodule on its own on one failing sample and name the
+            culprit in the alert (bounded: 64 submodules, ``time_budget``).
+        check_parameters: Also check each submodule's gradient with respect to its own parameters (a
+            ``parameter_gradients`` alert); costs a few forwards per submodule at every probe.
         log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
         shared_scale: Keep the first probe's colour scale for all saliency pictures (default: per probe).
         feature_names: Names of tabular features, for attribution charts.
@@ -104,6 +108,8 @@ class GradProbe(Callback):
         on_test: bool = False,
         time_budget: float | None = 60.0,
         max_overhead: float | None = 0.05,
+        localize: bool = True,
+        check_parameters: bool = False,
         log_images: bool = True,
         shared_scale: bool = False,
         feature_names: list[str] | None = None,
@@ -147,6 +153,8 @@ class GradProbe(Callback):
         self.on_test = on_test
         self.time_budget = time_budget
         self.max_overhead = max_overhead
+        self.localize = localize
+        self.check_parameters = check_parameters
         self.log_images = log_images
         self.shared_scale = shared_scale
         self.feature_names = feature_names
@@ -410,6 +418,9 @@ class GradProbe(Callback):
                 output=self.output,
                 n_directions=self.n_directions,
                 seed=self.seed + self.probes_done,
+                localize=self.localize,
+                check_parameters=self.check_parameters,
+                localize_budget=(64, self.time_budget or 30.0),
             )
             return report, None, time.perf_counter() - start
         except Exception as error:  # never kill the run for a probe's own failure
@@ -422,7 +433,8 @@ class GradProbe(Callback):
             return figures, failed
         row = torch.cat([figures.to_tensor(), torch.tensor([float(failed)], dtype=torch.float64)])
         rows = pl_module.all_gather(row.to(pl_module.device)).reshape(-1, row.numel())
-        return ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples), bool(rows[:, -1].sum() > 0)
+        gathered = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
+        return gathered, bool(rows[:, -1].sum() > 0)
 
     def _back_off(self, error: BaseException | None) -> None:
         self.failures += 1

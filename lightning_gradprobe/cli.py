@@ -45,7 +45,7 @@ def summarize(logdir: str | Path) -> str:
         if "gradprobe/alerts/text_summary" in events.Tags().get("tensors", []):
             for event in events.Tensors("gradprobe/alerts/text_summary"):
                 lines = event.tensor_proto.string_val[0].decode().splitlines()[2:]
-                alerts[event.step] = [line.split("|")[2].strip() for line in lines if line.count("|") > 3]
+                alerts[event.step] = [_alert_cell(line) for line in lines if line.count("|") > 3]
         header = ["step", *(name for name, _, _ in _COLUMNS), "alerts"]
         rows = [header]
         for step in sorted(by_step):
@@ -63,6 +63,12 @@ def summarize(logdir: str | Path) -> str:
     if not blocks:
         return f"no gradprobe scalars under {logdir}"
     return "\n\n".join(blocks)
+
+
+def _alert_cell(row: str) -> str:
+    cells = [c.strip() for c in row.split("|")]
+    condition, culprit = cells[2], cells[6] if len(cells) > 7 else "-"
+    return condition if culprit in ("", "-") else f"{condition} @ {culprit.replace('`', '')}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,10 @@ def probe(
     chunk_size: int | None = None,
     max_full_outputs: int = 64,
     check_batch: bool = True,
+    localize: bool = False,
+    check_parameters: bool = False,
+    check_forward_mode: bool = False,
+    localize_budget: tuple[int, float] = (64, 30.0),
 ) -> ProbeReport:
     """Compute per-sample input Jacobians and spot-check them against finite differences.
 
@@ -88,6 +92,13 @@ def probe(
         chunk_size: Samples per ``vmap`` chunk of the ``torch.func`` engine, to bound memory.
         max_full_outputs: Above this many outputs per sample, full Jacobians are not built.
         check_batch: Whether to check that samples do not leak into each other through the batch.
+        localize: When a sample fails, check every submodule on its own on that sample and name the
+            culprits in ``report.culprits`` (deepest first). Needs an ``nn.Module``.
+        check_parameters: Also check each submodule's gradient with respect to its own parameters
+            (on the first failing sample, else the first checked one): a wrong weight gradient corrupts
+            training even when input gradients are right.
+        check_forward_mode: Compare forward mode (``torch.func.jvp``) with the reverse-mode Jacobian.
+        localize_budget: ``(max_modules, seconds)`` for localization.
 
     Returns:
         A :class:`~lightning_gradprobe.ProbeReport`.
@@ -178,10 +189,29 @@ def probe(
                 chunk_size=chunk_size,
                 out=(status, relative_error, fd_error, steps, moved),
             )
+        forward_mismatch = (
+            _forward_mode_mismatch(function, selection, x, index, jac, checked, generator, rtol, notes)
+            if check_forward_mode and len(checked)
+            else None
+        )
     flat = jac.reshape(n, -1)
     verdicts = [Verdict.UNCHECKED] * n
     for i, verdict in zip(checked.tolist(), _sample_verdicts(status[checked]), strict=True):
         verdicts[i] = verdict
+    culprits, localization_note = (), None
+    failing = [i for i, v in enumerate(verdicts) if v is Verdict.FAIL]
+    if (localize and failing) or check_parameters:
+        culprits, localization_note = _localize(
+            model,
+            x,
+            failing or checked.tolist(),
+            forward,
+            n_directions,
+            seed,
+            localize_budget,
+            check_parameters,
+            inputs_too=localize and bool(failing),
+        )
     return ProbeReport(
         verdicts=tuple(verdicts),
         saliency=_saliency_rows(jac, selection.kind, outputs).reshape(x.shape),
@@ -204,6 +234,9 @@ def probe(
         rtol=rtol,
         notes=tuple(notes),
         outputs=outputs.cpu(),
+        culprits=culprits,
+        localization_note=localization_note,
+        forward_mode_mismatch=forward_mismatch,
     )
 
 
@@ -323,6 +356,73 @@ def _subset(stencil: Any, mask: Tensor) -> Any:
         stencil.d_minus[mask],
         stencil.eps,
     )
+
+
+def _localize(
+    model: Any,
+    x: Tensor,
+    candidates: list[int],
+    forward: Any,
+    n_directions: int,
+    seed: int,
+    budget: tuple[int, float],
+    parameters: bool,
+    *,
+    inputs_too: bool,
+) -> tuple[tuple[Any, ...], str]:
+    from torch import nn
+
+    from .localize import localize as run_localize
+
+    if not isinstance(model, nn.Module):
+        return (), "not localized: the model is a plain callable, not an nn.Module"
+    sample = candidates[0]
+    result = run_localize(
+        model,
+        x[sample : sample + 1],
+        forward=forward,
+        n_directions=n_directions,
+        seed=seed,
+        max_modules=budget[0],
+        time_budget=budget[1],
+        parameters=parameters,
+    )
+    culprits = result.culprits if inputs_too else tuple(c for c in result.culprits if c.kind == "parameter")
+    note = f"sample {sample}: {len(result.checked)} submodules checked on their own"
+    if result.skipped:
+        note += f", {len(result.skipped)} skipped ({next(iter(result.skipped.values()))}, ...)"
+    if result.cut_short:
+        note += f"; cut short: {result.cut_short}"
+    return culprits, note
+
+
+def _forward_mode_mismatch(
+    function: Callable[[Tensor], Tensor],
+    selection: Any,
+    x: Tensor,
+    index: Tensor,
+    jac: Tensor,
+    checked: Tensor,
+    generator: torch.Generator,
+    rtol: float,
+    notes: list[str],
+) -> tuple[int, ...] | None:
+    """Samples whose jvp along a random direction disagrees with the reverse-mode Jacobian."""
+    rows = checked.to(x.device)
+    xc, ic = x[rows], index[rows]
+    tangent = _unit_rms(torch.randn(xc.shape, generator=generator).double(), 1).to(xc)
+    try:
+        _, forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))
+    except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
+        notes.append(f"forward mode not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        return None
+    jac_c = jac[rows].reshape(len(rows), jac.shape[1], -1).double()
+    reverse = torch.einsum("nmd,nd->nm", jac_c, tangent.reshape(len(rows), -1).double())
+    typical = jac_c.norm(dim=(1, 2)) * tangent.reshape(len(rows), -1).double().norm(dim=1) / jac_c.shape[-1] ** 0.5
+    scale = torch.maximum(reverse.norm(dim=1), typical).clamp_min(torch.finfo(torch.float64).tiny)
+    gap = (forward_mode.double() - reverse).norm(dim=1) / scale
+    bad = (gap > 10 * rtol) | ~forward_mode.isfinite().all(1)
+    return tuple(int(checked[i]) for i in bad.nonzero().flatten().tolist())
 
 
 def _sample_verdicts(codes: Tensor) -> list[Verdict]:

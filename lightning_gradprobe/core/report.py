@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,6 +82,9 @@ class ProbeReport:
     rtol: float
     notes: tuple[str, ...] = field(default=())
     outputs: Tensor | None = None
+    culprits: tuple[Any, ...] = ()
+    localization_note: str | None = None
+    forward_mode_mismatch: tuple[int, ...] | None = None
 
     @property
     def failed(self) -> list[int]:
@@ -94,8 +98,12 @@ class ProbeReport:
 
     @property
     def ok(self) -> bool:
-        """No ``"fail"``, no non-finite input gradient, and samples independent (when checked)."""
-        return not self.failed and int(self.nonfinite_count.sum()) == 0 and self.batch_independent is not False
+        """Whether nothing wrong was found.
+
+        No ``"fail"``, no non-finite input gradient, samples independent, no parameter-gradient
+        culprit, forward mode consistent (each where checked).
+        """
+        return not self.problems()
 
     def problems(self) -> list[str]:
         """One sentence per reason ``ok`` is False (empty when ``ok``)."""
@@ -109,6 +117,16 @@ class ProbeReport:
         bad = (self.nonfinite_count > 0).nonzero().flatten().tolist()
         if bad:
             found.append(f"non-finite input gradients in samples {bad[:8]}")
+        wrong_weights = [c for c in self.culprits if c.kind == "parameter"]
+        if wrong_weights:
+            found.append(
+                "parameter gradients disagree with finite differences in "
+                + ", ".join(f"{c.module or '<model>'} ({c.module_type})" for c in wrong_weights)
+            )
+        if self.forward_mode_mismatch:
+            found.append(
+                f"forward mode (jvp) disagrees with reverse mode on samples {list(self.forward_mode_mismatch)}"
+            )
         if self.batch_independent is False:
             found.append(
                 f"samples are not independent: outputs depend on other samples' inputs, e.g. (output, input) "
@@ -178,6 +196,9 @@ class ProbeReport:
                 "short of a clean pass is repeated there, so a tie or kink at the sample itself (max-pool over a "
                 "flat region, ReLU at 0) cannot decide a verdict"
             )
+        lines += [f"  culprit: {culprit}" for culprit in self.culprits]
+        if self.localization_note:
+            lines.append(f"  localization: {self.localization_note}")
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  problem: {p}" for p in self.problems()]
         return "\n".join(lines)

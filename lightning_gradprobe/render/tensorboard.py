@@ -61,17 +61,21 @@ def alert_markdown(alerts: Sequence[Alert]) -> str:
     Example:
         >>> from lightning_gradprobe.alerts import AlertCondition
         >>> print(alert_markdown([Alert(AlertCondition.FAILED_CHECKS, 0.5, 0.0, 40, (1, 3), "2 of 4 fail")]))
-        | step | condition | value | threshold | samples | what |
-        |---:|---|---:|---:|---|---|
-        | 40 | failed_checks | 0.5 | 0 | 1, 3 | 2 of 4 fail |
+        | step | condition | value | threshold | samples | culprit | what |
+        |---:|---|---:|---:|---|---|---|
+        | 40 | failed_checks | 0.5 | 0 | 1, 3 | - | 2 of 4 fail |
 
     """
-    rows = ["| step | condition | value | threshold | samples | what |", "|---:|---|---:|---:|---|---|"]
+    rows = [
+        "| step | condition | value | threshold | samples | culprit | what |",
+        "|---:|---|---:|---:|---|---|---|",
+    ]
     for alert in alerts:
         samples = ", ".join(str(s) for s in alert.samples[:16]) or "-"
+        culprits = ", ".join(f"`{c}`" for c in alert.culprits) or "-"
         rows.append(
             f"| {alert.step} | {alert.condition} | {alert.value:.3g} | {alert.threshold:.3g} | {samples} | "
-            f"{alert.message.replace('|', '/')} |"
+            f"{culprits} | {alert.message.replace('|', '/')} |"
         )
     return "\n".join(rows)
 

@@ -1,0 +1,299 @@
+"""Say where, not only that: check each submodule on its own, and parameter gradients too.
+
+When a sample fails, the inputs every submodule sees on that sample are recorded (forward pre-hooks),
+then each submodule is probed on its own as a function of its (first floating) input, with the same
+finite-difference machinery as :func:`~lightning_gradprobe.probe`. The deepest submodules are checked
+first, within a module and a time budget. Parameter gradients are checked per submodule against
+central differences along random directions in the space of its own parameters, in float64.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ._finite_differences import Stencil, compare
+from ._isolation import isolated
+from .report import Verdict
+
+__all__ = ["Culprit", "Localization", "check_parameters", "localize"]
+
+
+@dataclass(frozen=True)
+class Culprit:
+    """A submodule whose own backward disagrees with finite differences.
+
+    Attributes:
+        module: Its qualified name in the model (``""`` for the model itself).
+        module_type: Its class name.
+        kind: ``"input"`` (gradient with respect to its input) or ``"parameter"`` (its own weights).
+        relative_error: The worst relative error of its own check.
+        verdict: The verdict of its own check.
+        explained_by: For a container, the failing descendants that explain its failure.
+
+    """
+
+    module: str
+    module_type: str
+    kind: str
+    relative_error: float
+    verdict: Verdict = Verdict.FAIL
+    explained_by: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        name = self.module or "<model>"
+        what = "input gradient" if self.kind == "input" else "parameter gradient"
+        tail = f" (explained by {', '.join(self.explained_by)})" if self.explained_by else ""
+        return (
+            f"{name} ({self.module_type}): {what} disagrees with finite differences, "
+            f"relative error {self.relative_error:.3g}{tail}"
+        )
+
+
+@dataclass(frozen=True)
+class Localization:
+    """The result of checking submodules one by one."""
+
+    culprits: tuple[Culprit, ...]
+    checked: tuple[str, ...]
+    skipped: dict[str, str] = field(default_factory=dict)
+    cut_short: str | None = None
+
+
+class _Call(nn.Module):
+    """A submodule as a function of one of its recorded inputs (the others held fixed)."""
+
+    def __init__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], position: int) -> None:
+        super().__init__()
+        self.module = module
+        self._args = args
+        self._kwargs = kwargs
+        self._position = position
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = [_like(a, x) for a in self._args]
+        args[self._position] = x
+        kwargs = {k: _like(v, x) for k, v in self._kwargs.items()}
+        return _first_tensor(self.module(*args, **kwargs))
+
+
+def _like(value: Any, x: Tensor) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(x.dtype)
+    return value
+
+
+def _first_tensor(outputs: Any) -> Tensor:
+    if isinstance(outputs, Tensor):
+        return outputs
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    for value in values:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value
+    raise TypeError(f"no floating tensor among the outputs ({type(outputs).__name__})")
+
+
+def record_inputs(model: nn.Module, sample: Tensor, forward: Callable[[Any, Tensor], Any] | None) -> dict[str, Any]:
+    """The positional and keyword inputs each submodule receives on ``sample`` (first call only)."""
+    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    handles = []
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if name not in seen:
+                seen[name] = (
+                    tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args),
+                    {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()},
+                )
+
+        return hook
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(sample) if forward is None else forward(model, sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def localize(
+    model: nn.Module,
+    sample: Tensor,
+    *,
+    forward: Callable[[Any, Tensor], Any] | None = None,
+    n_directions: int = 4,
+    seed: int = 0,
+    max_modules: int = 64,
+    time_budget: float = 30.0,
+    parameters: bool = False,
+) -> Localization:
+    """Check every submodule of ``model`` on its own, on one sample, deepest first.
+
+    Args:
+        model: The model (an ``nn.Module``).
+        sample: One sample with its batch dimension, ``(1, ...)``.
+        forward: ``forward(model, x)`` if ``model(x)`` is not how to run it.
+        n_directions: Finite-difference directions per submodule check.
+        seed: Seed of the probes' own generators.
+        max_modules: Most submodules checked.
+        time_budget: Seconds the whole localization may take.
+        parameters: Also check each submodule's gradient with respect to its own parameters.
+
+    Returns:
+        A :class:`Localization`: culprits deepest first (a container after the children that explain it).
+
+    """
+    from .probe import probe
+
+    started = time.perf_counter()
+    failing: dict[str, tuple[str, float]] = {}
+    checked: list[str] = []
+    skipped: dict[str, str] = {}
+    cut_short = None
+    modules = dict(model.named_modules())
+    with isolated(model, sample.device):  # grad on, eval mode, RNGs restored: also under Lightning's no_grad
+        recorded = record_inputs(model, sample.detach().clone(), forward)
+        names = sorted(recorded, key=lambda n: (-_depth(n), n))
+        for count, name in enumerate(names):
+            if count >= max_modules:
+                cut_short = f"module budget reached: checked {max_modules} of {len(names)} submodules"
+                break
+            if time.perf_counter() - started > time_budget:
+                cut_short = f"time budget of {time_budget:.0f}s reached: checked {len(checked)} of {len(names)}"
+                break
+            module = modules[name]
+            args, kwargs = recorded[name]
+            position = next((i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()), None)
+            if position is None:
+                skipped[name] = "no floating tensor input"
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    report = probe(
+                        _Call(module, args, kwargs, position),
+                        args[position],
+                        target=None,
+                        n_directions=n_directions,
+                        seed=seed,
+                        check_batch=False,
+                    )
+            except Exception as error:  # a submodule that cannot be probed alone is skipped, with its reason
+                skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                continue
+            checked.append(name)
+            if Verdict.FAIL in report.verdicts:
+                failing[name] = ("input", float(report.relative_error.nan_to_num(0).max()))
+            if parameters:
+                try:
+                    error = check_parameters(module, args, kwargs, position, n_directions=n_directions, seed=seed)
+                except Exception as problem:  # e.g. parameters tied in a parent: not judged, but said
+                    skipped[f"{name} (parameters)"] = f"{type(problem).__name__}: {str(problem).splitlines()[0][:120]}"
+                    continue
+                if error is not None:
+                    failing[name + "\0param"] = ("parameter", error)
+    return Localization(_culprits(failing, modules), tuple(checked), skipped, cut_short)
+
+
+def _culprits(failing: dict[str, tuple[str, float]], modules: dict[str, nn.Module]) -> tuple[Culprit, ...]:
+    input_failures = [k for k, (kind, _) in failing.items() if kind == "input"]
+    out = []
+    for key, (kind, error) in failing.items():
+        name = key.split("\0")[0]
+        children = (
+            tuple(other for other in input_failures if other != name and (name == "" or other.startswith(name + ".")))
+            if kind == "input"
+            else ()
+        )
+        out.append(Culprit(name, type(modules[name]).__name__, kind, error, Verdict.FAIL, children))
+    out.sort(key=lambda c: (len(c.explained_by) > 0, -_depth(c.module), c.module, c.kind))
+    return tuple(out)
+
+
+def _depth(name: str) -> int:
+    return 0 if name == "" else name.count(".") + 1
+
+
+def check_parameters(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    position: int,
+    *,
+    n_directions: int = 4,
+    seed: int = 0,
+) -> float | None:
+    """Check ``module``'s gradient with respect to its *own* parameters (not its children's), in float64.
+
+    Compares ``u^T J_theta v`` (reverse mode, a few random output projections ``u``) with central
+    differences along random parameter directions ``v``, using the same error bound and retry-free
+    comparison as the input check.
+
+    Returns:
+        The worst relative error if the check fails, else ``None`` (also when there is nothing to check).
+
+    """
+    own = {n: p for n, p in module.named_parameters(recurse=False) if p.is_floating_point()}
+    if not own:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        n: t.detach().to(torch.float64) for n, t in module.state_dict(keep_vars=True).items() if t.is_floating_point()
+    }
+    names = list(own)
+    theta = torch.cat([tensors[n].flatten() for n in names])
+    x = args[position].detach().to(torch.float64)
+    call = _Call(module, args, kwargs, position)
+
+    def evaluate(flat: Tensor) -> Tensor:
+        pieces, offset = {}, 0
+        for n in names:
+            size = tensors[n].numel()
+            pieces["module." + n] = flat[offset : offset + size].view_as(tensors[n])
+            offset += size
+        merged = {"module." + k: v for k, v in tensors.items()} | pieces
+        return functional_call(call, merged, (x,)).reshape(-1)
+
+    with torch.no_grad():
+        f0 = evaluate(theta)
+    n_out = f0.numel()
+    projections = torch.randn((n_out, n_directions), generator=generator, dtype=torch.float64) / n_out**0.5
+    leaf = theta.clone().requires_grad_(True)
+    projected = evaluate(leaf) @ projections
+    rows = torch.stack(
+        [
+            torch.autograd.grad(projected[j], leaf, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+            for j in range(n_directions)
+        ]
+    )  # (q, P): u_j^T J_theta
+    directions = torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64)
+    directions /= directions.pow(2).mean(1, keepdim=True).sqrt()
+    step = torch.finfo(torch.float64).eps ** (1 / 3) * max(1.0, float(theta.pow(2).mean().sqrt()))
+    with torch.no_grad():
+        plus = torch.stack([evaluate(theta + step * v) @ projections for v in directions])
+        minus = torch.stack([evaluate(theta - step * v) @ projections for v in directions])
+    d_plus = (theta + step * directions) - theta
+    d_minus = theta - (theta - step * directions)
+    stencil = Stencil(
+        (f0 @ projections)[None],
+        plus[None],
+        minus[None],
+        d_plus[None],
+        d_minus[None],
+        torch.finfo(torch.float64).eps,
+    )
+    result = compare(rows[None], stencil, rtol=1e-6)
+    failed = result.reliable & ~result.passed
+    if bool(failed.any()):
+        return float(result.relative_error[failed].max())
+    return None
