@@ -107,25 +107,26 @@ def _rss_bytes():
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
 def test_memory_stays_flat_over_many_probes(tmp_path):
-    """Figures are closed: resident memory does not grow with the number of probes (1000: benchmarks/)."""
+    """No figure survives a probe, and resident memory does not trend upward (1000 probes: benchmarks/)."""
     from matplotlib import pyplot
+    from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     x = torch.randn(1, 16)  # tabular: a matplotlib figure per probe, the case that could leak
     report = probe(model, x)
     writer = SummaryWriter(tmp_path)
-    for step in range(10):  # warm-up: caches, fonts
-        log_probe(writer, report, x, [], step)
-    gc.collect()
-    baseline = _rss_bytes()
-    for step in range(10, 60):
-        log_probe(writer, report, x, [], step)
-    gc.collect()
-    grown = _rss_bytes() - baseline
+    marks = []
+    for window in range(4):
+        for step in range(15):
+            log_probe(writer, report, x, [], window * 15 + step)
+        gc.collect()
+        marks.append(_rss_bytes())
     writer.close()
     assert pyplot.get_fignums() == []
-    assert grown < 20_000_000, f"{grown} bytes more resident memory after 50 probes"
+    assert sum(isinstance(o, Figure) for o in gc.get_objects()) == 0  # every figure closed and freed
+    # A leak grows with every probe; allocator noise does not: the last windows must not keep growing.
+    assert marks[3] - marks[1] < 20_000_000, f"resident memory by window: {marks}"
 
 
 def test_terminal_summary_command(run_dir, capsys):

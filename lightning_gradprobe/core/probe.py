@@ -127,24 +127,19 @@ def probe(
         n = x.shape[0]
         dtype = model_dtype(model, x)
         rtol = default_rtol(dtype) if rtol is None else float(rtol)
-        function = build_batch_function(model, forward=forward, output=output, dtype=None)
         leaf = x.requires_grad_(True)
-        outputs = function(leaf.clone())  # the model may write into its input; ours stays intact
-        _check_outputs(outputs, n)
-        selection, index = build_selection(
-            target, outputs.detach(), max_full_outputs=max_full_outputs, n_projections=n_directions, generator=generator
-        )
-        gradients = compute_gradients(
-            function,
-            selection,
+        function, outputs, selection, index, gradients = _forward_and_gradients(
+            model,
             leaf,
-            outputs,
-            index,
-            engine=engine,
-            check_batch=check_batch,
-            generator=generator,
-            chunk_size=chunk_size,
-            owner=type(model).__name__,
+            target,
+            forward,
+            output,
+            engine,
+            chunk_size,
+            max_full_outputs,
+            n_directions,
+            check_batch,
+            generator,
         )
         jac, engine_used, engine_note = gradients.jacobians.detach(), gradients.engine, gradients.fallback_reason
         leaks: list[tuple[int, int]] = []
@@ -597,23 +592,44 @@ def _gradients(
     _check_arguments(inputs, 1, engine, None, None, max_full_outputs, chunk_size)
     with isolated(model, inputs.device):
         leaf = inputs.detach().clone().requires_grad_(True)
-        function = build_batch_function(model, forward=forward, output=output, dtype=None)
-        outputs = function(leaf.clone())
-        _check_outputs(outputs, leaf.shape[0])
-        selection, index = build_selection(
-            target, outputs.detach(), max_full_outputs=max_full_outputs, n_projections=4, generator=torch.Generator()
+        _, outputs, selection, _, gradients = _forward_and_gradients(
+            model, leaf, target, forward, output, engine, chunk_size, max_full_outputs, 4, False, torch.Generator()
         )
-        jac = compute_gradients(
-            function,
-            selection,
-            leaf,
-            outputs,
-            index,
-            engine=engine,
-            check_batch=False,
-            generator=torch.Generator(),
-            chunk_size=chunk_size,
-            owner=type(model).__name__,
-        ).jacobians.detach()
+        jac = gradients.jacobians.detach()
         outputs = outputs.detach()
     return jac, selection.kind, outputs
+
+
+def _forward_and_gradients(
+    model: Any,
+    leaf: Tensor,
+    target: Target,
+    forward: Any,
+    output: OutputSelector,
+    engine: str,
+    chunk_size: int | None,
+    max_full_outputs: int,
+    n_projections: int,
+    check_batch: bool,
+    generator: torch.Generator,
+) -> tuple[Callable[[Tensor], Tensor], Tensor, Any, Tensor, Any]:
+    """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians."""
+    function = build_batch_function(model, forward=forward, output=output, dtype=None)
+    outputs = function(leaf.clone())
+    _check_outputs(outputs, leaf.shape[0])
+    selection, index = build_selection(
+        target, outputs.detach(), max_full_outputs=max_full_outputs, n_projections=n_projections, generator=generator
+    )
+    gradients = compute_gradients(
+        function,
+        selection,
+        leaf,
+        outputs,
+        index,
+        engine=engine,
+        check_batch=check_batch,
+        generator=generator,
+        chunk_size=chunk_size,
+        owner=type(model).__name__,
+    )
+    return function, outputs, selection, index, gradients
