@@ -471,12 +471,12 @@ class GradProbe(Callback):
         }
         if self.thresholds.fail_fraction is not None:
             metrics["gradprobe/checks/fail_threshold"] = self.thresholds.fail_fraction
-        if report is not None:
-            metrics["gradprobe/checks/tolerance"] = report.rtol
-            summary = report.summary()
-            metrics["gradprobe/checks/relative_error_median"] = summary["relative_error_median"]
-            for key in ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90"):
-                metrics[f"gradprobe/health/{key}"] = summary[key]
+        # The same keys on every process, whether or not its own probe ran (sync_dist reduces them together).
+        summary = report.summary() if report is not None else {}
+        metrics["gradprobe/checks/tolerance"] = report.rtol if report is not None else float("nan")
+        metrics["gradprobe/checks/relative_error_median"] = summary.get("relative_error_median", float("nan"))
+        for key in ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90"):
+            metrics[f"gradprobe/health/{key}"] = summary.get(key, float("nan"))
         sync = trainer.world_size > 1
         for name, value in metrics.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=sync, batch_size=1)

@@ -21,9 +21,10 @@ class Record(GradProbe):
 
 def main() -> None:
     strategy, bug, on_alert, out = sys.argv[1:5]
+    budget = None if len(sys.argv) < 6 else float(sys.argv[5])
     warnings.simplefilter("ignore")
     module = DigitsModule(bug=bug)
-    callback = Record(on_alert=on_alert, num_samples=8, max_overhead=None)
+    callback = Record(on_alert=on_alert, num_samples=8, max_overhead=budget)
     run = trainer(out, [callback], max_epochs=4, strategy=strategy, devices=2)
     try:
         run.fit(module)
@@ -38,6 +39,7 @@ def main() -> None:
             "fail_fraction": float(run.callback_metrics.get("gradprobe/checks/fail_fraction", -1)),
             "probes": callback.probes_done,
             "probed_here": getattr(module, "probed_here", None),
+            "postponed": callback.postponed,
         }
         Path(out, f"result-{run.global_rank}.json").write_text(json.dumps(result))
 

@@ -10,9 +10,9 @@ import pytest
 SCRIPT = Path(__file__).parent / "ddp_script.py"
 
 
-def _run(tmp_path, strategy, bug, on_alert):
+def _run(tmp_path, strategy, bug, on_alert, *extra):
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), strategy, bug, on_alert, str(tmp_path)],
+        [sys.executable, str(SCRIPT), strategy, bug, on_alert, str(tmp_path), *extra],
         capture_output=True,
         text=True,
         timeout=240,
@@ -40,3 +40,10 @@ def test_ddp_raise_on_every_rank_without_deadlock(tmp_path):
 def test_ddp_correct_model_trains_through(tmp_path):
     result, _ = _run(tmp_path, "ddp", "ok", "stop")
     assert result["outcome"] == "finished" and result["epoch"] == 4 and result["fail_fraction"] == 0.0
+
+
+def test_ddp_overhead_budget_decided_by_rank_zero(tmp_path):
+    """Timings differ per process; rank zero's budget decision is broadcast, so no rank probes (and gathers) alone."""
+    result, _ = _run(tmp_path, "ddp", "ok", "warn", "0.05")
+    assert result["outcome"] == "finished" and result["epoch"] == 4
+    assert result["probes"] >= 1 and result["probes"] + result["postponed"] == 4

@@ -72,6 +72,7 @@ def test_alert_log_is_markdown_per_alert(run_dir):
     assert len(texts) == 3
     body = texts[0].tensor_proto.string_val[0].decode()
     assert "| step | condition |" in body and "failed_checks" in body and "8 of 8" in body
+    assert "`<model> (DigitsModule, input)`" in body  # the culprit: the bug sits in the module's own forward
 
 
 def test_custom_scalars_layout_in_its_own_run(run_dir):
@@ -139,3 +140,19 @@ def test_terminal_summary_command(run_dir, capsys):
     assert all("100%" in line and "failed_checks" in line for line in lines)
     with pytest.raises(SystemExit):
         main(["summary", str(run_dir / "missing")])
+
+
+def test_other_loggers_get_scalars_and_one_note(tmp_path, caplog):
+    import logging
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="csv")
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [GradProbe(max_overhead=None)], max_epochs=3, logger=logger).fit(DigitsModule())
+    notes = [r.getMessage() for r in caplog.records if "written to TensorBoard only" in r.getMessage()]
+    assert len(notes) == 1 and "CSVLogger receives the gradprobe/ scalars" in notes[0]
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert sum(1 for row in rows[1:] if row.split(",")[rows[0].split(",").index("gradprobe/checks/fail_fraction")]) == 3
