@@ -382,7 +382,7 @@ class GradProbe(Callback):
         self._log(trainer, pl_module, figures, report)
         self._shrink_if_slow(elapsed)
         alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if trainer.state.fn == "fit" else -1)
-        self.alerts += alerts
+        self.alerts = (self.alerts + alerts)[-1000:]  # a long run keeps the recent ones
         if report is not None and trainer.is_global_zero:
             self._render(trainer, report, alerts)
         self._act(trainer, alerts, report)

@@ -450,7 +450,7 @@ def _finite_difference_function(
     notes: list[str],
 ) -> tuple[Callable[[Tensor], Tensor], torch.dtype]:
     """The model in ``fd_dtype`` if it runs there, else the model as it is (with a note)."""
-    own = x.dtype if not x.is_floating_point() else model_dtype(model, x)
+    own = model_dtype(model, x)
     if fd_dtype == own:
         return function, own
     candidate = build_batch_function(model, forward=forward, output=output, dtype=fd_dtype)
