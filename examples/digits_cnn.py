@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradprobe import GradProbe
-from lightning_gradprobe.cli import summarize
+from lightning_gradprobe.render.summary import summarize
 
 
 class DigitsCNN(pl.LightningModule):
