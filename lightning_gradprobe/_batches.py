@@ -31,6 +31,7 @@ def extract(batch: Any, key: BatchKey, *, what: str, argument: str) -> Tensor | 
         torch.Size([2, 3])
 
     """
+    value: Any
     if callable(key):
         value = key(batch)
     elif key is not None:

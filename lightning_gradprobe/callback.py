@@ -328,6 +328,7 @@ class GradProbe(Callback):
             self._probing_seconds += time.perf_counter() - started
 
     def _offer(self, batch: Any) -> None:
+        assert self._reservoir is not None
         inputs = extract(batch, self.input_key, what="input", argument="input_key")
         assert inputs is not None
         if self.target == "label":
@@ -432,9 +433,11 @@ class GradProbe(Callback):
         if trainer.world_size == 1:
             return figures, failed
         row = torch.cat([figures.to_tensor(), torch.tensor([float(failed)], dtype=torch.float64)])
-        rows = pl_module.all_gather(row.to(pl_module.device)).reshape(-1, row.numel())
-        gathered = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
-        return gathered, bool(rows[:, -1].sum() > 0)
+        stacked = pl_module.all_gather(row.to(pl_module.device))
+        assert isinstance(stacked, Tensor)
+        rows = stacked.reshape(-1, row.numel())
+        combined = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
+        return combined, bool(rows[:, -1].sum() > 0)
 
     def _back_off(self, error: BaseException | None) -> None:
         self.failures += 1

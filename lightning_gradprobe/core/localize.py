@@ -196,12 +196,14 @@ def localize(
                 failing[name] = ("input", float(report.relative_error.nan_to_num(0).max()))
             if parameters:
                 try:
-                    error = check_parameters(module, args, kwargs, position, n_directions=n_directions, seed=seed)
+                    weight_error = check_parameters(
+                        module, args, kwargs, position, n_directions=n_directions, seed=seed
+                    )
                 except Exception as problem:  # e.g. parameters tied in a parent: not judged, but said
                     skipped[f"{name} (parameters)"] = f"{type(problem).__name__}: {str(problem).splitlines()[0][:120]}"
                     continue
-                if error is not None:
-                    failing[name + "\0param"] = ("parameter", error)
+                if weight_error is not None:
+                    failing[name + "\0param"] = ("parameter", weight_error)
     return Localization(_culprits(failing, modules), tuple(checked), skipped, cut_short)
 
 

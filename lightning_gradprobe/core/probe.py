@@ -407,7 +407,7 @@ def _forward_mode_mismatch(
     xc, ic = x[rows], index[rows]
     tangent = _unit_rms(torch.randn(xc.shape, generator=generator).double(), 1).to(xc)
     try:
-        _, forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))
+        forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))[1]
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
         notes.append(f"forward mode not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
         return None
