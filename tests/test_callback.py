@@ -207,3 +207,14 @@ def test_overhead_budget_postpones_probes_on_short_epochs(tmp_path):
     assert everything.probes_done == 8 and everything.postponed == 0
     with pytest.raises(ValueError, match="max_overhead"):
         GradProbe(max_overhead=0)
+
+
+def test_early_stopping_and_checkpointing_can_monitor_probe_metrics(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    stopper = EarlyStopping(monitor="gradprobe/checks/fail_fraction", mode="min", patience=1)
+    keeper = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="gradprobe/checks/fail_fraction", mode="min")
+    run = trainer(tmp_path, [GradProbe(max_overhead=None), stopper, keeper], max_epochs=6, enable_checkpointing=True)
+    run.fit(DigitsModule())
+    assert run.current_epoch == 2  # 0.0 at epoch 0, no improvement at epoch 1: patience 1 spent
+    assert keeper.best_model_score == 0.0 and keeper.best_model_path
