@@ -8,31 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._finite_differences import compare, default_step, evaluate_stencil
 from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
 from ._isolation import isolated
-from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, _leak_tolerance, compute_gradients, jacobians_of, leaking_pairs
+from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, _leak_tolerance, compute_gradients, leaking_pairs
+from ._verdicts import INCONCLUSIVE, PASS, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import ProbeReport, Verdict
 
 __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
 
-_DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _ENGINES = ("auto", ENGINE_FUNC, ENGINE_AUTOGRAD)
-_RETRY_STEP_DIVISOR = 8.0
-_JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
-# Direction status codes, ordered by severity.
-_PASS, _PRECISION, _INCONCLUSIVE, _FAIL = 0, 1, 2, 3
-
-
-def default_rtol(dtype: torch.dtype) -> float:
-    """Relative tolerance granted to a backward computed in ``dtype``.
-
-    Example:
-        >>> default_rtol(torch.float32), default_rtol(torch.float64)
-        (0.001, 1e-06)
-
-    """
-    return _DEFAULT_RTOL.get(dtype, 3e-2)
 
 
 def probe(
@@ -155,7 +139,7 @@ def probe(
             notes.append(f"torch.func could not run the model ({engine_note}); plain autograd was used")
         checked = _choose_samples(check_samples, n, generator)
         shape = (n, n_directions)
-        status = torch.full(shape, _PASS)
+        status = torch.full(shape, PASS)
         relative_error = torch.full(shape, float("nan"), dtype=torch.float64)
         fd_error = torch.full(shape, float("nan"), dtype=torch.float64)
         steps = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -165,9 +149,9 @@ def probe(
         )
         if leaks:
             notes.append("samples leak into each other, so per-sample gradients are ill-defined: not checked")
-            status[checked] = _INCONCLUSIVE
+            status[checked] = INCONCLUSIVE
         elif len(checked):
-            _check_samples(
+            judge_samples(
                 jac[checked.to(jac.device)],
                 function,
                 fd_function,
@@ -191,7 +175,7 @@ def probe(
         )
     flat = jac.reshape(n, -1)
     verdicts = [Verdict.UNCHECKED] * n
-    for i, verdict in zip(checked.tolist(), _sample_verdicts(status[checked]), strict=True):
+    for i, verdict in zip(checked.tolist(), sample_verdicts(status[checked]), strict=True):
         verdicts[i] = verdict
     culprits, localization_note = (), None
     failing = [i for i, v in enumerate(verdicts) if v is Verdict.FAIL]
@@ -232,124 +216,6 @@ def probe(
         culprits=culprits,
         localization_note=localization_note,
         forward_mode_mismatch=forward_mismatch,
-    )
-
-
-def _check_samples(
-    jac: Tensor,
-    function: Callable[[Tensor], Tensor],
-    fd_function: Callable[[Tensor], Tensor],
-    selection: Any,
-    x: Tensor,
-    index: Tensor,
-    checked: Tensor,
-    *,
-    generator: torch.Generator,
-    n_directions: int,
-    rtol: float,
-    fd_dtype: torch.dtype,
-    model_dtype: torch.dtype,
-    engine: str,
-    chunk_size: int | None,
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-) -> None:
-    """Judge each checked sample along each direction; write codes and evidence into ``out``."""
-    status, relative_error, fd_error, steps, moved = out
-    device = x.device
-    rows = checked.to(device)
-    xc, ic = x[rows].to(fd_dtype), index[rows]
-    # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
-    shape = (len(checked), n_directions, *x.shape[1:])
-    directions = _unit_rms(torch.randn(shape, generator=generator).double(), 2).to(device)
-    step = default_step(xc, fd_dtype).to(device)
-
-    stencil = evaluate_stencil(fd_function, selection, xc, ic, directions, step)
-    first = compare(jac, stencil, rtol)
-    code = torch.full(first.passed.shape, _PASS, device=device)
-    rel, bound = first.relative_error, first.fd_error
-    used_step = step.clone()
-    redo = ~(first.passed & first.reliable)
-    if redo.any():
-        # Anything short of a clean pass is checked again at a nearby point, with a step 8x smaller.
-        # Ties (max-pool over a flat image region, ReLU at exactly 0) and kinks sit on sets of measure
-        # zero: moving off them makes the function differentiable where we check it, while a wrong
-        # backward formula stays wrong nearby.
-        again = redo.any(1).nonzero().flatten()
-        jitter = _unit_rms(torch.randn((len(again), *x.shape[1:]), generator=generator, dtype=torch.float64), 1)
-        scale = (step[again] / step.new_tensor(torch.finfo(fd_dtype).eps ** (1 / 3))).reshape(-1, *[1] * (x.ndim - 1))
-        nearby = (xc[again] + _JITTER * scale * jitter.to(device, fd_dtype)).to(x.dtype)  # representable in both
-        small = step[again] / _RETRY_STEP_DIVISOR
-        stencil2 = evaluate_stencil(fd_function, selection, nearby.to(fd_dtype), ic[again], directions[again], small)
-        jac2 = jacobians_of(function, selection, nearby, ic[again], engine=engine, chunk_size=chunk_size)
-        second = compare(jac2, stencil2, rtol)
-        code2 = torch.where(
-            second.reliable, torch.where(second.passed, _PASS, _FAIL), torch.full_like(code[again], _INCONCLUSIVE)
-        )
-        suspects = ((code2 == _FAIL) & redo[again]).any(1)
-        if suspects.any():
-            # A verdict of "fail" needs finite differences that agree with themselves: D(h) = D(2h) for a
-            # differentiable function, while a jump inside the stencil does not scale with the step.
-            sub = again[suspects]
-            stencil3 = evaluate_stencil(
-                fd_function,
-                selection,
-                nearby[suspects].to(fd_dtype),
-                ic[sub],
-                directions[sub],
-                2 * small[suspects],
-                f0=stencil2.f0[suspects],
-            )
-            consistent = _consistent(_subset(stencil2, suspects), stencil3)
-            code2[suspects] = torch.where((code2[suspects] == _FAIL) & ~consistent, _INCONCLUSIVE, code2[suspects])
-            suspects = ((code2 == _FAIL) & redo[again]).any(1)
-        if suspects.any() and model_dtype != torch.float64 and fd_dtype == torch.float64:
-            # Same backward formula in float64: agreement means only the model dtype's precision fell short.
-            sub = again[suspects]
-            jac64 = jacobians_of(
-                fd_function, selection, nearby[suspects].to(fd_dtype), ic[sub], engine=engine, chunk_size=chunk_size
-            )
-            third = compare(jac64, _subset(stencil2, suspects), default_rtol(torch.float64))
-            code2[suspects] = torch.where((code2[suspects] == _FAIL) & third.passed, _PRECISION, code2[suspects])
-        mask = redo[again]
-        code[again] = torch.where(mask, code2, code[again])
-        rel[again] = torch.where(mask, second.relative_error, rel[again])
-        bound[again] = torch.where(mask, second.fd_error, bound[again])
-        used_step[again] = small
-        moved[checked[again.cpu()]] = True
-    status[checked] = code.cpu()
-    relative_error[checked] = rel.double().cpu()
-    fd_error[checked] = bound.double().cpu()
-    steps[checked] = used_step.double().cpu()
-
-
-def _consistent(fine: Any, coarse: Any, tolerance: float = 1e-2) -> Tensor:
-    """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
-
-    def derivative(stencil: Any) -> Tensor:
-        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
-        return (stencil.f_plus - stencil.f_minus) / length
-
-    a, b = derivative(fine), derivative(coarse)
-    gap = (a - b).norm(dim=-1)
-    return gap <= tolerance * torch.maximum(a.norm(dim=-1), b.norm(dim=-1))
-
-
-def _unit_rms(directions: Tensor, lead: int) -> Tensor:
-    """Scale each direction (the dims after the first ``lead``) to unit RMS."""
-    rms = directions.reshape(*directions.shape[:lead], -1).pow(2).mean(-1).sqrt()
-    return directions / rms.reshape(*rms.shape, *[1] * (directions.ndim - lead))
-
-
-def _subset(stencil: Any, mask: Tensor) -> Any:
-    from ._finite_differences import Stencil
-
-    return Stencil(
-        stencil.f0[mask],
-        stencil.f_plus[mask],
-        stencil.f_minus[mask],
-        stencil.d_plus[mask],
-        stencil.d_minus[mask],
-        stencil.eps,
     )
 
 
@@ -405,7 +271,7 @@ def _forward_mode_mismatch(
     """Samples whose jvp along a random direction disagrees with the reverse-mode Jacobian."""
     rows = checked.to(x.device)
     xc, ic = x[rows], index[rows]
-    tangent = _unit_rms(torch.randn(xc.shape, generator=generator).double(), 1).to(xc)
+    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1).to(xc)
     try:
         forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))[1]
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
@@ -418,17 +284,6 @@ def _forward_mode_mismatch(
     gap = (forward_mode.double() - reverse).norm(dim=1) / scale
     bad = (gap > 10 * rtol) | ~forward_mode.isfinite().all(1)
     return tuple(int(checked[i]) for i in bad.nonzero().flatten().tolist())
-
-
-def _sample_verdicts(codes: Tensor) -> list[Verdict]:
-    """Combine per-direction codes ``(n, k)``: any fail fails; all inconclusive is inconclusive."""
-    fail = (codes == _FAIL).any(1)
-    inconclusive = (codes == _INCONCLUSIVE).all(1)
-    precision = (codes == _PRECISION).any(1)
-    return [
-        Verdict.FAIL if f else Verdict.INCONCLUSIVE if i else Verdict.PRECISION_LIMITED if p else Verdict.PASS
-        for f, i, p in zip(fail.tolist(), inconclusive.tolist(), precision.tolist(), strict=True)
-    ]
 
 
 def _saliency_rows(jac: Tensor, kind: str, outputs: Tensor) -> Tensor:
