@@ -20,6 +20,7 @@ from lightning_gradprobe import GradProbe, Verdict
 )
 def test_precision_modes(tmp_path, precision, model_dtype):
     for bug, expected in (("ok", {Verdict.PASS, Verdict.PRECISION_LIMITED}), ("scale", {Verdict.FAIL})):
+        __import__("lightning.pytorch").pytorch.seed_everything(0, verbose=False)
         callback = GradProbe(max_overhead=None, on_alert=lambda alert: None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

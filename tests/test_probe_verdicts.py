@@ -200,3 +200,19 @@ def test_float32_finite_differences_when_float64_is_unsupported():
     assert Verdict.FAIL not in good.verdicts
     bad = probe(Float32Only(True), x)
     assert sum(v is Verdict.FAIL for v in bad.verdicts) >= 7, str(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_judged_through_float64(dtype):
+    """A half-precision backward is noise at the level of a 10% bug: the formula is judged in float64."""
+    from zoo import CNN_FOR_DTYPE_TESTS
+
+    correct, wrong = [], []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        correct += probe(CNN_FOR_DTYPE_TESTS("ok").to(dtype), x, seed=seed).verdicts
+        wrong += probe(CNN_FOR_DTYPE_TESTS("scale").to(dtype), x, seed=seed).verdicts
+    assert Verdict.FAIL not in correct
+    assert sum(v in (Verdict.PASS, Verdict.PRECISION_LIMITED) for v in correct) == len(correct)
+    assert all(v is Verdict.FAIL for v in wrong)

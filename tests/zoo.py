@@ -170,3 +170,18 @@ def buggy_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
         ),
         "stray-detach": (DetachMLP(10, bug=True), torch.randn(8, 10, generator=g)),
     }
+
+
+class CNN_FOR_DTYPE_TESTS(nn.Module):
+    """Conv + BatchNorm + ReLU + max-pool, then a hand-written tanh (``kind`` may plant a bug)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(6 * 16, 16)
+        self.act = Act(kind)
+        self.head = nn.Linear(16, 5)
+        self.eval()
+
+    def forward(self, x):
+        return self.head(self.act(self.fc(self.features(x).flatten(1))))
