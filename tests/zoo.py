@@ -103,6 +103,37 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class LSTMHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 16, batch_first=True, num_layers=2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def _transformer(activation: str = "ok") -> nn.Module:
+    act = nn.functional.relu if activation == "ok" else Act(activation)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True, activation=act)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return nn.Sequential(encoder, nn.Flatten(), nn.Linear(160, 4)).eval()
+
+
+def _conv1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(4, 16, 5, padding=2),
+        nn.GELU(),
+        nn.Conv1d(16, 16, 3),
+        nn.LayerNorm(30),
+        nn.SiLU(),
+        nn.AdaptiveMaxPool1d(4),
+        nn.Flatten(),
+        nn.Linear(64, 5),
+    ).eval()
+
+
 def _digits(seed: int) -> torch.Tensor:
     """Eight real 8x8 digit images: flat zero regions give exact max-pool ties at the sample itself."""
     from sklearn.datasets import load_digits
@@ -129,6 +160,9 @@ def correct_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     digits_cnn = SmallCNN(side=8).eval()
     return {
         "digits-cnn-flat-regions": (digits_cnn, _digits(seed)),
+        "transformer-encoder": (_transformer(), torch.randn(8, 10, 16, generator=g)),
+        "lstm": (LSTMHead().eval(), torch.randn(8, 12, 6, generator=g)),
+        "conv1d-gelu-layernorm": (_conv1d(), torch.randn(8, 4, 32, generator=g)),
         "tanh-mlp": (_mlp(10, 32, 3, nn.Tanh), torch.randn(8, 10, generator=g)),
         "relu-mlp": (_mlp(10, 32, 1, nn.ReLU), torch.randn(8, 10, generator=g)),
         "cnn-bn-eval": (cnn, torch.randn(8, 1, 12, 12, generator=g)),
@@ -169,6 +203,7 @@ def buggy_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
             torch.randn(8, 10, generator=g),
         ),
         "stray-detach": (DetachMLP(10, bug=True), torch.randn(8, 10, generator=g)),
+        "transformer-ffn-scaled-1.1": (_transformer("scale"), torch.randn(8, 10, 16, generator=g)),
     }
 
 
