@@ -267,3 +267,14 @@ def test_outputs_without_batch_dimension():
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="without the batch dimension"):
         probe(lambda x: model(x).sum(), torch.randn(4, 3))
+
+
+def test_memory_budget_switches_to_projections(monkeypatch):
+    import lightning_gradprobe.core._probe as probe_module
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
+    x = torch.randn(4, 3, 4, 4)
+    assert not probe(model, x).projected  # 4 x 10 x 48 floats: well within the budget
+    monkeypatch.setattr(probe_module, "_MAX_JACOBIAN_BYTES", 4 * 48 * 4 * 5)  # room for 5 output rows
+    report = probe(model, x)
+    assert report.projected and report.n_outputs == 5 and report.ok

@@ -1,7 +1,7 @@
 """The torch-only engine: per-sample Jacobians, finite differences, verdicts and the report."""
 
+from ._probe import jacobians, probe, saliency
 from ._verdicts import default_rtol
-from .probe import jacobians, probe, saliency
 from .report import ProbeReport, Verdict
 
 __all__ = ["ProbeReport", "Verdict", "default_rtol", "jacobians", "probe", "saliency"]

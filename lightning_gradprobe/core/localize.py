@@ -153,7 +153,7 @@ def localize(
         A :class:`Localization`: culprits deepest first (a container after the children that explain it).
 
     """
-    from .probe import probe
+    from ._probe import probe
 
     started = time.perf_counter()
     failing: dict[str, tuple[str, float]] = {}

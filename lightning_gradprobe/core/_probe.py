@@ -17,6 +17,7 @@ from .report import ProbeReport, Verdict
 __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
 
 _ENGINES = ("auto", ENGINE_FUNC, ENGINE_AUTOGRAD)
+_MAX_JACOBIAN_BYTES = 1 << 30  # full per-sample Jacobians beyond this are replaced by random projections
 
 
 def probe(
@@ -74,7 +75,9 @@ def probe(
             each call) or ``"torch.func"`` (``vmap`` over samples of ``jacrev``; falls back to autograd,
             with a one-time warning, for models the transforms cannot run).
         chunk_size: Samples per ``vmap`` chunk of the ``torch.func`` engine, to bound memory.
-        max_full_outputs: Above this many outputs per sample, full Jacobians are not built.
+        max_full_outputs: Above this many outputs per sample, full Jacobians are not built: random
+            output projections are compared instead. The same happens when the full Jacobians of the
+            batch would exceed 1 GiB (memory stays bounded by a few copies of the input batch).
         check_batch: Whether to check that samples do not leak into each other through the batch.
         localize: When a sample fails, check every submodule on its own on that sample and name the
             culprits in ``report.culprits`` (deepest first). Needs an ``nn.Module``.
@@ -472,8 +475,15 @@ def _forward_and_gradients(
     function = build_batch_function(model, forward=forward, output=output, dtype=None)
     outputs = function(leaf.clone())
     _check_outputs(outputs, leaf.shape[0])
+    # Memory bound: full Jacobians are N x M x D; past the budget, compare random output projections instead.
+    bytes_per_row = leaf.numel() * leaf.element_size()
+    affordable = max(1, _MAX_JACOBIAN_BYTES // max(bytes_per_row, 1))
     selection, index = build_selection(
-        target, outputs.detach(), max_full_outputs=max_full_outputs, n_projections=n_projections, generator=generator
+        target,
+        outputs.detach(),
+        max_full_outputs=min(max_full_outputs, affordable),
+        n_projections=n_projections,
+        generator=generator,
     )
     gradients = compute_gradients(
         function,
