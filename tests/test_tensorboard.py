@@ -165,3 +165,19 @@ def test_other_loggers_get_scalars_and_one_note(tmp_path, caplog):
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
     rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     assert sum(1 for row in rows[1:] if row.split(",")[rows[0].split(",").index("gradprobe/checks/fail_fraction")]) == 3
+
+
+def test_rgb_inputs_keep_their_colours_and_signs_map_to_the_diverging_colormap():
+    from lightning_gradprobe.render.images import saliency_grid
+
+    image = torch.zeros(1, 3, 4, 6)
+    image[0, 0] = 1.0  # pure red, non-square
+    gradient = torch.zeros(1, 3, 4, 6)
+    gradient[0, :, :, :3] = 1.0  # positive on the left half
+    gradient[0, :, :, 3:] = -1.0  # negative on the right half
+    grid = saliency_grid(image, gradient, labels=["red"], cell=12)
+    top, left, tile = 22, 96, 12  # header, label strip, 6 px wide x 2 zoom
+    assert tuple(grid[top + 1, left + 1]) == (255, 0, 0)
+    signed_left = grid[top + 1, left + tile + 4 + 1].astype(int)
+    signed_right = grid[top + 1, left + tile + 4 + tile - 2].astype(int)
+    assert signed_left[0] > signed_left[2] and signed_right[2] > signed_right[0]  # red for +, blue for -
