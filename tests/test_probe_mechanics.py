@@ -278,3 +278,12 @@ def test_memory_budget_switches_to_projections(monkeypatch):
     monkeypatch.setattr(probe_module, "_MAX_JACOBIAN_BYTES", 4 * 48 * 4 * 5)  # room for 5 output rows
     report = probe(model, x)
     assert report.projected and report.n_outputs == 5 and report.ok
+
+
+def test_jacobians_stay_full_whatever_the_budget(monkeypatch):
+    import lightning_gradprobe.core._probe as probe_module
+
+    monkeypatch.setattr(probe_module, "_MAX_JACOBIAN_BYTES", 16)
+    model = nn.Linear(6, 3)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(jacobians(model, x), model.weight.detach().expand(4, 3, 6))

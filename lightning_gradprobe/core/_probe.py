@@ -410,7 +410,9 @@ def jacobians(
         torch.Size([4, 2, 3])
 
     """
-    return _gradients(model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=10**9)[0]
+    return _gradients(
+        model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=10**9, bounded=False
+    )[0]
 
 
 def saliency(
@@ -432,7 +434,9 @@ def saliency(
         torch.Size([4, 3])
 
     """
-    jac, kind, outputs = _gradients(model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=64)
+    jac, kind, outputs = _gradients(
+        model, inputs, target, forward, output, engine, chunk_size, max_full_outputs=64, bounded=True
+    )
     return _saliency_rows(jac, kind, outputs).reshape(inputs.shape)
 
 
@@ -446,12 +450,24 @@ def _gradients(
     chunk_size: int | None,
     *,
     max_full_outputs: int,
+    bounded: bool,
 ) -> tuple[Tensor, str, Tensor]:
     _check_arguments(inputs, 1, engine, None, None, max_full_outputs, chunk_size)
     with isolated(model, inputs.device):
         leaf = inputs.detach().clone().requires_grad_(True)
         _, outputs, selection, _, gradients = _forward_and_gradients(
-            model, leaf, target, forward, output, engine, chunk_size, max_full_outputs, 4, False, torch.Generator()
+            model,
+            leaf,
+            target,
+            forward,
+            output,
+            engine,
+            chunk_size,
+            max_full_outputs,
+            4,
+            False,
+            torch.Generator(),
+            bounded=bounded,
         )
         jac = gradients.jacobians.detach()
         outputs = outputs.detach()
@@ -470,6 +486,8 @@ def _forward_and_gradients(
     n_projections: int,
     check_batch: bool,
     generator: torch.Generator,
+    *,
+    bounded: bool = True,
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, Any, Tensor, Any]:
     """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians."""
     function = build_batch_function(model, forward=forward, output=output, dtype=None)
@@ -477,7 +495,7 @@ def _forward_and_gradients(
     _check_outputs(outputs, leaf.shape[0])
     # Memory bound: full Jacobians are N x M x D; past the budget, compare random output projections instead.
     bytes_per_row = leaf.numel() * leaf.element_size()
-    affordable = max(1, _MAX_JACOBIAN_BYTES // max(bytes_per_row, 1))
+    affordable = max(1, _MAX_JACOBIAN_BYTES // max(bytes_per_row, 1)) if bounded else max_full_outputs
     selection, index = build_selection(
         target,
         outputs.detach(),
