@@ -178,7 +178,7 @@ class GradProbe(Callback):
         self._due = False
         self._disabled_reason: str | None = None
         self._warned: set[str] = set()
-        self._layout_written = False
+        self._panels: Any = None  # render.Panels, created on first use (rendering imports matplotlib)
         self._fit_started: float | None = None
         self._probing_seconds = 0.0
         self._probes_this_fit = 0
@@ -390,9 +390,15 @@ class GradProbe(Callback):
 
     def _render(self, trainer: pl.Trainer, report: ProbeReport, alerts: list[Alert]) -> None:
         try:
-            from .render import render_report
+            from .render import Panels
 
-            render_report(trainer, report, alerts, self)
+            if self._panels is None:
+                self._panels = Panels(self.log_images, self.shared_scale, self.feature_names, self.saliency_scale)
+            assert self.probe_inputs is not None
+            n = len(report.verdicts)
+            labels = self.probe_labels[:n] if self.probe_labels is not None else None
+            self._panels.write(trainer, report, alerts, self.probe_inputs[:n], labels)
+            self.saliency_scale = self._panels.scale
         except Exception as error:  # a picture is never worth a training run
             if self.verbose and "render" not in self._warned:
                 self._warned.add("render")

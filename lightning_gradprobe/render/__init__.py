@@ -8,10 +8,12 @@ one-time note.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
 
 from ..alerts import Alert
 from ..core.report import ProbeReport
@@ -22,44 +24,60 @@ __all__ = [
     "alert_markdown",
     "custom_scalars_layout",
     "input_kind",
+    "Panels",
     "log_probe",
-    "render_report",
     "robust_scale",
     "saliency_figure",
     "write_layout",
 ]
 
 
-def render_report(trainer: Any, report: ProbeReport, alerts: Sequence[Alert], callback: Any) -> None:
-    """Write a probe's panels to the trainer's TensorBoard logger, if it has one (call on rank zero)."""
-    tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-    if tensorboard is None:
-        if trainer.loggers and not callback._layout_written:
-            callback._layout_written = True
-            rank_zero_info(
-                "GradProbe: saliency images, histograms and the alert log are written to TensorBoard only; "
-                f"{type(trainer.loggers[0]).__name__} receives the gradprobe/ scalars."
-            )
-        return
-    if not callback._layout_written:
-        callback._layout_written = True
-        write_layout(tensorboard.log_dir)
-    inputs = callback.probe_inputs[: len(report.verdicts)]
-    labels = callback.probe_labels[: len(report.verdicts)] if callback.probe_labels is not None else None
-    scale = callback.saliency_scale if callback.shared_scale else None
-    used = log_probe(
-        tensorboard.experiment,
-        report,
-        inputs,
-        alerts,
-        _logging_step(trainer),
-        labels=labels_for(report, report.outputs, labels),
-        feature_names=callback.feature_names,
-        scale=scale,
-        images=callback.log_images,
-    )
-    if callback.shared_scale and callback.saliency_scale is None:
-        callback.saliency_scale = used
+@dataclass
+class Panels:
+    """What the TensorBoard panels remember between probes: the layout written once, the shared scale.
+
+    Args:
+        log_images: Draw saliency pictures.
+        shared_scale: Keep the first probe's colour scale for every later picture.
+        feature_names: Names of tabular features.
+
+    """
+
+    log_images: bool = True
+    shared_scale: bool = False
+    feature_names: Sequence[str] | None = None
+    scale: float | None = None
+    announced: bool = False
+
+    def write(
+        self, trainer: Any, report: ProbeReport, alerts: Sequence[Alert], inputs: Tensor, labels: Tensor | None
+    ) -> None:
+        """Write one probe's panels to the trainer's TensorBoard logger, if it has one (call on rank zero)."""
+        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if tensorboard is None:
+            if trainer.loggers and not self.announced:
+                self.announced = True
+                rank_zero_info(
+                    "GradProbe: saliency images, histograms and the alert log are written to TensorBoard only; "
+                    f"{type(trainer.loggers[0]).__name__} receives the gradprobe/ scalars."
+                )
+            return
+        if not self.announced:
+            self.announced = True
+            write_layout(tensorboard.log_dir)
+        used = log_probe(
+            tensorboard.experiment,
+            report,
+            inputs,
+            alerts,
+            _logging_step(trainer),
+            labels=labels_for(report, report.outputs, labels),
+            feature_names=self.feature_names,
+            scale=self.scale if self.shared_scale else None,
+            images=self.log_images,
+        )
+        if self.shared_scale and self.scale is None:
+            self.scale = used
 
 
 def _logging_step(trainer: Any) -> int:
