@@ -181,3 +181,27 @@ def test_rgb_inputs_keep_their_colours_and_signs_map_to_the_diverging_colormap()
     signed_left = grid[top + 1, left + tile + 4 + 1].astype(int)
     signed_right = grid[top + 1, left + tile + 4 + tile - 2].astype(int)
     assert signed_left[0] > signed_left[2] and signed_right[2] > signed_right[0]  # red for +, blue for -
+
+
+def test_shared_scale_keeps_the_first_probes_colour_scale(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_gradprobe.render import robust_scale
+
+    class Watch(Callback):
+        def __init__(self, probe_callback):
+            self.probe_callback, self.seen = probe_callback, []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            report = self.probe_callback.last_report
+            self.seen.append((self.probe_callback.saliency_scale, robust_scale(report.saliency)))
+
+    shared = GradProbe(max_overhead=None, shared_scale=True)
+    watch = Watch(shared)
+    logger = TensorBoardLogger(tmp_path, name="shared")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [shared, watch], max_epochs=3, logger=logger).fit(DigitsModule())
+    first_scale = watch.seen[0][1]
+    assert [kept for kept, _ in watch.seen] == [first_scale] * 3  # kept from the first probe
+    assert len({own for _, own in watch.seen}) > 1  # while each probe's own scale moved
