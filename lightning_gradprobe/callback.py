@@ -65,7 +65,9 @@ class GradProbe(Callback):
             gradient (``None``: off).
         on_alert: ``"warn"``, ``"stop"`` (end training like ``EarlyStopping``), ``"raise"``
             (:class:`~lightning_gradprobe.GradientCheckError`), or a callable receiving each :class:`Alert`.
-        on_test: Also probe during ``trainer.test()``.
+        on_test: Also probe during ``trainer.test()``. The probe set is drawn once, from the first
+            evaluation that runs, and then kept (unless ``redraw``): after a fit, ``test()`` probes the same
+            validation samples, so their figures stay comparable.
         time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
         max_overhead: Fraction of the fit's wall time that probing (with its logging) may use. The
             first probe always runs; a later due probe is postponed while the budget is spent, so a
