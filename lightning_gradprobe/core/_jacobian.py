@@ -29,7 +29,15 @@ from torch.func import jacrev, vmap
 
 from ._functions import BatchFunction, Selection
 
-__all__ = ["ENGINE_AUTOGRAD", "ENGINE_FUNC", "Gradients", "compute_gradients", "leaking_pairs"]
+__all__ = [
+    "ENGINE_AUTOGRAD",
+    "ENGINE_FUNC",
+    "Gradients",
+    "compute_gradients",
+    "jacobians_of",
+    "leak_tolerance",
+    "leaking_pairs",
+]
 
 ENGINE_FUNC = "torch.func"
 ENGINE_AUTOGRAD = "autograd"
@@ -103,11 +111,12 @@ def compute_gradients(
         per_sample = torch.einsum("nm,nmd->nd", probe_weights.double(), jac.reshape(n, n_outputs, -1).double())
         gap = (through_batch - per_sample).norm(dim=1).nan_to_num(nan=math.inf)
         scale = torch.maximum(through_batch.norm(dim=1), per_sample.norm(dim=1)).nan_to_num(nan=0.0).max()
-        leaking = gap > _leak_tolerance(selected.dtype) * scale.clamp_min(torch.finfo(torch.float64).tiny)
+        leaking = gap > leak_tolerance(selected.dtype) * scale.clamp_min(torch.finfo(torch.float64).tiny)
     return Gradients(jac, used, reason, leaking)
 
 
-def _leak_tolerance(dtype: torch.dtype) -> float:
+def leak_tolerance(dtype: torch.dtype) -> float:
+    """Relative size of a cross-sample gradient that counts as a leak: 1000 eps of the dtype, at most 1%."""
     return min(1e3 * torch.finfo(dtype).eps, 1e-2)
 
 

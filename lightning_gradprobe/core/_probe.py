@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
 from ._isolation import isolated
-from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, _leak_tolerance, compute_gradients, leaking_pairs
+from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, leak_tolerance, compute_gradients, leaking_pairs
 from ._verdicts import INCONCLUSIVE, PASS, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import ProbeReport, Verdict
 
@@ -132,7 +132,7 @@ def probe(
         leaks: list[tuple[int, int]] = []
         if gradients.leaking_inputs is not None and bool(gradients.leaking_inputs.any()):
             leaks = leaking_pairs(
-                selection(outputs, index), leaf, generator=generator, tolerance=_leak_tolerance(outputs.dtype)
+                selection(outputs, index), leaf, generator=generator, tolerance=leak_tolerance(outputs.dtype)
             )
             if not leaks:
                 notes.append("a cross-sample gradient was seen once but not confirmed; treated as independent")
