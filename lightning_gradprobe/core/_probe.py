@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
 from ._isolation import isolated
-from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, leak_tolerance, compute_gradients, leaking_pairs
+from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, compute_gradients, leak_tolerance, leaking_pairs
 from ._verdicts import INCONCLUSIVE, PASS, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import ProbeReport, Verdict
 
