@@ -238,3 +238,23 @@ def test_callback_parameter_gradient_alert(tmp_path):
         trainer(tmp_path, [callback], max_epochs=1).fit(LitWrapper(body))
     assert [a.condition for a in received] == [AlertCondition.PARAMETER_GRADIENTS]
     assert received[0].culprits == ("net.1 (CustomLinear, parameter)",)
+
+
+def test_localization_failure_keeps_the_verdicts():
+    class HookHostile(nn.Module):
+        """Refuses to run with forward hooks attached (a stand-in for exotic modules localization cannot
+        record): the verdicts must survive, the failure be noted."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = Deep("scale")
+
+        def forward(self, x):
+            if self._forward_pre_hooks:
+                raise RuntimeError("no hooks, please")
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    report = probe(HookHostile(), torch.randn(4, 8), localize=True, check_batch=False)
+    assert set(report.verdicts) == {Verdict.FAIL}
+    assert report.culprits == () and "localization failed" in report.localization_note

@@ -241,16 +241,19 @@ def _localize(
     if not isinstance(model, nn.Module):
         return (), "not localized: the model is a plain callable, not an nn.Module"
     sample = candidates[0]
-    result = run_localize(
-        model,
-        x[sample : sample + 1],
-        forward=forward,
-        n_directions=n_directions,
-        seed=seed,
-        max_modules=budget[0],
-        time_budget=budget[1],
-        parameters=parameters,
-    )
+    try:
+        result = run_localize(
+            model,
+            x[sample : sample + 1],
+            forward=forward,
+            n_directions=n_directions,
+            seed=seed,
+            max_modules=budget[0],
+            time_budget=budget[1],
+            parameters=parameters,
+        )
+    except Exception as error:  # localization is a help, never a reason to lose the verdicts
+        return (), f"localization failed on sample {sample}: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     culprits = result.culprits if inputs_too else tuple(c for c in result.culprits if c.kind == "parameter")
     note = f"sample {sample}: {len(result.checked)} submodules checked on their own"
     if result.skipped:
