@@ -180,9 +180,20 @@ def correct_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
         ),
         "saturated": (saturated, 3 * torch.randn(8, 6, generator=g)),
         "outputs-1e6": (scaled_out, torch.randn(8, 6, generator=g)),
+        "deep-saturation": (_saturated("ok"), torch.randn(8, 6, generator=g)),
         "inputs-1e3": (_mlp(6, 16, 3, nn.ReLU), 1e3 * torch.randn(8, 6, generator=g)),
         "detach-free": (DetachMLP(10, bug=False), torch.randn(8, 10, generator=g)),
     }
+
+
+def _saturated(kind: str) -> nn.Module:
+    """Every tanh unit saturated at z ~ 11 (tanh' ~ 1e-9): input gradients sit near float64 round-off of the
+    output at the usual step, so a check at that step cannot see a 10% error."""
+    model = nn.Sequential(nn.Linear(6, 16), Act(kind), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.fill_(11.0)
+    return model
 
 
 def buggy_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -204,6 +215,7 @@ def buggy_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
         ),
         "stray-detach": (DetachMLP(10, bug=True), torch.randn(8, 10, generator=g)),
         "transformer-ffn-scaled-1.1": (_transformer("scale"), torch.randn(8, 10, 16, generator=g)),
+        "deep-saturation-scaled-1.1": (_saturated("scale"), torch.randn(8, 6, generator=g)),
     }
 
 

@@ -10,7 +10,8 @@ displacements ``d+ = (x + h v) - x`` and ``d- = x - (x - h v)`` (the perturbed i
   conservatively for a smooth one (``s ~ h^2 f''`` while the truncation error is ``~ h^3 f'''``);
 - round-off adds ``~ eps * (|f+| + 2|f0| + |f-|)``.
 
-A direction passes when ``|a - d| <= rtol * scale + 2 (|s| + round-off)``, where ``scale`` is the
+A direction passes when ``|a - d| <= rtol * scale + 2 (|s| + round-off)`` and that bound is small
+(at most 5% of ``scale``: a check that could not see a 10% error verifies nothing), where ``scale`` is the
 larger of ``|a|``, ``|d|`` and the typical size of ``J v`` (a backward's round-off scales with its
 terms, not with a result that happens to cancel). A direction whose
 ``s`` stands well above both round-off and a tenth of the signal has a kink (or a discontinuity)
@@ -26,10 +27,11 @@ from torch import Tensor
 
 from ._functions import BatchFunction, Selection
 
-__all__ = ["Comparison", "Stencil", "compare", "default_step", "evaluate_stencil"]
+__all__ = ["RESOLUTION", "Comparison", "Stencil", "compare", "default_step", "evaluate_stencil"]
 
 _ROUNDOFF_FACTOR = 8.0
 _KINK_FRACTION = 0.1
+RESOLUTION = 0.05  # a pass must come from a check able to see a 10% error
 
 
 def default_step(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -115,6 +117,8 @@ class Comparison:
 
     passed: Tensor  # bool: |a - d| within tolerance
     reliable: Tensor  # bool: finite, and no kink or discontinuity inside the stencil
+    resolved: Tensor  # bool: the bound is small enough to see a 10% error, or both sides agree exactly
+    roundoff_limited: Tensor  # bool: round-off, not curvature, dominates the bound (a larger step helps)
     relative_error: Tensor  # |a - d| / scale, scale = max(|a|, |d|, typical |J v|)
     fd_error: Tensor  # the stencil's own error bound, relative to the same scale
 
@@ -150,9 +154,12 @@ def compare(jacobians: Tensor, stencil: Stencil, rtol: float) -> Comparison:
     kink = (curvature > _KINK_FRACTION * magnitude) & (curvature > 4 * roundoff.norm(dim=-1))
     passed = error <= rtol * scale + 2 * bound  # False when autograd is non-finite
     tiny = torch.finfo(magnitude.dtype).tiny
+    fd_error = bound / scale.clamp_min(tiny)
     return Comparison(
         passed=passed & finite,
         reliable=finite & ~kink,
+        resolved=(fd_error <= RESOLUTION) | (error == 0),
+        roundoff_limited=roundoff.norm(dim=-1) >= curvature,
         relative_error=error / scale.clamp_min(tiny),
-        fd_error=bound / scale.clamp_min(tiny),
+        fd_error=fd_error,
     )

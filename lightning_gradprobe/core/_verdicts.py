@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._finite_differences import Stencil, compare, default_step, evaluate_stencil
+from ._finite_differences import RESOLUTION, Stencil, compare, default_step, evaluate_stencil
 from ._jacobian import jacobians_of
 from .report import Verdict
 
@@ -25,6 +25,7 @@ __all__ = ["FAIL", "INCONCLUSIVE", "PASS", "PRECISION", "default_rtol", "judge_s
 
 _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _RETRY_STEP_DIVISOR = 8.0
+_MIN_GROWTH, _MAX_GROWTH = 64.0, 4096.0  # step growth when round-off limited the first check
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
 # Direction status codes, ordered by severity.
 PASS, PRECISION, INCONCLUSIVE, FAIL = 0, 1, 2, 3
@@ -82,24 +83,29 @@ def judge_samples(
     code = torch.full(first.passed.shape, PASS, device=device)
     rel, bound = first.relative_error, first.fd_error
     used_step = step.clone()
-    redo = ~(first.passed & first.reliable)
+    redo = ~(first.passed & first.reliable & first.resolved)
     if redo.any():
-        # Anything short of a clean pass is checked again at a nearby point, with a step 8x smaller.
-        # Ties (max-pool over a flat image region, ReLU at exactly 0) and kinks sit on sets of measure
-        # zero: moving off them makes the function differentiable where we check it, while a wrong
-        # backward formula stays wrong nearby.
+        # Anything short of a clean pass is checked again at a nearby point. Ties (max-pool over a flat
+        # image region, ReLU at exactly 0) and kinks sit on sets of measure zero: moving off them makes
+        # the function differentiable where we check it, while a wrong backward stays wrong nearby. The
+        # new step depends on what limited the first check: curvature or a kink wants a step 8x smaller,
+        # round-off (a gradient tiny next to the output, e.g. through saturated units) a larger one.
         again = redo.any(1).nonzero().flatten()
         jitter = unit_rms(torch.randn((len(again), *x.shape[1:]), generator=generator, dtype=torch.float64), 1)
         scale = (step[again] / step.new_tensor(torch.finfo(fd_dtype).eps ** (1 / 3))).reshape(-1, *[1] * (x.ndim - 1))
         point_dtype = fd_dtype if low_precision else x.dtype
         nearby = (xc[again] + _JITTER * scale * jitter.to(device, fd_dtype)).to(point_dtype)  # representable in both
-        small = step[again] / _RETRY_STEP_DIVISOR
+        noisy = (first.roundoff_limited & redo)[again].any(1)
+        # Round-off error falls as 1/h: grow the step until it should sit at a quarter of the resolution.
+        worst = torch.where(redo[again], first.fd_error[again], 0.0).amax(1).nan_to_num(nan=1.0, posinf=1e12)
+        growth = (worst / (RESOLUTION / 4)).clamp(_MIN_GROWTH, _MAX_GROWTH)
+        small = torch.where(noisy, step[again] * growth, step[again] / _RETRY_STEP_DIVISOR)
         stencil2 = evaluate_stencil(fd_function, selection, nearby.to(fd_dtype), ic[again], directions[again], small)
         jac2 = jacobians_of(function, selection, nearby, ic[again], engine=engine, chunk_size=chunk_size)
         second = compare(jac2, stencil2, rtol)
-        code2 = torch.where(
-            second.reliable, torch.where(second.passed, PASS, FAIL), torch.full_like(code[again], INCONCLUSIVE)
-        )
+        # Fail needs a reliable stencil; pass needs one that could have seen an error; else nothing is known.
+        verdict = torch.where(second.passed, torch.where(second.resolved, PASS, INCONCLUSIVE), FAIL)
+        code2 = torch.where(second.reliable, verdict, torch.full_like(code[again], INCONCLUSIVE))
         suspects = ((code2 == FAIL) & redo[again]).any(1)
         if suspects.any():
             # A verdict of "fail" needs finite differences that agree with themselves: D(h) = D(2h) for a
@@ -124,7 +130,9 @@ def judge_samples(
                 fd_function, selection, nearby[suspects].to(fd_dtype), ic[sub], engine=engine, chunk_size=chunk_size
             )
             third = compare(jac64, _subset(stencil2, suspects), default_rtol(torch.float64))
-            code2[suspects] = torch.where((code2[suspects] == FAIL) & third.passed, PRECISION, code2[suspects])
+            code2[suspects] = torch.where(
+                (code2[suspects] == FAIL) & third.passed & third.resolved, PRECISION, code2[suspects]
+            )
         mask = redo[again]
         code[again] = torch.where(mask, code2, code[again])
         rel[again] = torch.where(mask, second.relative_error, rel[again])
