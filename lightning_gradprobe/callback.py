@@ -261,6 +261,7 @@ class GradProbe(Callback):
             "last_probe_epoch": self.last_probe_epoch,
             "alerts": [alert.to_dict() for alert in self.alerts[-50:]],
             "failures": self.failures,
+            "skip": self._skip,
             "active_samples": self.active_samples,
             "saliency_scale": self.saliency_scale,
         }
@@ -274,6 +275,7 @@ class GradProbe(Callback):
         self.last_probe_epoch = state_dict.get("last_probe_epoch")
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
         self.failures = state_dict.get("failures", 0)
+        self._skip = state_dict.get("skip", 0)
         self.active_samples = state_dict.get("active_samples", self.num_samples)
         self.saliency_scale = state_dict.get("saliency_scale")
 

@@ -37,3 +37,7 @@ def test_public_surface_is_declared():
         "saliency",
     }
     assert lightning_gradprobe.GradProbe.__module__ == "lightning_gradprobe.callback"
+    for name in lightning_gradprobe.__all__:
+        obj = getattr(lightning_gradprobe, name)
+        if name != "__version__":
+            assert (obj.__doc__ or "").strip(), f"{name} has no docstring"

@@ -186,6 +186,7 @@ def test_checkpoint_resume_keeps_probe_set_and_schedule(tmp_path):
     run.save_checkpoint(path)
     state = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
     assert state["probes_done"] == 1 and torch.equal(state["probe_inputs"], callback.probe_inputs)
+    assert state["skip"] == 0 and state["failures"] == 0  # the back-off resumes where it was
 
     resumed = GradProbe(max_overhead=None, every_n_epochs=2)
     run2 = trainer(tmp_path, [resumed], max_epochs=4)

@@ -123,7 +123,8 @@ def judge_samples(
             consistent = _consistent(_subset(stencil2, suspects), stencil3)
             code2[suspects] = torch.where((code2[suspects] == FAIL) & ~consistent, INCONCLUSIVE, code2[suspects])
             suspects = ((code2 == FAIL) & redo[again]).any(1)
-        if suspects.any() and model_dtype != torch.float64 and fd_dtype == torch.float64:
+        if suspects.any() and not low_precision and model_dtype != torch.float64 and fd_dtype == torch.float64:
+            # (Half-precision models were judged in float64 already: this check would repeat the same one.)
             # Same backward formula in float64: agreement means only the model dtype's precision fell short.
             sub = again[suspects]
             jac64 = jacobians_of(
