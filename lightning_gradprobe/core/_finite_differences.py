@@ -10,28 +10,40 @@ displacements ``d+ = (x + h v) - x`` and ``d- = x - (x - h v)`` (the perturbed i
   conservatively for a smooth one (``s ~ h^2 f''`` while the truncation error is ``~ h^3 f'''``);
 - round-off adds ``~ eps * (|f+| + 2|f0| + |f-|)``.
 
-A direction passes when ``|a - d| <= rtol * scale + 2 (|s| + round-off)`` and that bound is small
-(at most 5% of ``scale``: a check that could not see a 10% error verifies nothing), where ``scale`` is the
-larger of ``|a|``, ``|d|`` and the typical size of ``J v`` (a backward's round-off scales with its
-terms, not with a result that happens to cancel). A direction whose
-``s`` stands well above both round-off and a tenth of the signal has a kink (or a discontinuity)
-inside its stencil: it proves nothing either way and is retried with a smaller step.
+A direction passes when ``|a - d| <= allowed = rtol * scale + 2 (|s| + round-off)``; its *margin* is
+``|a - d| / allowed``. Since the true ``J v`` lies within the bound of ``d``, a pass certifies the
+backward to within ``allowed + bound``; that *resolution* must be at most 1% of ``scale`` for a pass
+(a check that could not have seen a 1% error verifies nothing). ``scale`` is the larger of ``|a|``,
+``|d|``, the typical size of ``J v`` (a backward's round-off scales with its terms, not with a result
+that happens to cancel) and the round-off floor of the problem's own scale (see :class:`Comparison`).
+A direction whose ``s`` stands well above both round-off and a tenth of the signal has a kink (or a
+discontinuity) inside its stencil: it proves nothing either way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from ._functions import BatchFunction, Selection
 
-__all__ = ["RESOLUTION", "Comparison", "Stencil", "compare", "default_step", "evaluate_stencil"]
+__all__ = [
+    "RESOLUTION",
+    "Comparison",
+    "Stencil",
+    "compare",
+    "default_step",
+    "evaluate_stencil",
+    "noise_floor",
+    "project",
+]
 
 _ROUNDOFF_FACTOR = 8.0
 _KINK_FRACTION = 0.1
-RESOLUTION = 0.05  # a pass must come from a check able to see a 10% error
+RESOLUTION = 0.01  # a pass certifies the backward to within 1% of the scale of J d
 
 
 def default_step(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,25 +123,62 @@ def evaluate_stencil(
     return Stencil(f0, f_plus, f_minus, d_plus, d_minus, torch.finfo(values.dtype).eps)
 
 
+def project(stencil: Stencil, projection: Tensor | None) -> Stencil:
+    """The stencil of ``f @ projection`` (``None``: unchanged); directions and displacements are shared."""
+    if projection is None:
+        return stencil
+    p = projection.to(stencil.f0)
+    return replace(stencil, f0=stencil.f0 @ p, f_plus=stencil.f_plus @ p, f_minus=stencil.f_minus @ p)
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Per-direction comparison of autograd with a stencil; every field is ``(n, k)``."""
+    """Per-direction comparison of autograd with a stencil; every field is ``(n, k)``.
 
-    passed: Tensor  # bool: |a - d| within tolerance
+    ``scale`` is what errors are measured against: the larger of ``|J d|``, the finite difference, the
+    typical size of ``J d`` over random directions, and ``noise_floor(dtype)`` times the problem's own scale
+    along ``d`` (``|f(x)| |d| / |x|`` or the batch's typical ``|J| |d|``), so that round-off residue on a
+    Jacobian that is zero in exact arithmetic is never mistaken for an error.
+    """
+
+    passed: Tensor  # bool: |a - d| <= allowed
     reliable: Tensor  # bool: finite, and no kink or discontinuity inside the stencil
-    resolved: Tensor  # bool: the bound is small enough to see a 10% error, or both sides agree exactly
+    resolved: Tensor  # bool: a pass here certifies the backward to within RESOLUTION of scale
     roundoff_limited: Tensor  # bool: round-off, not curvature, dominates the bound (a larger step helps)
-    relative_error: Tensor  # |a - d| / scale, scale = max(|a|, |d|, typical |J v|)
-    fd_error: Tensor  # the stencil's own error bound, relative to the same scale
+    relative_error: Tensor  # |a - d| / scale
+    fd_error: Tensor  # the stencil's own error bound, relative to scale
+    margin: Tensor  # |a - d| / allowed: <= 1 passes
+    resolution: Tensor  # (allowed + bound) / scale: the backward's error a pass certifies, relative
+    scale: Tensor  # absolute scale (see above)
+    natural: Tensor  # absolute: the problem's own scale of J d
 
 
-def compare(jacobians: Tensor, stencil: Stencil, rtol: float) -> Comparison:
+def noise_floor(dtype: torch.dtype) -> float:
+    """Smallest ``|J d|``, relative to the problem's own scale, that a check in ``dtype`` can resolve.
+
+    Central differences resolve ``~eps / h = eps^(2/3)`` of the output-per-input scale at the default step;
+    ``3 eps^(2/3)`` leaves room for a grown step to certify an exact-zero Jacobian.
+
+    Example:
+        >>> f"{noise_floor(torch.float64):.1e}"
+        '1.1e-10'
+
+    """
+    return 3.0 * torch.finfo(dtype).eps ** (2 / 3)
+
+
+def compare(
+    jacobians: Tensor, stencil: Stencil, rtol: float, *, gain: Tensor | None = None, resolution: float = RESOLUTION
+) -> Comparison:
     """Compare ``J (d+ + d-)`` with ``f+ - f-`` for each sample and direction (whole output vectors).
 
     Args:
         jacobians: ``(n, M, ...)`` autograd Jacobians of the checked samples (any dtype).
         stencil: The evaluated stencil.
         rtol: Relative tolerance granted to the autograd side (its own dtype's precision).
+        gain: ``(n,)`` the problem's own output change per unit input displacement (``|f| / |x|``); the
+            scale below which differences are round-off. ``None``: only the Jacobian's own scale counts.
+        resolution: Largest certified relative error that still counts as resolved.
 
     """
     jac = jacobians.to(stencil.f0.dtype).reshape(jacobians.shape[0], jacobians.shape[1], -1)
@@ -141,25 +190,32 @@ def compare(jacobians: Tensor, stencil: Stencil, rtol: float) -> Comparison:
     second = stencil.f_plus - 2 * f0 + stencil.f_minus - asymmetry
     roundoff = _ROUNDOFF_FACTOR * stencil.eps * (stencil.f_plus.abs() + 2 * f0.abs() + stencil.f_minus.abs())
 
-    error = (predicted - measured).norm(dim=-1)
-    magnitude = torch.maximum(predicted.norm(dim=-1), measured.norm(dim=-1))
+    error = (predicted - measured).norm(dim=-1).nan_to_num(nan=math.inf)
+    magnitude = torch.maximum(predicted.norm(dim=-1), measured.norm(dim=-1)).nan_to_num(nan=0.0, posinf=0.0)
     # A backward's round-off scales with its terms, not with a result that cancelled by chance:
     # the typical size of J v over random directions is ||J||_F ||v|| / sqrt(D).
     displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
-    typical = jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5
-    scale = torch.maximum(magnitude, typical.nan_to_num(nan=0.0))
+    typical = (jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5).nan_to_num(nan=0.0)
+    natural = torch.zeros_like(displacement) if gain is None else gain.to(displacement).unsqueeze(1) * displacement
+    floor = noise_floor(stencil.f0.dtype) * natural
+    scale = torch.maximum(torch.maximum(magnitude, typical), floor)
     curvature = second.norm(dim=-1)
     bound = (second.abs() + roundoff).norm(dim=-1)
     finite = measured.isfinite().all(-1) & second.isfinite().all(-1) & f0.isfinite().all(-1)
     kink = (curvature > _KINK_FRACTION * magnitude) & (curvature > 4 * roundoff.norm(dim=-1))
-    passed = error <= rtol * scale + 2 * bound  # False when autograd is non-finite
+    allowed = rtol * scale + 2 * bound
     tiny = torch.finfo(magnitude.dtype).tiny
-    fd_error = bound / scale.clamp_min(tiny)
+    safe_scale = scale.clamp_min(tiny)
+    certified = (allowed + bound) / safe_scale
     return Comparison(
-        passed=passed & finite,
+        passed=(error <= allowed) & finite,  # False when autograd is non-finite
         reliable=finite & ~kink,
-        resolved=(fd_error <= RESOLUTION) | (error == 0),
+        resolved=certified <= max(resolution, 3 * rtol),
         roundoff_limited=roundoff.norm(dim=-1) >= curvature,
-        relative_error=error / scale.clamp_min(tiny),
-        fd_error=fd_error,
+        relative_error=error / safe_scale,
+        fd_error=bound / safe_scale,
+        margin=torch.where(error == 0, 0.0, error / allowed.clamp_min(tiny)),
+        resolution=certified,
+        scale=scale,
+        natural=natural,
     )

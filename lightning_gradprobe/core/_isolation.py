@@ -10,7 +10,21 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["isolated"]
+__all__ = ["ieee_float32", "isolated"]
+
+# The float32 precision settings of the current API (torch >= 2.9), parents before children: setting a
+# parent also sets its children, so they are restored in this order.
+_PRECISION_KEYS = (
+    ("generic", "all"),
+    ("cuda", "all"),
+    ("cuda", "matmul"),
+    ("cuda", "conv"),
+    ("cuda", "rnn"),
+    ("mkldnn", "all"),
+    ("mkldnn", "matmul"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+)
 
 
 @contextmanager
@@ -29,7 +43,6 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
     modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
     python_state = random.getstate()
     numpy_state = _numpy_state()
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         with ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
@@ -37,20 +50,72 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
             stack.enter_context(torch.enable_grad())
             if device.type in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+            stack.enter_context(ieee_float32())
             for module, _ in modes:
                 module.training = False
             yield
     finally:
         for module, training in modes:
             module.training = training
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         random.setstate(python_state)
         if numpy_state is not None:
             import numpy
 
             numpy.random.set_state(numpy_state)
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Full float32 precision for matmuls and convolutions (no TF32/bf16 shortcuts) inside the block.
+
+    Uses the float32-precision API of torch >= 2.9 when it exists (every backend and op set to
+    ``"ieee"``, each restored to exactly what it was), else cuDNN's ``flags()`` context manager and
+    cuBLAS's TF32 switch. Never assigns through the guarded module attributes, so it works under
+    ``torch.backends.disable_global_flags()`` (PyTorch's test harness) and after the user chose TF32
+    with either API; a setting that cannot be read or changed is left as it is.
+
+    Example:
+        >>> import torch
+        >>> before = torch.backends.fp32_precision
+        >>> with ieee_float32():
+        ...     inside = torch.backends.fp32_precision
+        >>> inside, torch.backends.fp32_precision == before
+        ('ieee', True)
+
+    """
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    setter = getattr(torch._C, "_set_fp32_precision_setter", None)
+    if getter is None or setter is None:  # torch < 2.9: the legacy switches only
+        with _legacy_no_tf32():
+            yield
+        return
+    saved: list[tuple[tuple[str, str], str]] = []
+    for key in _PRECISION_KEYS:
+        try:
+            saved.append((key, getter(*key)))
+        except Exception:  # a backend this build does not know
+            continue
+    try:
+        for key, _ in saved:
+            setter(*key, "ieee")
+        yield
+    finally:
+        for key, value in saved:
+            setter(*key, value)
+
+
+@contextmanager
+def _legacy_no_tf32() -> Iterator[None]:
+    cudnn = torch.backends.cudnn
+    matmul = torch._C._get_cublas_allow_tf32()
+    try:
+        torch._C._set_cublas_allow_tf32(False)
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
+            yield
+    finally:
+        torch._C._set_cublas_allow_tf32(matmul)
 
 
 def _numpy_state() -> Any:

@@ -21,18 +21,24 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from ._functions import BatchFunction, Selection
+from ._functions import BatchFunction
+
+Selector = Callable[[Tensor, Tensor], Tensor]
+"""Maps a batch of outputs and per-sample indices to the rows to differentiate, ``(N, M)``."""
 
 __all__ = [
     "ENGINE_AUTOGRAD",
     "ENGINE_FUNC",
+    "CrossSampleCheck",
     "Gradients",
+    "check_cross_sample",
     "compute_gradients",
     "jacobians_of",
     "leak_tolerance",
@@ -56,7 +62,7 @@ class Gradients:
 
 def compute_gradients(
     function: BatchFunction,
-    selection: Selection,
+    selection: Selector,
     leaf: Tensor,
     outputs: Tensor,
     index: Tensor,
@@ -133,7 +139,7 @@ def _warn_once(owner: str, kind: str, reason: str) -> None:
 
 
 def _jacobians_func(
-    function: BatchFunction, selection: Selection, x: Tensor, index: Tensor, chunk_size: int | None
+    function: BatchFunction, selection: Selector, x: Tensor, index: Tensor, chunk_size: int | None
 ) -> Tensor:
     def per_sample(sample: Tensor, sample_index: Tensor) -> Tensor:
         return selection(function(sample.unsqueeze(0)), sample_index.unsqueeze(0)).squeeze(0)
@@ -142,7 +148,13 @@ def _jacobians_func(
 
 
 def jacobians_of(
-    function: BatchFunction, selection: Selection, x: Tensor, index: Tensor, *, engine: str, chunk_size: int | None
+    function: BatchFunction,
+    selection: Selector,
+    x: Tensor,
+    index: Tensor,
+    *,
+    engine: str,
+    chunk_size: int | None,
 ) -> Tensor:
     """Jacobians on a fresh graph, with the engine that already ran once (no check, no warning)."""
     if engine == ENGINE_FUNC:
@@ -236,3 +248,112 @@ def _reached(selected: Tensor, leaf: Tensor, groups: Tensor, weights: Tensor, to
     norms = grads.reshape(grads.shape[0], n, -1).double().norm(dim=2).nan_to_num(nan=math.inf)
     scale = (norms * groups).amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     return (norms > tolerance * scale) & ~groups
+
+
+@dataclass(frozen=True)
+class CrossSampleCheck:
+    """Cross-sample gradients that autograd claims, sorted by what finite differences say of them.
+
+    Attributes:
+        forward: ``(i, j)`` pairs where the *forward* really mixes samples (output ``i`` moves with input ``j``).
+        backward_only: Pairs the backward claims but the forward does not have: a wrong backward.
+        unverified: Pairs whose finite differences were unreliable (kink) and not inherited.
+        sources_checked: How many source samples were checked by finite differences.
+        relative_error: Per source checked, the relative error of the claimed cross term.
+        margin: Per source checked, that error over the error allowed.
+
+    """
+
+    forward: tuple[tuple[int, int], ...]
+    backward_only: tuple[tuple[int, int], ...]
+    unverified: tuple[tuple[int, int], ...]
+    sources_checked: int
+    relative_error: dict[int, float]
+    margin: dict[int, float]
+
+
+def check_cross_sample(
+    pairs: list[tuple[int, int]],
+    selected: Tensor,
+    leaf: Tensor,
+    reference: BatchFunction,
+    selection: Selector,
+    index: Tensor,
+    x: Tensor,
+    *,
+    generator: torch.Generator,
+    rtol: float,
+    max_sources: int = 16,
+) -> CrossSampleCheck:
+    """Check autograd's cross-sample gradients against finite differences across samples.
+
+    For each source sample ``j`` (at most ``max_sources``): random cotangents ``u_i`` on the samples it
+    reaches and a random direction ``v`` for its input; autograd's ``sum_i u_i^T J_ij v`` (one backward
+    through the batch graph) is compared with ``sum_i u_i^T (f_i(X + h v e_j) - f_i(X - h v e_j))``,
+    two forwards of the whole batch in the reference dtype, with the same error bound as every other check.
+    Pairs of unchecked sources take the classification their checked sources agree on.
+
+    Args:
+        pairs: ``(i, j)`` pairs where autograd says output ``i`` depends on input ``j``.
+        selected: The selected outputs ``(N, M)`` with their graph (model dtype).
+        leaf: The input batch they were computed from.
+        reference: The model as a function of a batch, in the reference dtype.
+        selection: Which outputs to compare.
+        index: Per-sample output indices.
+        x: The input batch in the reference dtype.
+        generator: The probe's own generator.
+        rtol: Tolerance granted to the model-dtype backward.
+        max_sources: Most source samples checked.
+
+    """
+    from ._finite_differences import Stencil, compare, default_step
+
+    sources = sorted({j for _, j in pairs})
+    if len(sources) > max_sources:
+        pick = torch.randperm(len(sources), generator=generator)[:max_sources].sort().values.tolist()
+        sources = [sources[p] for p in pick]
+    with torch.no_grad():
+        f0 = selection(reference(x), index).double()
+    n, width = f0.shape
+    kinds: dict[int, str] = {}
+    errors: dict[int, float] = {}
+    margins: dict[int, float] = {}
+    for j in sources:
+        receivers = torch.tensor([i for i, s in pairs if s == j], device=x.device)
+        weights = torch.zeros((n, width), dtype=torch.float64, device=x.device)
+        weights[receivers] = torch.randn((len(receivers), width), generator=generator, dtype=torch.float64).to(x.device)
+        claimed = torch.autograd.grad(selected, leaf, weights.to(selected), retain_graph=True, materialize_grads=True)
+        row = claimed[0][j].reshape(1, 1, -1)
+        direction = torch.randn(x.shape[1:], generator=generator, dtype=torch.float64).to(x.device)
+        direction = (direction / direction.pow(2).mean().sqrt()).to(x.dtype)
+        step = default_step(x[j : j + 1], x.dtype).to(x)
+        plus, minus = x.clone(), x.clone()
+        plus[j] = x[j] + step * direction
+        minus[j] = x[j] - step * direction
+        with torch.no_grad():
+            f_plus = (selection(reference(plus), index).double() * weights).sum()
+            f_minus = (selection(reference(minus), index).double() * weights).sum()
+        stencil = Stencil(
+            (f0 * weights).sum().reshape(1, 1),
+            f_plus.reshape(1, 1, 1),
+            f_minus.reshape(1, 1, 1),
+            (plus[j] - x[j]).double().reshape(1, 1, -1),
+            (x[j] - minus[j]).double().reshape(1, 1, -1),
+            torch.finfo(x.dtype).eps,
+        )
+        result = compare(row, stencil, rtol)
+        errors[j], margins[j] = float(result.relative_error), float(result.margin)
+        kinds[j] = "forward" if bool(result.passed) else "backward" if bool(result.reliable) else "unverified"
+    agreed = set(kinds.values())
+    inherited = next(iter(agreed)) if len(agreed) == 1 else "unverified"
+    sorted_pairs: dict[str, list[tuple[int, int]]] = {"forward": [], "backward": [], "unverified": []}
+    for pair in pairs:
+        sorted_pairs[kinds.get(pair[1], inherited)].append(pair)
+    return CrossSampleCheck(
+        tuple(sorted_pairs["forward"]),
+        tuple(sorted_pairs["backward"]),
+        tuple(sorted_pairs["unverified"]),
+        len(sources),
+        errors,
+        margins,
+    )

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
 from ._isolation import isolated
-from ._jacobian import ENGINE_AUTOGRAD, ENGINE_FUNC, compute_gradients, leak_tolerance, leaking_pairs
-from ._verdicts import INCONCLUSIVE, PASS, default_rtol, judge_samples, sample_verdicts, unit_rms
+from ._jacobian import (
+    ENGINE_AUTOGRAD,
+    ENGINE_FUNC,
+    CrossSampleCheck,
+    check_cross_sample,
+    compute_gradients,
+    leak_tolerance,
+    leaking_pairs,
+)
+from ._verdicts import FAIL, INCONCLUSIVE, PASS, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import ProbeReport, Verdict
 
 __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
@@ -109,6 +119,7 @@ def probe(
     _check_arguments(inputs, n_directions, engine, rtol, fd_dtype, max_full_outputs, chunk_size)
     generator = torch.Generator().manual_seed(int(seed))
     notes: list[str] = []
+    owner = _owner(model, forward)
     with isolated(model, inputs.device):
         x = inputs.detach().clone()
         n = x.shape[0]
@@ -127,58 +138,39 @@ def probe(
             n_directions,
             check_batch,
             generator,
+            notes=notes,
         )
         jac, engine_used, engine_note = gradients.jacobians.detach(), gradients.engine, gradients.fallback_reason
-        leaks: list[tuple[int, int]] = []
-        if gradients.leaking_inputs is not None and bool(gradients.leaking_inputs.any()):
-            leaks = leaking_pairs(
-                selection(outputs, index), leaf, generator=generator, tolerance=leak_tolerance(outputs.dtype)
-            )
-            if not leaks:
-                notes.append("a cross-sample gradient was seen once but not confirmed; treated as independent")
-        outputs = outputs.detach()
-        x = x.detach()
         if engine_note:
             notes.append(f"torch.func could not run the model ({engine_note}); plain autograd was used")
-        checked = _choose_samples(check_samples, n, generator)
-        shape = (n, n_directions)
-        status = torch.full(shape, PASS)
-        relative_error = torch.full(shape, float("nan"), dtype=torch.float64)
-        fd_error = torch.full(shape, float("nan"), dtype=torch.float64)
-        steps = torch.full((n,), float("nan"), dtype=torch.float64)
-        moved = torch.zeros(n, dtype=torch.bool)
-        fd_function, used_fd_dtype = _finite_difference_function(
-            model, forward, output, function, x, fd_dtype or dtype, notes
+        reference, reference_dtype = _finite_difference_function(
+            model, forward, output, function, x.detach(), fd_dtype or dtype, notes
         )
-        if leaks:
-            notes.append("samples leak into each other, so per-sample gradients are ill-defined: not checked")
-            status[checked] = INCONCLUSIVE
-        elif len(checked):
-            judge_samples(
-                jac[checked.to(jac.device)],
-                function,
-                fd_function,
-                selection,
-                x,
-                index,
-                checked,
-                generator=generator,
-                n_directions=n_directions,
-                rtol=rtol,
-                fd_dtype=used_fd_dtype,
-                model_dtype=dtype,
-                engine=engine_used,
-                chunk_size=chunk_size,
-                out=(status, relative_error, fd_error, steps, moved),
+        cross = _cross_sample(gradients, selection, outputs, leaf, index, reference, reference_dtype, rtol, generator)
+        outputs, x = outputs.detach(), x.detach()
+        checked = _choose_samples(check_samples, n, generator)
+        evidence = _Evidence.empty(n, n_directions)
+        implicated = _apply_cross_sample(cross, checked, evidence, notes)
+        judged = torch.tensor([i for i in checked.tolist() if i not in implicated], dtype=torch.long)
+        if len(judged):
+            problem = Problem(function, reference, selection, dtype, reference_dtype, rtol, engine_used, chunk_size)
+            rows = judged.to(x.device)
+            judgement = judge_samples(
+                problem, jac[rows], x[rows], index[rows], generator=generator, n_directions=n_directions
             )
+            evidence.fill(judged, judgement)
+            notes += judgement.notes
         forward_mismatch = (
             _forward_mode_mismatch(function, selection, x, index, jac, checked, generator, rtol, notes)
             if check_forward_mode and len(checked)
             else None
         )
+    for note in notes:
+        if note.startswith(_WEAKER):
+            _warn_once(owner, note)
     flat = jac.reshape(n, -1)
     verdicts = [Verdict.UNCHECKED] * n
-    for i, verdict in zip(checked.tolist(), sample_verdicts(status[checked]), strict=True):
+    for i, verdict in zip(checked.tolist(), sample_verdicts(evidence.codes[checked]), strict=True):
         verdicts[i] = verdict
     culprits, localization_note = (), None
     failing = [i for i, v in enumerate(verdicts) if v is Verdict.FAIL]
@@ -197,20 +189,24 @@ def probe(
     return ProbeReport(
         verdicts=tuple(verdicts),
         saliency=_saliency_rows(jac, selection.kind, outputs).reshape(x.shape),
-        batch_independent=(not leaks) if check_batch and n > 1 else None,
-        leaking_pairs=tuple(leaks),
+        batch_independent=(not cross.forward and not cross.unverified) if check_batch and n > 1 else None,
+        leaking_pairs=cross.forward + cross.unverified,
+        mixing_pairs=cross.backward_only,
         checked=checked,
-        relative_error=relative_error,
-        fd_error=fd_error,
-        steps=steps,
-        rechecked_nearby=moved,
+        relative_error=evidence.relative_error,
+        fd_error=evidence.fd_error,
+        margin=evidence.margin,
+        resolution=evidence.resolution,
+        dtype_error=evidence.dtype_error,
+        steps=evidence.steps,
+        rechecked_nearby=evidence.moved,
         grad_norm=flat.double().norm(dim=1).cpu(),
         nonfinite_count=(~flat.isfinite()).sum(1).cpu(),
         zero_fraction=(flat == 0).double().mean(1).cpu(),
         engine=engine_used,
         engine_note=engine_note,
         model_dtype=dtype,
-        fd_dtype=used_fd_dtype,
+        fd_dtype=reference_dtype,
         n_outputs=selection.n_outputs,
         projected=selection.kind == "projected",
         rtol=rtol,
@@ -220,6 +216,113 @@ def probe(
         localization_note=localization_note,
         forward_mode_mismatch=forward_mismatch,
     )
+
+
+_WEAKER = "weaker check: "
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _owner(model: Any, forward: Any) -> str:
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    return getattr(model, "__qualname__", type(model).__name__)
+
+
+def _warn_once(owner: str, note: str) -> None:
+    """Say it when a check runs weaker than its defaults, once per model and reason."""
+    key = (owner, note.split(":")[1] if ":" in note else note)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"gradprobe: {owner}: {note}. (Shown once per model.)", RuntimeWarning, stacklevel=3)
+
+
+@dataclass
+class _Evidence:
+    """Per-sample, per-direction codes and figures of the whole batch (NaN where unchecked)."""
+
+    codes: Tensor
+    relative_error: Tensor
+    fd_error: Tensor
+    margin: Tensor
+    resolution: Tensor
+    dtype_error: Tensor
+    steps: Tensor
+    moved: Tensor
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> _Evidence:
+        def nan(*shape: int) -> Tensor:
+            return torch.full(shape, float("nan"), dtype=torch.float64)
+
+        return cls(
+            torch.full((n, k), PASS),
+            nan(n, k),
+            nan(n, k),
+            nan(n, k),
+            nan(n, k),
+            nan(n, k),
+            nan(n),
+            torch.zeros(n, dtype=torch.bool),
+        )
+
+    def fill(self, rows: Tensor, judgement: Any) -> None:
+        for name in ("codes", "relative_error", "fd_error", "margin", "resolution", "dtype_error", "steps", "moved"):
+            getattr(self, name)[rows] = getattr(judgement, name)
+
+
+def _cross_sample(
+    gradients: Any,
+    selection: Any,
+    outputs: Tensor,
+    leaf: Tensor,
+    index: Tensor,
+    reference: Callable[[Tensor], Tensor],
+    reference_dtype: torch.dtype,
+    rtol: float,
+    generator: torch.Generator,
+) -> CrossSampleCheck:
+    """Cross-sample gradients autograd claims, checked against finite differences across samples."""
+    none = CrossSampleCheck((), (), (), 0, {}, {})
+    if gradients.leaking_inputs is None or not bool(gradients.leaking_inputs.any()):
+        return none
+    selected = selection(outputs, index)
+    pairs = leaking_pairs(selected, leaf, generator=generator, tolerance=leak_tolerance(outputs.dtype))
+    if not pairs:
+        return none
+    return check_cross_sample(
+        pairs,
+        selected,
+        leaf,
+        reference,
+        selection,
+        index,
+        leaf.detach().to(reference_dtype),
+        generator=generator,
+        rtol=rtol,
+    )
+
+
+def _apply_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: _Evidence, notes: list[str]) -> set[int]:
+    """Verdict codes for samples in cross-sample pairs: a backward-only dependence fails, a real one is unknown."""
+    wrong = {i for pair in cross.backward_only for i in pair}
+    mixed = {i for pair in cross.forward + cross.unverified for i in pair} - wrong
+    chosen = set(checked.tolist())
+    for i in wrong & chosen:
+        evidence.codes[i] = FAIL
+        evidence.relative_error[i] = max(cross.relative_error.values(), default=float("nan"))
+        evidence.margin[i] = max(cross.margin.values(), default=float("nan"))
+    for i in mixed & chosen:
+        evidence.codes[i] = INCONCLUSIVE
+    if cross.backward_only:
+        notes.append(
+            f"the backward mixes samples that the forward keeps apart: {len(cross.backward_only)} (output, input) "
+            f"pairs {list(cross.backward_only[:6])} have autograd gradients that finite differences across samples "
+            f"do not show ({cross.sources_checked} source samples checked): a wrong backward"
+        )
+    if cross.forward or cross.unverified:
+        notes.append("samples leak into each other through the forward, so their per-sample gradients are ill-defined")
+    return (wrong | mixed) & chosen
 
 
 def _localize(
@@ -323,8 +426,14 @@ def _finite_difference_function(
         reason = f"it returned {result.dtype}"
     except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+    hint = (
+        "pass the nn.Module itself, with `forward=lambda m, x: ...`, so that a float64 copy can be made"
+        if not isinstance(model, nn.Module)
+        else "the formula could not be judged in float64"
+    )
     notes.append(
-        f"finite differences ran in {own} with a step sized for it: the model cannot run in {fd_dtype} ({reason})"
+        f"{_WEAKER}finite differences ran in {_name(own)}, not {_name(fd_dtype)}, with a step sized for it: "
+        f"the model cannot run in {_name(fd_dtype)} ({reason}); {hint}"
     )
     return function, own
 
@@ -358,8 +467,9 @@ def _check_arguments(
     if not inputs.is_floating_point():
         raise TypeError(
             f"probe: `inputs` must be a floating tensor, got {inputs.dtype}. Input gradients of integer "
-            "inputs (token ids) do not exist: probe the embedding output instead, e.g. "
-            "`probe(lambda e: model.head(model.body(e)), model.embed(ids))`."
+            "inputs (token ids) do not exist: probe the embedding output instead, with the module itself so "
+            "that it can be judged in float64, e.g. `probe(model, model.embed(ids), forward=lambda m, e: "
+            "m.head(m.body(e)))`."
         )
     if inputs.ndim == 0 or inputs.shape[0] == 0:
         raise ValueError(
@@ -491,6 +601,7 @@ def _forward_and_gradients(
     generator: torch.Generator,
     *,
     bounded: bool = True,
+    notes: list[str] | None = None,
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, Any, Tensor, Any]:
     """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians."""
     function = build_batch_function(model, forward=forward, output=output, dtype=None)
@@ -506,6 +617,17 @@ def _forward_and_gradients(
         n_projections=n_projections,
         generator=generator,
     )
+    if notes is not None and selection.kind == "projected":
+        n_outputs = outputs[0].numel()
+        why = (
+            f"more than `max_full_outputs`={max_full_outputs}"
+            if n_outputs > max_full_outputs
+            else "full Jacobians past the 1 GiB memory budget"
+        )
+        notes.append(
+            f"{_WEAKER}{n_outputs} outputs per sample were compared through {selection.n_outputs} random "
+            f"projections ({why}); pass `target=` to check chosen outputs in full"
+        )
     gradients = compute_gradients(
         function,
         selection,
@@ -519,3 +641,7 @@ def _forward_and_gradients(
         owner=type(model).__name__,
     )
     return function, outputs, selection, index, gradients
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

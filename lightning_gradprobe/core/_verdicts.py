@@ -1,32 +1,68 @@
 """Judging: each checked sample along each direction, then one verdict per sample.
 
-Per direction: compare autograd with the stencil at step ``h``; anything short of a clean pass is
-re-checked at a nearby point with step ``h/8``; a remaining failure must survive ``D(h) = D(2h)``
-(finite differences consistent with themselves) and, for float32 models, the same backward in float64
-(else the code is right and only the dtype is coarse: ``precision-limited``). For float16/bfloat16
-models, whose backward noise is as large as a real bug, the formula is judged through the same code run
-in float64 throughout, and the half-precision Jacobian separately against it (``precision-limited``
-when it strays beyond its dtype's tolerance).
+Two questions, judged apart:
+
+1. **Is the backward's formula right?** The same model code runs in float64 (the *reference* dtype) and its
+   Jacobian, seen through a few random output projections, is compared with float64 central differences.
+   The tolerance is the stencil's own measured error plus ``default_rtol(float64)``, five orders of
+   magnitude below float32's, so a 5e-4 formula error shows.
+2. **Is the model dtype's Jacobian the reference one, up to round-off?** No finite difference needed: the
+   model-dtype Jacobian is compared with the float64 one. Beyond its dtype's tolerance of the Jacobian's
+   scale it is ``precision-limited``; beyond ``100 eps`` of the problem's own scale (``|f| / |x|``), at the
+   sample and at a nearby point, a float32 backward is ``fail`` (a kernel can be wrong in one dtype only).
+   Half-precision Jacobians are never failed here: their ties route gradients differently.
+
+The rules each direction of question 1 follows:
+
+- a clean first check (passes, no kink, resolved) is a ``pass``;
+- a reliable first check that fails stands, unless a better check at the same point (step / 8, smaller error
+  bound) passes: moving away could hide a kernel that breaks exactly there (NaN at an input of 0);
+- a pass limited by round-off (a gradient tiny next to its output) is repeated at the same point with a
+  step grown until round-off no longer hides a 1% error;
+- anything else (a kink or tie inside the stencil, curvature) is repeated at a nearby point with step / 8,
+  where a ``fail`` must also survive ``D(h) = D(2h)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from ._finite_differences import RESOLUTION, Stencil, compare, default_step, evaluate_stencil
+from ._finite_differences import (
+    RESOLUTION,
+    Comparison,
+    Stencil,
+    compare,
+    default_step,
+    evaluate_stencil,
+    noise_floor,
+    project,
+)
 from ._jacobian import jacobians_of
 from .report import Verdict
 
-__all__ = ["FAIL", "INCONCLUSIVE", "PASS", "PRECISION", "default_rtol", "judge_samples", "sample_verdicts", "unit_rms"]
+__all__ = [
+    "FAIL",
+    "INCONCLUSIVE",
+    "PASS",
+    "PRECISION",
+    "Judgement",
+    "Problem",
+    "default_rtol",
+    "judge_samples",
+    "sample_verdicts",
+    "unit_rms",
+]
 
 _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _RETRY_STEP_DIVISOR = 8.0
 _MIN_GROWTH, _MAX_GROWTH = 64.0, 4096.0  # step growth when round-off limited the first check
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
+_MAX_ROWS = 4  # output projections compared in the reference dtype (one reference backward each)
+_DTYPE_FLOOR = 100.0  # a model-dtype Jacobian within this many eps of the problem's own scale is round-off
 # Direction status codes, ordered by severity.
 PASS, PRECISION, INCONCLUSIVE, FAIL = 0, 1, 2, 3
 
@@ -42,133 +78,418 @@ def default_rtol(dtype: torch.dtype) -> float:
     return _DEFAULT_RTOL.get(dtype, 3e-2)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What is judged: the model as a function of a batch, in its own dtype and in the reference dtype."""
+
+    function: Callable[[Tensor], Tensor]
+    reference: Callable[[Tensor], Tensor]
+    selection: Callable[[Tensor, Tensor], Tensor]
+    model_dtype: torch.dtype
+    reference_dtype: torch.dtype
+    rtol: float  # granted to the model-dtype backward
+    engine: str
+    chunk_size: int | None
+
+    @property
+    def separate_reference(self) -> bool:
+        """Whether the formula is judged through a second copy of the model in the reference dtype."""
+        return self.reference_dtype != self.model_dtype
+
+
+@dataclass
+class Judgement:
+    """Per-direction codes and evidence ``(n, k)`` of the checked samples, per-sample ``steps``/``moved``."""
+
+    codes: Tensor
+    relative_error: Tensor
+    fd_error: Tensor
+    margin: Tensor
+    resolution: Tensor
+    dtype_error: Tensor
+    steps: Tensor
+    moved: Tensor
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Evidence:
+    """The figures a verdict was decided on, per direction; replaced where a later check decides."""
+
+    relative_error: Tensor
+    fd_error: Tensor
+    margin: Tensor
+    resolution: Tensor
+    scale: Tensor
+    natural: Tensor
+
+    @classmethod
+    def of(cls, comparison: Comparison) -> _Evidence:
+        return cls(**{f.name: getattr(comparison, f.name).clone() for f in fields(cls)})
+
+    def take(self, rows: Tensor, mask: Tensor, comparison: Comparison) -> None:
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            mine[rows] = torch.where(mask, getattr(comparison, f.name).to(mine), mine[rows])
+
+
 def judge_samples(
+    problem: Problem,
     jac: Tensor,
-    function: Callable[[Tensor], Tensor],
-    fd_function: Callable[[Tensor], Tensor],
-    selection: Any,
     x: Tensor,
     index: Tensor,
-    checked: Tensor,
     *,
     generator: torch.Generator,
     n_directions: int,
-    rtol: float,
-    fd_dtype: torch.dtype,
-    model_dtype: torch.dtype,
-    engine: str,
-    chunk_size: int | None,
-    out: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
-) -> None:
-    """Judge each checked sample along each direction; write codes and evidence into ``out``."""
-    status, relative_error, fd_error, steps, moved = out
-    device = x.device
-    rows = checked.to(device)
-    xc, ic = x[rows].to(fd_dtype), index[rows]
-    # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
-    shape = (len(checked), n_directions, *x.shape[1:])
-    directions = unit_rms(torch.randn(shape, generator=generator).double(), 2).to(device)
-    step = default_step(xc, fd_dtype).to(device)
+) -> Judgement:
+    """Judge each sample of ``x`` (the checked ones) along ``n_directions`` random directions.
 
-    # A half-precision backward is noise at the level of a real bug: judge its formula through the same code
-    # run in float64, and its precision separately (against that float64 Jacobian), below.
-    low_precision = model_dtype in (torch.float16, torch.bfloat16) and fd_dtype == torch.float64
-    model_jac = jac
-    if low_precision:
-        jac = jacobians_of(fd_function, selection, xc, ic, engine=engine, chunk_size=chunk_size)
-        function, rtol = fd_function, default_rtol(torch.float64)
+    Args:
+        problem: The functions, dtypes and tolerance.
+        jac: ``(n, M, ...)`` the model-dtype Jacobians of these samples.
+        x: ``(n, ...)`` the samples, in the inputs' dtype.
+        index: ``(n,)`` per-sample output indices for the selection.
+        generator: The probe's own generator.
+        n_directions: Random directions per sample.
 
-    stencil = evaluate_stencil(fd_function, selection, xc, ic, directions, step)
-    first = compare(jac, stencil, rtol)
-    code = torch.full(first.passed.shape, PASS, device=device)
-    rel, bound = first.relative_error, first.fd_error
-    used_step = step.clone()
-    redo = ~(first.passed & first.reliable & first.resolved)
-    if redo.any():
-        # Anything short of a clean pass is checked again at a nearby point. Ties (max-pool over a flat
-        # image region, ReLU at exactly 0) and kinks sit on sets of measure zero: moving off them makes
-        # the function differentiable where we check it, while a wrong backward stays wrong nearby. The
-        # new step depends on what limited the first check: curvature or a kink wants a step 8x smaller,
-        # round-off (a gradient tiny next to the output, e.g. through saturated units) a larger one.
-        again = redo.any(1).nonzero().flatten()
-        jitter = unit_rms(torch.randn((len(again), *x.shape[1:]), generator=generator, dtype=torch.float64), 1)
-        scale = (step[again] / step.new_tensor(torch.finfo(fd_dtype).eps ** (1 / 3))).reshape(-1, *[1] * (x.ndim - 1))
-        point_dtype = fd_dtype if low_precision else x.dtype
-        nearby = (xc[again] + _JITTER * scale * jitter.to(device, fd_dtype)).to(point_dtype)  # representable in both
-        noisy = (first.roundoff_limited & redo)[again].any(1)
-        # Round-off error falls as 1/h: grow the step until it should sit at a quarter of the resolution.
-        worst = torch.where(redo[again], first.fd_error[again], 0.0).amax(1).nan_to_num(nan=1.0, posinf=1e12)
-        growth = (worst / (RESOLUTION / 4)).clamp(_MIN_GROWTH, _MAX_GROWTH)
-        small = torch.where(noisy, step[again] * growth, step[again] / _RETRY_STEP_DIVISOR)
-        stencil2 = evaluate_stencil(fd_function, selection, nearby.to(fd_dtype), ic[again], directions[again], small)
-        jac2 = jacobians_of(function, selection, nearby, ic[again], engine=engine, chunk_size=chunk_size)
-        second = compare(jac2, stencil2, rtol)
-        # Fail needs a reliable stencil; pass needs one that could have seen an error; else nothing is known.
-        verdict = torch.where(second.passed, torch.where(second.resolved, PASS, INCONCLUSIVE), FAIL)
-        code2 = torch.where(second.reliable, verdict, torch.full_like(code[again], INCONCLUSIVE))
-        suspects = ((code2 == FAIL) & redo[again]).any(1)
-        if suspects.any():
-            # A verdict of "fail" needs finite differences that agree with themselves: D(h) = D(2h) for a
-            # differentiable function, while a jump inside the stencil does not scale with the step.
-            sub = again[suspects]
-            stencil3 = evaluate_stencil(
-                fd_function,
-                selection,
-                nearby[suspects].to(fd_dtype),
-                ic[sub],
-                directions[sub],
-                2 * small[suspects],
-                f0=stencil2.f0[suspects],
-            )
-            consistent = _consistent(_subset(stencil2, suspects), stencil3)
-            code2[suspects] = torch.where((code2[suspects] == FAIL) & ~consistent, INCONCLUSIVE, code2[suspects])
-            suspects = ((code2 == FAIL) & redo[again]).any(1)
-        if suspects.any() and not low_precision and model_dtype != torch.float64 and fd_dtype == torch.float64:
-            # (Half-precision models were judged in float64 already: this check would repeat the same one.)
-            # Same backward formula in float64: agreement means only the model dtype's precision fell short.
-            sub = again[suspects]
-            jac64 = jacobians_of(
-                fd_function, selection, nearby[suspects].to(fd_dtype), ic[sub], engine=engine, chunk_size=chunk_size
-            )
-            third = compare(jac64, _subset(stencil2, suspects), default_rtol(torch.float64))
-            code2[suspects] = torch.where(
-                (code2[suspects] == FAIL) & third.passed & third.resolved, PRECISION, code2[suspects]
-            )
-        mask = redo[again]
-        code[again] = torch.where(mask, code2, code[again])
-        rel[again] = torch.where(mask, second.relative_error, rel[again])
-        bound[again] = torch.where(mask, second.fd_error, bound[again])
-        used_step[again] = small
-        moved[checked[again.cpu()]] = True
-    if low_precision:
-        code = _judge_precision(code, model_jac, jac, model_dtype)
-    status[checked] = code.cpu()
-    relative_error[checked] = rel.double().cpu()
-    fd_error[checked] = bound.double().cpu()
-    steps[checked] = used_step.double().cpu()
-
-
-def _judge_precision(code: Tensor, model_jac: Tensor, reference: Tensor, model_dtype: torch.dtype) -> Tensor:
-    """Judge a half-precision Jacobian against the same backward run in float64.
-
-    Beyond the dtype's tolerance a passing sample becomes ``precision-limited``, never ``fail``: at a
-    tie (max-pool over a flat region) bfloat16 and float64 may route the gradient to different inputs,
-    a large difference that is no bug. The backward's formula was already judged in float64.
     """
-    n = reference.shape[0]
-    ref = reference.reshape(n, -1).double()
-    gap = (model_jac.reshape(n, -1).double() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(
-        torch.finfo(torch.float64).tiny
+    judge = _Judge(problem, jac, x, index, generator, n_directions)
+    first = judge.first
+    codes = torch.full(first.passed.shape, INCONCLUSIVE, device=x.device)
+    clean = first.passed & first.reliable & first.resolved
+    # Non-finite gradients where the function is finite and smooth are wrong, whatever happens nearby.
+    broken = first.reliable & ~judge.reference_rows.isfinite().all(2).all(1)[:, None]
+    failed = first.reliable & ~first.passed & ~broken
+    roundoff = first.passed & first.reliable & ~first.resolved & first.roundoff_limited
+    codes[clean] = PASS
+    codes[broken] = FAIL
+    at_kink = judge.failures_at_the_point(failed, codes)
+    judge.grow_step(roundoff, codes)
+    judge.nearby(~(clean | broken | failed | roundoff) | at_kink, codes)
+    return judge.judgement(codes)
+
+
+class _Judge:
+    """The context shared by the checks of one batch of samples: directions, steps, projections, scales."""
+
+    def __init__(
+        self, problem: Problem, jac: Tensor, x: Tensor, index: Tensor, generator: torch.Generator, k: int
+    ) -> None:
+        self.problem, self.x, self.index, self.generator = problem, x, index, generator
+        ref = problem.reference_dtype
+        n = x.shape[0]
+        self.notes: list[str] = []
+        self.xr = x.to(ref)
+        # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
+        self.directions = unit_rms(torch.randn((n, k, *x.shape[1:]), generator=generator).double(), 2).to(x.device)
+        self.step = default_step(self.xr, ref).to(x.device)
+        self.projection = _output_projection(jac.shape[1], generator, x.device)
+        self.model_rows = _project_rows(jac, self.projection)
+        self.reference_rows, self.rtol = self.model_rows, problem.rtol
+        self.separate = problem.separate_reference
+        if self.separate:
+            try:
+                self.reference_rows, self.rtol = self.rows_at(self.xr), default_rtol(ref)
+            except Exception as error:  # a float64 backward the model cannot run: judge its own dtype's
+                self.separate = False
+                self.notes.append(
+                    f"the backward was judged in {_name(problem.model_dtype)} against {_name(ref)} finite "
+                    f"differences: the {_name(ref)} backward failed ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:120]})"
+                )
+        self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step)
+        self.first_stencil = project(self.raw, self.projection)
+        self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows)
+        self.first = compare(self.reference_rows, self.first_stencil, self.rtol, gain=self.gain)
+        self.evidence = _Evidence.of(self.first)
+        self.steps = self.step.clone()
+        self.moved = torch.zeros(n, dtype=torch.bool)
+
+    def stencil(self, points: Tensor, rows: Tensor, steps: Tensor, f0: Tensor | None = None) -> Stencil:
+        """The unprojected stencil of the reference function at ``points`` (samples ``rows``)."""
+        p = self.problem
+        return evaluate_stencil(p.reference, p.selection, points, self.index[rows], self.directions[rows], steps, f0=f0)
+
+    def rows_at(self, points: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Projected Jacobian rows of the reference model at ``points`` (reference dtype)."""
+        index = self.index if rows is None else self.index[rows]
+        return _reference_rows(self.problem, points, index, self.projection)
+
+    def check(self, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
+        return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows])
+
+    def failures_at_the_point(self, failed: Tensor, codes: Tensor) -> Tensor:
+        """A reliable failure stands, unless a better check at the same point contradicts it (see module).
+
+        Returns the directions of samples that sit on a tie or kink of the function itself (the Jacobian jumps
+        across the point): their finite differences at the point cannot judge, so they go to a nearby point.
+        """
+        at_kink = torch.zeros_like(failed)
+        rows = failed.any(1).nonzero().flatten()
+        if not len(rows):
+            return at_kink
+        finer_step = self.step[rows] / _RETRY_STEP_DIVISOR
+        reference_rows = self.reference_rows[rows]
+        finer = self.check(reference_rows, self.stencil(self.xr[rows], rows, finer_step, self.raw.f0[rows]), rows)
+        mask = failed[rows]
+        overturned = mask & finer.reliable & finer.passed & (finer.fd_error < self.first.fd_error[rows])
+        codes[rows] = torch.where(
+            mask, torch.where(overturned, torch.where(finer.resolved, PASS, INCONCLUSIVE), FAIL), codes[rows]
+        )
+        self.evidence.take(rows, overturned, finer)
+        self.steps[rows] = torch.where(overturned.any(1), finer_step, self.steps[rows])
+        # Ties (max-pool over a flat region, several ReLUs at exactly 0) make the one-sided derivatives differ:
+        # the Jacobian just either side of the point differs, and their errors can cancel in the second
+        # difference. A backward wrong at exactly this point (a 0/0 patched to 0) is continuous either side.
+        jumps = _jumps(self, rows)
+        at_kink[rows] = mask & ~overturned & jumps[:, None]
+        return at_kink
+
+    def grow_step(self, roundoff: Tensor, codes: Tensor) -> None:
+        """Round-off hid a 1% error (a gradient tiny next to its output): grow the step at the same point."""
+        rows = roundoff.any(1).nonzero().flatten()
+        if not len(rows):
+            return
+        mask = roundoff[rows]
+        worst = torch.where(mask, self.first.fd_error[rows], 0.0).amax(1).nan_to_num(nan=1.0, posinf=1e12)
+        grown_step = self.step[rows] * (worst / (RESOLUTION / 4)).clamp(_MIN_GROWTH, _MAX_GROWTH)
+        grown = self.check(
+            self.reference_rows[rows], self.stencil(self.xr[rows], rows, grown_step, self.raw.f0[rows]), rows
+        )
+        better = grown.fd_error < self.first.fd_error[rows]
+        verdict = torch.where(
+            grown.passed & grown.reliable & grown.resolved,
+            PASS,
+            torch.where(grown.reliable & ~grown.passed & better, FAIL, INCONCLUSIVE),
+        )
+        codes[rows] = torch.where(mask, verdict, codes[rows])
+        self.evidence.take(rows, mask, grown)
+        self.steps[rows] = grown_step
+
+    def nearby(self, shaky: Tensor, codes: Tensor) -> None:
+        """Check kinks and ties again at a nearby point, where a wrong backward stays wrong.
+
+        Kinks sit on sets of measure zero. A failure there must satisfy ``D(h) = D(2h)`` and repeat at a second
+        nearby point (two kinks inside one stencil can cancel in its second difference).
+        """
+        rows = shaky.any(1).nonzero().flatten()
+        if not len(rows):
+            return
+        small = self.step[rows] / _RETRY_STEP_DIVISOR
+        mask = shaky[rows]
+        verdict, near = self._at_nearby_point(rows, small, consistency=True)
+        suspects = ((verdict == FAIL) & mask).any(1)
+        if suspects.any():
+            sub = rows[suspects]
+            again, near2 = self._at_nearby_point(sub, small[suspects], consistency=False)
+            confirmed = (verdict[suspects] == FAIL) & (again == FAIL)
+            retracted = (verdict[suspects] == FAIL) & ~confirmed
+            verdict[suspects] = torch.where(retracted, again, verdict[suspects])
+            self.evidence.take(sub, retracted & mask[suspects], near2)
+            mask_first = mask.clone()
+            mask_first[suspects] &= ~retracted
+            self.evidence.take(rows, mask_first, near)
+        else:
+            self.evidence.take(rows, mask, near)
+        codes[rows] = torch.where(mask, verdict, codes[rows])
+        self.steps[rows] = small
+        self.moved[rows.cpu()] = True
+
+    def _at_nearby_point(self, rows: Tensor, small: Tensor, *, consistency: bool) -> tuple[Tensor, Comparison]:
+        near_x, near_r = _nearby(self.x[rows], self.step[rows], self.problem.reference_dtype, self.generator)
+        if self.separate:
+            near_rows = self.rows_at(near_r, rows)
+        else:
+            jac = _jacobians(self.problem.function, self.problem, near_x, self.index[rows])
+            near_rows = _project_rows(jac, self.projection)
+        raw = self.stencil(near_r, rows, small)
+        near = self.check(near_rows, raw, rows)
+        verdict = torch.where(
+            near.passed & near.reliable & near.resolved,
+            PASS,
+            torch.where(near.reliable & ~near.passed, FAIL, INCONCLUSIVE),
+        )
+        suspects = (verdict == FAIL).any(1)
+        if consistency and suspects.any():
+            # A "fail" here needs finite differences that agree with themselves: D(h) = D(2h) for a
+            # differentiable function, while a jump inside the stencil does not scale with the step.
+            coarse = self.stencil(near_r[suspects], rows[suspects], 2 * small[suspects], raw.f0[suspects])
+            fine = _subset(project(raw, self.projection), suspects)
+            consistent = _consistent(fine, project(coarse, self.projection))
+            verdict[suspects] = torch.where(
+                verdict[suspects] == FAIL, torch.where(consistent, FAIL, INCONCLUSIVE), verdict[suspects]
+            )
+        return verdict, near
+
+    def judgement(self, codes: Tensor) -> Judgement:
+        evidence = self.evidence
+        dtype_error = torch.full(codes.shape, float("nan"), dtype=torch.float64, device=codes.device)
+        margin = evidence.margin
+        if self.separate:
+            codes, dtype_error, dtype_margin = _judge_model_dtype(
+                self.problem,
+                codes,
+                self.model_rows,
+                self.reference_rows,
+                self.first_stencil,
+                evidence,
+                self.x,
+                self.index,
+                self.step,
+                self.projection,
+                self.generator,
+            )
+            margin = torch.maximum(margin, dtype_margin)
+        return Judgement(
+            codes=codes.cpu(),
+            relative_error=evidence.relative_error.double().cpu(),
+            fd_error=evidence.fd_error.double().cpu(),
+            margin=margin.double().cpu(),
+            resolution=evidence.resolution.double().cpu(),
+            dtype_error=dtype_error.cpu(),
+            steps=self.steps.double().cpu(),
+            moved=self.moved,
+            notes=self.notes,
+        )
+
+
+def _jumps(judge: _Judge, rows: Tensor, distance: float = 1e-9, tolerance: float = 1e-6) -> Tensor:
+    """Whether the reference Jacobian differs just either side of each sample (a tie or kink at the point)."""
+    xr = judge.xr[rows]
+    offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1).to(xr)
+    scale = (judge.step[rows] / torch.finfo(judge.problem.reference_dtype).eps ** (1 / 3)).to(xr)
+    offset = offset * (distance * scale).reshape(-1, *[1] * (xr.ndim - 1))
+    both = judge.rows_at(torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
+    plus, minus = both[: len(rows)], both[len(rows) :]
+    gap = (plus - minus).norm(dim=(1, 2))
+    size = torch.maximum(plus.norm(dim=(1, 2)), minus.norm(dim=(1, 2)))
+    return ~(gap <= tolerance * size)
+
+
+def _judge_model_dtype(
+    problem: Problem,
+    codes: Tensor,
+    model_rows: Tensor,
+    reference_rows: Tensor,
+    stencil: Stencil,
+    evidence: _Evidence,
+    x: Tensor,
+    index: Tensor,
+    step: Tensor,
+    projection: Tensor | None,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Question 2: the model-dtype Jacobian against the reference one (see the module docstring)."""
+    displacement = stencil.d_plus + stencil.d_minus
+    rtol, eps = problem.rtol, torch.finfo(problem.model_dtype).eps
+    gap, ok, limit = _dtype_gap(model_rows, reference_rows, displacement, evidence.scale, evidence.natural, rtol, eps)
+    dtype_error = gap / evidence.scale.clamp_min(torch.finfo(torch.float64).tiny)
+    margin = gap / limit
+    codes = torch.where((codes == PASS) & ~ok, PRECISION, codes)
+    beyond = gap > limit
+    half = problem.model_dtype in (torch.float16, torch.bfloat16)
+    rows = beyond.any(1).nonzero().flatten()
+    if half or not len(rows):
+        return codes, dtype_error, torch.zeros_like(margin) if half else margin
+    # Confirm at a nearby point: a float32 near-tie (max-pool, ReLU at round-off distance from 0) routes the
+    # gradient differently from float64 at the sample only; a kernel wrong in float32 is wrong nearby too.
+    near_x, near_r = _nearby(x[rows], step[rows], problem.reference_dtype, generator)
+    near_model = _project_rows(_jacobians(problem.function, problem, near_x, index[rows]), projection)
+    near_reference = _reference_rows(problem, near_r, index[rows], projection)
+    near_displacement = displacement[rows]
+    predicted = torch.einsum("nqd,nkd->nkq", near_reference.double(), near_displacement).norm(dim=-1)
+    typical = near_reference.double().norm(dim=(1, 2))[:, None] * near_displacement.norm(dim=-1)
+    typical = typical / near_displacement.shape[-1] ** 0.5
+    floor = noise_floor(problem.reference_dtype) * evidence.natural[rows]
+    scale = torch.maximum(torch.maximum(predicted, typical), floor).clamp_min(torch.finfo(torch.float64).tiny)
+    gap2, _, limit2 = _dtype_gap(
+        near_model, near_reference, near_displacement, scale, evidence.natural[rows], rtol, eps
     )
-    tolerance = default_rtol(model_dtype)
-    per_sample = torch.where(gap > tolerance, PRECISION, PASS)
-    return torch.maximum(code, per_sample[:, None].expand_as(code).to(code))
+    mask = beyond[rows]
+    confirmed = mask & (gap2 > limit2)
+    codes[rows] = torch.where(
+        confirmed, FAIL, torch.where(mask, torch.maximum(codes[rows], torch.tensor(PRECISION)), codes[rows])
+    )
+    margin[rows] = torch.where(mask, gap2 / limit2, margin[rows])
+    return codes, dtype_error, margin
 
 
-def _consistent(fine: Any, coarse: Any, tolerance: float = 1e-2) -> Tensor:
+def _dtype_gap(
+    model_rows: Tensor,
+    reference_rows: Tensor,
+    displacement: Tensor,
+    scale: Tensor,
+    natural: Tensor,
+    rtol: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``|(J_model - J_reference) d|``, whether it is within ``rtol`` of scale, and the limit beyond which it fails."""
+    difference = model_rows.double() - reference_rows.double()
+    gap = torch.einsum("nqd,nkd->nkq", difference.nan_to_num(nan=float("inf")), displacement.double()).norm(dim=-1)
+    gap = gap.nan_to_num(nan=float("inf"))
+    limit = torch.maximum(rtol * scale, _DTYPE_FLOOR * eps * natural).clamp_min(torch.finfo(torch.float64).tiny)
+    return gap, gap <= rtol * scale, limit
+
+
+def _output_projection(n_outputs: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
+    """Random output projections ``(M, q)`` when there are more than ``_MAX_ROWS`` outputs, else ``None``."""
+    if n_outputs <= _MAX_ROWS:
+        return None
+    gaussian = torch.randn((n_outputs, _MAX_ROWS), generator=generator, dtype=torch.float64)
+    return (gaussian / n_outputs**0.5).to(device)
+
+
+def _project_rows(jac: Tensor, projection: Tensor | None) -> Tensor:
+    """``(n, M, ...)`` Jacobians to ``(n, q, D)`` rows ``projection^T J``."""
+    flat = jac.reshape(jac.shape[0], jac.shape[1], -1)
+    if projection is None:
+        return flat
+    return torch.einsum("nmd,mq->nqd", flat.to(projection.dtype), projection)
+
+
+def _jacobians(function: Callable[[Tensor], Tensor], problem: Problem, x: Tensor, index: Tensor) -> Tensor:
+    return jacobians_of(function, problem.selection, x, index, engine=problem.engine, chunk_size=problem.chunk_size)
+
+
+def _reference_rows(problem: Problem, x: Tensor, index: Tensor, projection: Tensor | None) -> Tensor:
+    """Projected Jacobian rows of the reference (float64) model: one reference backward per projection."""
+    selection = problem.selection
+    if projection is not None:
+
+        def projected(outputs: Tensor, idx: Tensor) -> Tensor:
+            rows = problem.selection(outputs, idx)
+            return rows @ projection.to(rows.dtype)
+
+        selection = projected
+    jac = jacobians_of(problem.reference, selection, x, index, engine=problem.engine, chunk_size=problem.chunk_size)
+    return jac.reshape(jac.shape[0], jac.shape[1], -1)
+
+
+def _gain(f0: Tensor, x: Tensor, rows: Tensor) -> Tensor:
+    """The problem's own output change per unit input displacement, ``(n,)``: the scale of round-off.
+
+    The larger of ``|f(x)| / max(|x|, sqrt(D))`` and the batch's median ``|J|_F / sqrt(D)``.
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1).double()
+    root_d = flat.shape[1] ** 0.5
+    own = f0.double().norm(dim=1) / flat.norm(dim=1).clamp_min(root_d)
+    typical = rows.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).norm(dim=(1, 2)) / root_d
+    return torch.maximum(own.nan_to_num(nan=0.0, posinf=0.0), typical.median().expand(n))
+
+
+def _nearby(x: Tensor, step: Tensor, dtype: torch.dtype, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A point 1% of the input's scale away, representable in both the inputs' dtype and ``dtype``."""
+    jitter = unit_rms(torch.randn(x.shape, generator=generator, dtype=torch.float64), 1).to(x.device)
+    scale = (step / torch.finfo(dtype).eps ** (1 / 3)).reshape(-1, *[1] * (x.ndim - 1))
+    near = (x.to(torch.float64) + _JITTER * scale * jitter).to(x.dtype)
+    return near, near.to(dtype)
+
+
+def _consistent(fine: Stencil, coarse: Stencil, tolerance: float = 1e-2) -> Tensor:
     """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
 
-    def derivative(stencil: Any) -> Tensor:
+    def derivative(stencil: Stencil) -> Tensor:
         length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
         return (stencil.f_plus - stencil.f_minus) / length
 
@@ -192,6 +513,10 @@ def _subset(stencil: Stencil, mask: Tensor) -> Stencil:
         stencil.d_minus[mask],
         stencil.eps,
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def sample_verdicts(codes: Tensor) -> list[Verdict]:

@@ -40,10 +40,20 @@ class ProbeReport:
         verdicts: One :class:`Verdict` per sample.
         saliency: Input gradient of each sample's target, shaped like the inputs (signed).
         batch_independent: Whether no sample's outputs depend on another sample's input (``None``: not checked).
-        leaking_pairs: ``(i, j)`` pairs where sample ``i``'s outputs depend on sample ``j``'s input.
+        leaking_pairs: ``(i, j)`` pairs where sample ``i``'s outputs depend on sample ``j``'s input (the forward
+            mixes samples, confirmed by finite differences across samples).
+        mixing_pairs: ``(i, j)`` pairs where the *backward* sends output ``i``'s gradient to input ``j`` although
+            the forward keeps them apart (finite differences show no dependence): a wrong backward, ``fail``.
         checked: Indices of the samples that were spot-checked against finite differences.
-        relative_error: ``(N, k)`` autograd-vs-finite-difference relative error per direction (NaN: unchecked).
+        relative_error: ``(N, k)`` relative error of the backward's formula per direction, as decided: the
+            reference-dtype (float64) Jacobian against finite differences (NaN: unchecked).
         fd_error: ``(N, k)`` the finite difference's own error bound, relative (the noise floor).
+        margin: ``(N, k)`` error over allowed error of the check that decided each direction: ``<= 1`` passes.
+            For a float32 model, the larger of the formula's margin and that of its float32 Jacobian.
+        resolution: ``(N, k)`` what a pass certifies: the backward's error along the direction is below this
+            fraction of the scale of ``J v`` (at most 1% for a ``pass``).
+        dtype_error: ``(N, k)`` the model-dtype Jacobian's distance from the float64 one along each direction,
+            relative to the same scale (NaN when the model computes in the reference dtype).
         steps: ``(N,)`` the step finally used per sample (NaN: unchecked).
         rechecked_nearby: ``(N,)`` whether some direction was re-checked at a nearby point with a smaller
             step (the sample sat on a tie or kink, or the first check was not a clean pass).
@@ -68,6 +78,9 @@ class ProbeReport:
     checked: Tensor
     relative_error: Tensor
     fd_error: Tensor
+    margin: Tensor
+    resolution: Tensor
+    dtype_error: Tensor
     steps: Tensor
     rechecked_nearby: Tensor
     grad_norm: Tensor
@@ -85,6 +98,7 @@ class ProbeReport:
     culprits: tuple[Any, ...] = ()
     localization_note: str | None = None
     forward_mode_mismatch: tuple[int, ...] | None = None
+    mixing_pairs: tuple[tuple[int, int], ...] = ()
 
     @property
     def failed(self) -> list[int]:
@@ -109,10 +123,16 @@ class ProbeReport:
         """One sentence per reason ``ok`` is False (empty when ``ok``)."""
         found = []
         if self.failed:
-            worst = self.relative_error[self.failed].nan_to_num(nan=0.0).max()
+            worst = self.margin[self.failed].nan_to_num(nan=0.0).max()
             found.append(
-                f"{len(self.failed)} of {len(self.checked)} checked samples fail: the backward disagrees with "
-                f"finite differences (worst relative error {float(worst):.3g}; samples {self.failed[:8]})"
+                f"{_count(len(self.failed), 'sample')} of {len(self.checked)} checked fail: the backward disagrees "
+                f"with finite differences (worst margin {float(worst):.3g}, i.e. error / allowed error; samples "
+                f"{self.failed[:8]})"
+            )
+        if self.mixing_pairs:
+            found.append(
+                f"the backward mixes samples that the forward keeps apart, e.g. (output, input) pairs "
+                f"{list(self.mixing_pairs[:6])}: a reduction over the batch axis in a hand-written backward?"
             )
         bad = (self.nonfinite_count > 0).nonzero().flatten().tolist()
         if bad:
@@ -147,7 +167,10 @@ class ProbeReport:
         errors = errors[errors.isfinite()]
         norms = self.grad_norm.double()
         norms = norms[norms.isfinite()]
+        margins = self.margin[self.checked].flatten()
+        margins = margins[~margins.isnan()]
         figures = {
+            "margin_max": float(margins.max()) if margins.numel() else float("nan"),
             "fail_fraction": counts["fail"] / n_checked,
             "inconclusive_fraction": counts["inconclusive"] / n_checked,
             "precision_limited_fraction": counts["precision-limited"] / n_checked,
@@ -170,11 +193,22 @@ class ProbeReport:
         fd_noise = self.fd_error[self.checked]
         fd_noise = fd_noise[fd_noise.isfinite()]
         noise_text = f"{float(fd_noise.median()):.2g}" if fd_noise.numel() else "n/a"
+        margins = self.margin[self.checked]
+        margins = margins[~margins.isnan()]
+        margin_text = f"{float(margins.max()):.2g}" if margins.numel() else "n/a"
+        passed = [i for i in self.checked.tolist() if self.verdicts[i] is Verdict.PASS]
+        certified = self.resolution[passed]
+        certified = certified[certified.isfinite()]
+        resolution_text = (
+            f"; a pass certifies the backward to {float(certified.max()):.1g} of |J v|" if len(certified) else ""
+        )
         lines = [
-            f"ProbeReport: {'OK' if self.ok else 'NOT OK'} - {counts} ({len(self.verdicts)} samples)",
-            f"  engine {self.engine}; backward in {_name(self.model_dtype)} (rtol {self.rtol:g}); "
-            f"finite differences in {_name(self.fd_dtype)}, central, step {step_text} "
+            f"ProbeReport: {'OK' if self.ok else 'NOT OK'} - {counts} ({_count(len(self.verdicts), 'sample')})",
+            f"  engine {self.engine}; backward in {_name(self.model_dtype)} (rtol {self.rtol:g})"
+            + (f", its formula judged in {_name(self.fd_dtype)}" if self.fd_dtype != self.model_dtype else "")
+            + f"; finite differences in {_name(self.fd_dtype)}, central, step {step_text} "
             f"(eps^(1/3) x input scale), median noise floor {noise_text} relative",
+            f"  margin max {margin_text} (error / allowed error; <= 1 passes){resolution_text}",
             f"  outputs compared per sample: {self.n_outputs}{' (random projections)' if self.projected else ''}; "
             f"directions per sample: {self.relative_error.shape[1]}",
             f"  batch independent: {self.batch_independent}",
@@ -182,19 +216,23 @@ class ProbeReport:
         for i in self.checked.tolist():
             if self.verdicts[i] is Verdict.PASS:
                 continue
-            err = self.relative_error[i]
             nearby = " (re-checked at a nearby point)" if bool(self.rechecked_nearby[i]) else ""
+            dtype_text = (
+                f", {_name(self.model_dtype)} Jacobian off the float64 one by {_figures(self.dtype_error[i])}"
+                if bool(self.dtype_error[i].isfinite().any())
+                else ""
+            )
             lines.append(
-                f"  sample {i}: {self.verdicts[i]}{nearby} - relative error per direction "
-                f"{[float(f'{e:.3g}') for e in err.tolist()]}, finite-difference error bound "
-                f"{[float(f'{e:.2g}') for e in self.fd_error[i].tolist()]}"
+                f"  sample {i}: {self.verdicts[i]}{nearby} - margin per direction {_figures(self.margin[i])}, "
+                f"relative error {_figures(self.relative_error[i])}, finite-difference error bound "
+                f"{_figures(self.fd_error[i])}{dtype_text}"
             )
         moved = int(self.rechecked_nearby.sum())
         if moved:
             lines.append(
-                f"  {moved} samples re-checked at a nearby point (1% of the input scale away, step / 8): every check "
-                "short of a clean pass is repeated there, so a tie or kink at the sample itself (max-pool over a "
-                "flat region, ReLU at 0) cannot decide a verdict"
+                f"  {_count(moved, 'sample')} re-checked at a nearby point (1% of the input scale away, step / 8): a "
+                "kink or tie inside the stencil at the sample itself (max-pool over a flat region, ReLU at 0) "
+                "cannot decide a verdict; a reliable failure is never moved"
             )
         lines += [f"  culprit: {culprit}" for culprit in self.culprits]
         if self.localization_note:
@@ -206,3 +244,11 @@ class ProbeReport:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _figures(values: Tensor) -> list[float]:
+    return [float(f"{v:.2g}") for v in values.tolist()]
