@@ -132,7 +132,9 @@ def test_nonfinite_outputs_are_inconclusive():
     assert report.verdicts == (Verdict.INCONCLUSIVE, Verdict.PASS), str(report)
 
 
-def test_precision_limited_when_only_the_float32_backward_is_coarse():
+def test_a_backward_wrong_in_float32_only_fails():
+    """The formula is right (float64 agrees with finite differences); the float32 path is 1% off."""
+
     class CoarseIn32(torch.autograd.Function):
         @staticmethod
         def forward(x):
@@ -146,8 +148,8 @@ def test_precision_limited_when_only_the_float32_backward_is_coarse():
         def backward(ctx, g):
             (x,) = ctx.saved_tensors
             grad = 2 * x * g
-            if grad.dtype == torch.float32:  # the formula is right; float32 loses bits
-                grad = grad.to(torch.bfloat16).to(torch.float32)
+            if grad.dtype == torch.float32:  # a float32 fast path with a wrong constant
+                grad = grad * 1.01
             return grad
 
     class Model(nn.Module):
@@ -163,8 +165,22 @@ def test_precision_limited_when_only_the_float32_backward_is_coarse():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         report = probe(Model(), x)
-    assert Verdict.FAIL not in report.verdicts
-    assert Verdict.PRECISION_LIMITED in report.verdicts, str(report)
+    assert report.verdicts == (Verdict.FAIL,) * 8, str(report)
+    assert (report.relative_error < 1e-4).all(), "the float64 formula itself agrees with finite differences"
+    assert (report.dtype_error.amax(1) > 5e-3).all() and (report.margin.amax(1) > 1).all()
+
+
+def test_precision_limited_when_bfloat16_cannot_represent_the_gradient():
+    """tanh at z ~ 3 in bfloat16: 1 - y^2 keeps one digit; the formula is right (judged in float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(0.3)
+        model[0].bias.fill_(3.0)
+    report = probe(model.to(torch.bfloat16), torch.randn(8, 6).to(torch.bfloat16))
+    assert report.verdicts == (Verdict.PRECISION_LIMITED,) * 8, str(report)
+    assert (report.relative_error < 1e-4).all(), "the formula, judged in float64, agrees with finite differences"
+    assert (report.dtype_error.amax(1) > report.rtol).all()
 
 
 def test_raise_if_failed_carries_the_report():

@@ -232,3 +232,198 @@ class CNN_FOR_DTYPE_TESTS(nn.Module):
 
     def forward(self, x):
         return self.head(self.act(self.fc(self.features(x).flatten(1))))
+
+
+# --- Bug classes of hand-written kernels: each wrong kernel beside its correct twin -----------------------------
+
+
+class ScaledReLU(torch.autograd.Function):
+    """ReLU whose backward is multiplied by ``scale`` (1.0: correct). Locally linear: no curvature to hide in."""
+
+    @staticmethod
+    def forward(x, scale):
+        return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0).to(grad.dtype) * ctx.scale, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, scale):
+        return ScaledReLU.apply(x.movedim(in_dims[0], 0) if in_dims[0] is not None else x, scale), 0
+
+
+class ReLUAct(nn.Module):
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return ScaledReLU.apply(x, self.scale)
+
+
+class ResidualReLUNet(nn.Module):
+    """Conv -> [conv, ReLU, conv] + skip -> max-pool -> linear: piecewise linear, kinks and ties everywhere."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), ReLUAct(scale), nn.Conv2d(8, 8, 3, padding=1))
+        self.act = ReLUAct(scale)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.pool(self.act(h + self.block(h)))
+        return self.head(h.flatten(1))
+
+
+class FusedLogSoftmax(torch.autograd.Function):
+    """log_softmax over the last dim; ``batch_bug`` reduces the backward over the batch axis (dim 0) instead."""
+
+    @staticmethod
+    def forward(ctx, x, batch_bug):
+        y = x - x.logsumexp(-1, keepdim=True)
+        ctx.save_for_backward(y)
+        ctx.batch_bug = batch_bug
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        total = grad.sum(0, keepdim=True) if ctx.batch_bug else grad.sum(-1, keepdim=True)
+        return grad - y.exp() * total, None
+
+
+class LogSoftmaxHead(nn.Module):
+    def __init__(self, batch_bug: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 6))
+        self.batch_bug = batch_bug
+
+    def forward(self, x):
+        return FusedLogSoftmax.apply(self.body(x), self.batch_bug)
+
+
+class ProductPool(torch.autograd.Function):
+    """Product over the last dim. ``naive``: backward ``grad * prod / x``, NaN where an input is exactly 0
+    although the product is smooth (multilinear) there; else the exact leave-one-out products."""
+
+    @staticmethod
+    def forward(ctx, x, naive):
+        ctx.save_for_backward(x)
+        ctx.naive = naive
+        return x.prod(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if ctx.naive:
+            return grad.unsqueeze(-1) * x.prod(-1, keepdim=True) / x, None
+        n = x.shape[-1]
+        others = torch.stack([torch.cat([x[..., :i], x[..., i + 1 :]], -1).prod(-1) for i in range(n)], -1)
+        return grad.unsqueeze(-1) * others, None
+
+
+class ProductModel(nn.Module):
+    """A learned per-feature scale, then products over groups of three features (inputs hold exact zeros)."""
+
+    def __init__(self, naive: bool) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 12))
+        self.head = nn.Linear(4, 2)
+        self.naive = naive
+
+    def forward(self, x):
+        groups = (x * self.scale).reshape(x.shape[0], 4, 3)
+        return self.head(ProductPool.apply(groups, self.naive))
+
+
+def _with_zeros(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Zero about a third of the entries, as padding or masks do in real data."""
+    return x * (torch.rand(x.shape, generator=generator) > 1 / 3)
+
+
+class TanhGELU(torch.autograd.Function):
+    """The tanh approximation of GELU; ``exact_derivative`` pairs it with the exact GELU's derivative (up to
+    5.6e-4 off), as a hand-fused kernel that mixes the two formulas would."""
+
+    @staticmethod
+    def forward(ctx, x, exact_derivative):
+        ctx.save_for_backward(x)
+        ctx.exact_derivative = exact_derivative
+        return nn.functional.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if ctx.exact_derivative:
+            cdf = 0.5 * (1 + torch.erf(x / 2**0.5))
+            pdf = torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+            return grad * (cdf + x * pdf), None
+        c = (2 / torch.pi) ** 0.5
+        inner = c * (x + 0.044715 * x**3)
+        t = torch.tanh(inner)
+        return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)), None
+
+
+class GELUModel(nn.Module):
+    def __init__(self, exact_derivative: bool) -> None:
+        super().__init__()
+        self.inner = nn.Linear(10, 32)
+        self.head = nn.Linear(32, 4)
+        self.exact_derivative = exact_derivative
+
+    def forward(self, x):
+        return self.head(TanhGELU.apply(self.inner(x), self.exact_derivative))
+
+
+class UnitNormalize(nn.Module):
+    """``x / |x|`` along a dimension of size 1: the Jacobian is exactly zero (the output is a sign)."""
+
+    def forward(self, x):
+        return nn.functional.normalize(x.unsqueeze(-1), dim=-1).squeeze(-1) * 3.0
+
+
+def kernel_bug_classes(seed: int) -> dict[str, tuple[tuple[nn.Module, torch.Tensor], tuple[nn.Module, torch.Tensor]]]:
+    """For each bug class: (correct twin, wrong kernel), each with its inputs (the same inputs for both)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    classes = {}
+    relu_ok, relu_bad = ResidualReLUNet(1.0).eval(), ResidualReLUNet(1.1).eval()
+    relu_bad.load_state_dict(relu_ok.state_dict())
+    digits = _digits(seed)  # flat zero regions: exact max-pool ties at the sample
+    classes["relu-maxpool-residual-x1.1"] = ((relu_ok, digits), (relu_bad, digits))
+    soft_ok, soft_bad = LogSoftmaxHead(False), LogSoftmaxHead(True)
+    soft_bad.load_state_dict(soft_ok.state_dict())
+    x = torch.randn(8, 10, generator=g)
+    classes["log-softmax-backward-sums-over-batch"] = ((soft_ok, x), (soft_bad, x))
+    prod_ok, prod_bad = ProductModel(False), ProductModel(True)
+    prod_bad.load_state_dict(prod_ok.state_dict())
+    x = _with_zeros(torch.randn(8, 12, generator=g), g)
+    classes["product-backward-nan-at-zero"] = ((prod_ok, x), (prod_bad, x))
+    gelu_ok, gelu_bad = GELUModel(False), GELUModel(True)
+    gelu_bad.load_state_dict(gelu_ok.state_dict())
+    x = 2 * torch.randn(8, 10, generator=g)
+    classes["tanh-gelu-with-exact-derivative"] = ((gelu_ok, x), (gelu_bad, x))
+    return classes
+
+
+def exact_zero_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Correct models whose Jacobian is zero, or vanishing, in exact arithmetic: never a "fail"."""
+    g = torch.Generator().manual_seed(seed)
+    dead = _mlp(6, 16, 3, nn.ReLU)
+    with torch.no_grad():
+        dead[0].bias.fill_(-50.0)  # every unit dead: the output is a constant
+    return {
+        "normalize-size-1": (UnitNormalize(), torch.randn(8, 5, generator=g)),
+        "deep-saturation": (_saturated("ok"), torch.randn(8, 6, generator=g)),
+        "all-relu-dead": (dead, torch.randn(8, 6, generator=g)),
+    }

@@ -191,7 +191,10 @@ def compare(
     roundoff = _ROUNDOFF_FACTOR * stencil.eps * (stencil.f_plus.abs() + 2 * f0.abs() + stencil.f_minus.abs())
 
     error = (predicted - measured).norm(dim=-1).nan_to_num(nan=math.inf)
-    magnitude = torch.maximum(predicted.norm(dim=-1), measured.norm(dim=-1)).nan_to_num(nan=0.0, posinf=0.0)
+    # (A non-finite Jacobian must not make the function look kinked: the measured side still has a size.)
+    magnitude = torch.maximum(
+        predicted.norm(dim=-1).nan_to_num(nan=0.0, posinf=0.0), measured.norm(dim=-1).nan_to_num(nan=0.0, posinf=0.0)
+    )
     # A backward's round-off scales with its terms, not with a result that cancelled by chance:
     # the typical size of J v over random directions is ||J||_F ||v|| / sqrt(D).
     displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)

@@ -304,25 +304,32 @@ def _cross_sample(
 
 
 def _apply_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: _Evidence, notes: list[str]) -> set[int]:
-    """Verdict codes for samples in cross-sample pairs: a backward-only dependence fails, a real one is unknown."""
-    wrong = {i for pair in cross.backward_only for i in pair}
-    mixed = {i for pair in cross.forward + cross.unverified for i in pair} - wrong
+    """Codes for samples the per-sample check cannot judge, which it then leaves out.
+
+    A dependence only the backward claims is a wrong backward: both samples of each pair fail. A dependence
+    the forward really has makes per-sample gradients ill-defined (and the model may not even run on part of
+    its batch): every checked sample is inconclusive.
+    """
     chosen = set(checked.tolist())
-    for i in wrong & chosen:
+    if cross.forward or cross.unverified:
+        evidence.codes[checked] = INCONCLUSIVE
+        notes.append(
+            "samples leak into each other through the forward (confirmed by finite differences across samples), "
+            "so per-sample gradients are ill-defined: not checked"
+        )
+        return chosen
+    wrong = {i for pair in cross.backward_only for i in pair} & chosen
+    for i in wrong:
         evidence.codes[i] = FAIL
         evidence.relative_error[i] = max(cross.relative_error.values(), default=float("nan"))
         evidence.margin[i] = max(cross.margin.values(), default=float("nan"))
-    for i in mixed & chosen:
-        evidence.codes[i] = INCONCLUSIVE
     if cross.backward_only:
         notes.append(
             f"the backward mixes samples that the forward keeps apart: {len(cross.backward_only)} (output, input) "
             f"pairs {list(cross.backward_only[:6])} have autograd gradients that finite differences across samples "
             f"do not show ({cross.sources_checked} source samples checked): a wrong backward"
         )
-    if cross.forward or cross.unverified:
-        notes.append("samples leak into each other through the forward, so their per-sample gradients are ill-defined")
-    return (wrong | mixed) & chosen
+    return wrong
 
 
 def _localize(
@@ -420,7 +427,7 @@ def _finite_difference_function(
     candidate = build_batch_function(model, forward=forward, output=output, dtype=fd_dtype)
     try:
         with torch.no_grad():
-            result = candidate(x[:1].to(fd_dtype))
+            result = candidate(x.to(fd_dtype))
         if result.dtype == fd_dtype:
             return candidate, fd_dtype
         reason = f"it returned {result.dtype}"

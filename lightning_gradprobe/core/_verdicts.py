@@ -59,7 +59,7 @@ __all__ = [
 
 _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _RETRY_STEP_DIVISOR = 8.0
-_MIN_GROWTH, _MAX_GROWTH = 64.0, 4096.0  # step growth when round-off limited the first check
+_MIN_GROWTH, _MAX_GROWTH = 64.0, 16384.0  # step growth when round-off limited the first check (<= 0.1 x scale)
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
 _MAX_ROWS = 4  # output projections compared in the reference dtype (one reference backward each)
 _DTYPE_FLOOR = 100.0  # a model-dtype Jacobian within this many eps of the problem's own scale is round-off
@@ -229,20 +229,23 @@ class _Judge:
         if not len(rows):
             return at_kink
         finer_step = self.step[rows] / _RETRY_STEP_DIVISOR
-        reference_rows = self.reference_rows[rows]
-        finer = self.check(reference_rows, self.stencil(self.xr[rows], rows, finer_step, self.raw.f0[rows]), rows)
+        finer_raw = self.stencil(self.xr[rows], rows, finer_step, self.raw.f0[rows])
+        finer = self.check(self.reference_rows[rows], finer_raw, rows)
         mask = failed[rows]
         overturned = mask & finer.reliable & finer.passed & (finer.fd_error < self.first.fd_error[rows])
-        codes[rows] = torch.where(
-            mask, torch.where(overturned, torch.where(finer.resolved, PASS, INCONCLUSIVE), FAIL), codes[rows]
-        )
-        self.evidence.take(rows, overturned, finer)
-        self.steps[rows] = torch.where(overturned.any(1), finer_step, self.steps[rows])
+        # Finite differences that measure a derivative agree with themselves across steps (D(h) = D(h/8));
+        # noise at the step's scale (features far finer than any step) does not, and cannot judge.
+        measured = _consistent(_subset(self.first_stencil, rows), project(finer_raw, self.projection))
         # Ties (max-pool over a flat region, several ReLUs at exactly 0) make the one-sided derivatives differ:
         # the Jacobian just either side of the point differs, and their errors can cancel in the second
         # difference. A backward wrong at exactly this point (a 0/0 patched to 0) is continuous either side.
-        jumps = _jumps(self, rows)
-        at_kink[rows] = mask & ~overturned & jumps[:, None]
+        unjudged = mask & ~overturned & (~measured | _jumps(self, rows)[:, None])
+        stands = mask & ~overturned & ~unjudged
+        verdict = torch.where(overturned, torch.where(finer.resolved, PASS, INCONCLUSIVE), FAIL)
+        codes[rows] = torch.where(stands | overturned, verdict, codes[rows])
+        self.evidence.take(rows, overturned, finer)
+        self.steps[rows] = torch.where(overturned.any(1), finer_step, self.steps[rows])
+        at_kink[rows] = unjudged
         return at_kink
 
     def grow_step(self, roundoff: Tensor, codes: Tensor) -> None:
@@ -277,11 +280,11 @@ class _Judge:
             return
         small = self.step[rows] / _RETRY_STEP_DIVISOR
         mask = shaky[rows]
-        verdict, near = self._at_nearby_point(rows, small, consistency=True)
+        verdict, near = self._at_nearby_point(rows, small)
         suspects = ((verdict == FAIL) & mask).any(1)
         if suspects.any():
             sub = rows[suspects]
-            again, near2 = self._at_nearby_point(sub, small[suspects], consistency=False)
+            again, near2 = self._at_nearby_point(sub, small[suspects])
             confirmed = (verdict[suspects] == FAIL) & (again == FAIL)
             retracted = (verdict[suspects] == FAIL) & ~confirmed
             verdict[suspects] = torch.where(retracted, again, verdict[suspects])
@@ -295,7 +298,7 @@ class _Judge:
         self.steps[rows] = small
         self.moved[rows.cpu()] = True
 
-    def _at_nearby_point(self, rows: Tensor, small: Tensor, *, consistency: bool) -> tuple[Tensor, Comparison]:
+    def _at_nearby_point(self, rows: Tensor, small: Tensor) -> tuple[Tensor, Comparison]:
         near_x, near_r = _nearby(self.x[rows], self.step[rows], self.problem.reference_dtype, self.generator)
         if self.separate:
             near_rows = self.rows_at(near_r, rows)
@@ -310,7 +313,7 @@ class _Judge:
             torch.where(near.reliable & ~near.passed, FAIL, INCONCLUSIVE),
         )
         suspects = (verdict == FAIL).any(1)
-        if consistency and suspects.any():
+        if suspects.any():
             # A "fail" here needs finite differences that agree with themselves: D(h) = D(2h) for a
             # differentiable function, while a jump inside the stencil does not scale with the step.
             coarse = self.stencil(near_r[suspects], rows[suspects], 2 * small[suspects], raw.f0[suspects])
@@ -381,8 +384,8 @@ def _judge_model_dtype(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Question 2: the model-dtype Jacobian against the reference one (see the module docstring)."""
     displacement = stencil.d_plus + stencil.d_minus
-    rtol, eps = problem.rtol, torch.finfo(problem.model_dtype).eps
-    gap, ok, limit = _dtype_gap(model_rows, reference_rows, displacement, evidence.scale, evidence.natural, rtol, eps)
+    rtol, dtype = problem.rtol, problem.model_dtype
+    gap, ok, limit = _dtype_gap(model_rows, reference_rows, displacement, evidence.scale, evidence.natural, rtol, dtype)
     dtype_error = gap / evidence.scale.clamp_min(torch.finfo(torch.float64).tiny)
     margin = gap / limit
     codes = torch.where((codes == PASS) & ~ok, PRECISION, codes)
@@ -403,7 +406,7 @@ def _judge_model_dtype(
     floor = noise_floor(problem.reference_dtype) * evidence.natural[rows]
     scale = torch.maximum(torch.maximum(predicted, typical), floor).clamp_min(torch.finfo(torch.float64).tiny)
     gap2, _, limit2 = _dtype_gap(
-        near_model, near_reference, near_displacement, scale, evidence.natural[rows], rtol, eps
+        near_model, near_reference, near_displacement, scale, evidence.natural[rows], rtol, dtype
     )
     mask = beyond[rows]
     confirmed = mask & (gap2 > limit2)
@@ -421,14 +424,24 @@ def _dtype_gap(
     scale: Tensor,
     natural: Tensor,
     rtol: float,
-    eps: float,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``|(J_model - J_reference) d|``, whether it is within ``rtol`` of scale, and the limit beyond which it fails."""
+    """``|(J_model - J_reference) d|``, whether it is as close as its dtype allows, and the limit beyond which it fails.
+
+    As close as the dtype allows: within ``rtol`` of the Jacobian's scale, or of the smallest ``|J d|`` the model's
+    dtype resolves at the problem's own scale. Fails beyond ``rtol`` of the Jacobian's scale and ``100 eps`` of
+    the problem's own scale.
+    """
     difference = model_rows.double() - reference_rows.double()
     gap = torch.einsum("nqd,nkd->nkq", difference.nan_to_num(nan=float("inf")), displacement.double()).norm(dim=-1)
     gap = gap.nan_to_num(nan=float("inf"))
-    limit = torch.maximum(rtol * scale, _DTYPE_FLOOR * eps * natural).clamp_min(torch.finfo(torch.float64).tiny)
-    return gap, gap <= rtol * scale, limit
+    # (Half precision is told apart from its float64 twin at any scale: it is never failed, only described.)
+    resolvable = 0.0 if dtype in (torch.float16, torch.bfloat16) else noise_floor(dtype)
+    within = gap <= rtol * torch.maximum(scale, resolvable * natural)
+    limit = torch.maximum(rtol * scale, _DTYPE_FLOOR * torch.finfo(dtype).eps * natural).clamp_min(
+        torch.finfo(torch.float64).tiny
+    )
+    return gap, within, limit
 
 
 def _output_projection(n_outputs: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
