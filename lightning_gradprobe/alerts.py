@@ -74,6 +74,7 @@ class AlertThresholds:
                 )
 
 
+_MAXIMA = ("worst_relative_error", "worst_margin")
 _COUNTS = ("probed", "checked", "failed", "inconclusive", "nonfinite", "leaking_pairs", "vanishing", "wrong_parameters")
 
 
@@ -94,25 +95,26 @@ class ProbeFigures:
     vanishing: int = 0
     wrong_parameters: int = 0
     worst_relative_error: float = float("nan")
+    worst_margin: float = float("nan")
     failed_samples: tuple[int, ...] = field(default=())
     culprits: tuple[str, ...] = field(default=())
 
     def to_tensor(self) -> torch.Tensor:
-        """Pack the additive counts (and the worst error) for a collective across processes."""
-        error = -1.0 if math.isnan(self.worst_relative_error) else self.worst_relative_error
-        return torch.tensor([*(getattr(self, name) for name in _COUNTS), error], dtype=torch.float64)
+        """Pack the additive counts (and the worst error and margin) for a collective across processes."""
+        worst = [-1.0 if math.isnan(getattr(self, name)) else getattr(self, name) for name in _MAXIMA]
+        return torch.tensor([*(getattr(self, name) for name in _COUNTS), *worst], dtype=torch.float64)
 
     @staticmethod
     def from_gathered(
         rows: torch.Tensor, failed_samples: tuple[int, ...] = (), culprits: tuple[str, ...] = ()
     ) -> ProbeFigures:
-        """Combine ``(world_size, n)`` rows from :meth:`to_tensor`: counts add, the worst error is the max."""
-        rows = rows.reshape(-1, len(_COUNTS) + 1).double().cpu()
-        total = dict(zip(_COUNTS, rows[:, :-1].sum(0).round().long().tolist(), strict=True))
-        worst = float(rows[:, -1].max())
+        """Combine ``(world_size, n)`` rows from :meth:`to_tensor`: counts add, the worst figures are maxima."""
+        rows = rows.reshape(-1, len(_COUNTS) + len(_MAXIMA)).double().cpu()
+        total = dict(zip(_COUNTS, rows[:, : len(_COUNTS)].sum(0).round().long().tolist(), strict=True))
+        worst = {name: float(rows[:, len(_COUNTS) + i].max()) for i, name in enumerate(_MAXIMA)}
         return ProbeFigures(
             **total,
-            worst_relative_error=float("nan") if worst < 0 else worst,
+            **{name: float("nan") if value < 0 else value for name, value in worst.items()},
             failed_samples=failed_samples,
             culprits=culprits,
         )
@@ -131,6 +133,8 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
     """
     errors = report.relative_error[report.checked].flatten()
     errors = errors[errors.isfinite()]
+    margins = report.margin[report.checked].flatten()
+    margins = margins[~margins.isnan()]
     return ProbeFigures(
         probed=len(report.verdicts),
         checked=len(report.checked),
@@ -141,6 +145,7 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         vanishing=int((report.zero_fraction == 1).sum()),
         wrong_parameters=sum(1 for c in report.culprits if c.kind == "parameter"),
         worst_relative_error=float(errors.max()) if errors.numel() else float("nan"),
+        worst_margin=float(margins.max()) if margins.numel() else float("nan"),
         failed_samples=tuple(report.failed),
         culprits=tuple(
             f"{c.module or '<model>'} ({c.module_type}, {c.kind})" for c in report.culprits if not c.explained_by
@@ -196,7 +201,7 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
     """Judge a probe's figures against the thresholds.
 
     Example:
-        >>> figures = ProbeFigures(probed=8, checked=8, failed=2, failed_samples=(1, 5), worst_relative_error=0.09)
+        >>> figures = ProbeFigures(probed=8, checked=8, failed=2, failed_samples=(1, 5), worst_margin=9.0)
         >>> [str(a.condition) for a in evaluate_alerts(figures, AlertThresholds(), step=100)]
         ['failed_checks']
         >>> evaluate_alerts(figures, AlertThresholds(fail_fraction=0.5), step=100)
@@ -211,7 +216,8 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
             where = f"; culprit: {', '.join(inputs)}" if inputs else ""
             message = (
                 f"{figures.failed} of {figures.checked} probed samples fail the gradient check: the backward "
-                f"disagrees with finite differences (worst relative error {figures.worst_relative_error:.3g}){where}"
+                f"disagrees with finite differences (worst margin {figures.worst_margin:.3g}: error / allowed "
+                f"error){where}"
             )
             condition = AlertCondition.FAILED_CHECKS
             alerts.append(

@@ -477,6 +477,7 @@ class GradProbe(Callback):
         metrics = {
             "gradprobe/checks/fail_fraction": figures.failed / max(figures.checked, 1),
             "gradprobe/checks/inconclusive_fraction": figures.inconclusive / max(figures.checked, 1),
+            "gradprobe/checks/margin_max": figures.worst_margin,
             "gradprobe/checks/relative_error_max": figures.worst_relative_error,
             "gradprobe/health/nonfinite_samples": float(figures.nonfinite),
             "gradprobe/health/vanishing_samples": float(figures.vanishing),
@@ -486,7 +487,7 @@ class GradProbe(Callback):
             metrics["gradprobe/checks/fail_threshold"] = self.thresholds.fail_fraction
         # The same keys on every process, whether or not its own probe ran (sync_dist reduces them together).
         summary = report.summary() if report is not None else {}
-        metrics["gradprobe/checks/tolerance"] = report.rtol if report is not None else float("nan")
+        metrics["gradprobe/checks/margin_limit"] = 1.0
         metrics["gradprobe/checks/relative_error_median"] = summary.get("relative_error_median", float("nan"))
         for key in ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90"):
             metrics[f"gradprobe/health/{key}"] = summary.get(key, float("nan"))

@@ -44,13 +44,17 @@ def test_scalar_tags_are_grouped_under_one_prefix(run_dir):
     assert {
         "gradprobe/checks/fail_fraction",
         "gradprobe/checks/relative_error_max",
-        "gradprobe/checks/tolerance",
+        "gradprobe/checks/margin_max",
+        "gradprobe/checks/margin_limit",
         "gradprobe/health/grad_norm_p50",
         "gradprobe/health/nonfinite_samples",
     } <= ours
     assert {t.split("/")[1] for t in ours} == {"checks", "health"}
     fail = [e.value for e in _events(run_dir).Scalars("gradprobe/checks/fail_fraction")]
     assert fail == [1.0, 1.0, 1.0]
+    # The figure charted next to the verdict is the one it was decided on: every sample fails, so margin > 1.
+    margins = [e.value for e in _events(run_dir).Scalars("gradprobe/checks/margin_max")]
+    assert len(margins) == 3 and min(margins) > 1
 
 
 def test_histograms_and_saliency_images_change_between_steps(run_dir):
@@ -87,6 +91,10 @@ def test_custom_scalars_layout_in_its_own_run(run_dir):
         "gradprobe/checks/fail_threshold",
     ]
     assert len(titles["input-gradient norm (p50, band p10-p90)"].margin.series) == 1
+    assert list(titles["margin (error / allowed) vs 1"].multiline.tag) == [
+        "gradprobe/checks/margin_max",
+        "gradprobe/checks/margin_limit",
+    ]
     assert "custom_scalars__config__" not in _events(run_dir).Tags()["tensors"]  # the user's run keeps its own
 
 

@@ -10,8 +10,8 @@ __all__ = ["summarize"]
 _COLUMNS = (
     ("fail", "gradprobe/checks/fail_fraction", "{:.0%}"),
     ("inconcl.", "gradprobe/checks/inconclusive_fraction", "{:.0%}"),
+    ("margin max", "gradprobe/checks/margin_max", "{:.2g}"),
     ("rel.err max", "gradprobe/checks/relative_error_max", "{:.2g}"),
-    ("rel.err med", "gradprobe/checks/relative_error_median", "{:.2g}"),
     ("|grad| p50", "gradprobe/health/grad_norm_p50", "{:.3g}"),
     ("non-finite", "gradprobe/health/nonfinite_samples", "{:.0f}"),
     ("leaks", "gradprobe/health/leaking_pairs", "{:.0f}"),

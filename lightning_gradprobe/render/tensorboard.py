@@ -19,16 +19,15 @@ LAYOUT_RUN = "gradprobe_layout"
 
 
 def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
-    """The dashboard: relative error against its tolerance, fail fraction against its threshold, norm band."""
+    """The dashboard: worst margin against 1, fail fraction against its threshold, norm band.
+
+    The margin is error / allowed error of the very checks the verdicts were decided on: above 1 fails.
+    """
     return {
         "gradprobe": {
-            "relative error vs tolerance": [
+            "margin (error / allowed) vs 1": [
                 "Multiline",
-                [
-                    f"{PREFIX}/checks/relative_error_max",
-                    f"{PREFIX}/checks/relative_error_median",
-                    f"{PREFIX}/checks/tolerance",
-                ],
+                [f"{PREFIX}/checks/margin_max", f"{PREFIX}/checks/margin_limit"],
             ],
             "fail fraction vs threshold": [
                 "Multiline",
