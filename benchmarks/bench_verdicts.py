@@ -1,6 +1,7 @@
 """Verdict rates over the bug zoo: false alarms on correct models, detection of wrong backwards.
 
-Every model of ``tests/zoo.py`` is probed with default settings on 8 samples per seed.
+Every model of ``tests/zoo.py`` is probed with default settings on 8 samples per seed: the correct and wrong
+models, the kernel bug classes (each wrong kernel beside its correct twin) and the exact-zero Jacobians.
 
 Run:  python benchmarks/bench_verdicts.py [--seeds 100]
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch
-from zoo import buggy_models, correct_models
+from zoo import buggy_models, correct_models, exact_zero_models, kernel_bug_classes
 
 from lightning_gradprobe import probe
 
@@ -29,15 +30,19 @@ def main() -> None:
     tallies: dict[tuple[str, str], collections.Counter] = collections.defaultdict(collections.Counter)
     start = time.perf_counter()
     for seed in range(args.seeds):
-        for kind, models in (("correct", correct_models(seed)), ("wrong", buggy_models(seed))):
+        twins = kernel_bug_classes(seed)
+        correct = {**correct_models(seed), **{f"{k} (twin)": pair[0] for k, pair in twins.items()}}
+        correct.update({f"{k} (exact zero)": v for k, v in exact_zero_models(seed).items()})
+        wrong = {**buggy_models(seed), **{k: pair[1] for k, pair in twins.items()}}
+        for kind, models in (("correct", correct), ("wrong", wrong)):
             for name, (model, x) in models.items():
                 tallies[(kind, name)].update(str(v) for v in probe(model, x, seed=seed).verdicts)
     print(f"{args.seeds} seeds x 8 samples per model, defaults, {time.perf_counter() - start:.0f} s\n")
-    print(f"{'':8s} {'model':28s} {'samples':>7s} {'fail':>6s} {'pass':>6s} {'prec.':>6s} {'incon.':>6s}")
+    print(f"{'':8s} {'model':45s} {'samples':>7s} {'fail':>6s} {'pass':>6s} {'prec.':>6s} {'incon.':>6s}")
     for (kind, name), counts in sorted(tallies.items()):
         total = sum(counts.values())
         print(
-            f"{kind:8s} {name:28s} {total:7d} {counts['fail'] / total:6.1%} {counts['pass'] / total:6.1%} "
+            f"{kind:8s} {name:45s} {total:7d} {counts['fail'] / total:6.1%} {counts['pass'] / total:6.1%} "
             f"{counts['precision-limited'] / total:6.1%} {counts['inconclusive'] / total:6.1%}"
         )
     # The anchor people know: torch.autograd.gradcheck at its defaults on the same correct float32 models.
@@ -59,6 +64,9 @@ def main() -> None:
         total = sum(sum(c.values()) for (k, _), c in tallies.items() if k == kind)
         label = "false alarms" if kind == "correct" else "detected"
         print(f"\n{kind} models: {fails} of {total} samples judged fail ({label}: {fails / total:.2%})")
+        if kind == "correct":
+            shrugs = sum(c["inconclusive"] for (k, _), c in tallies.items() if k == kind)
+            print(f"correct models: {shrugs} of {total} samples inconclusive ({shrugs / total:.2%})")
 
 
 if __name__ == "__main__":
