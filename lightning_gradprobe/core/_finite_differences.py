@@ -168,7 +168,13 @@ def noise_floor(dtype: torch.dtype) -> float:
 
 
 def compare(
-    jacobians: Tensor, stencil: Stencil, rtol: float, *, gain: Tensor | None = None, resolution: float = RESOLUTION
+    jacobians: Tensor,
+    stencil: Stencil,
+    rtol: float,
+    *,
+    gain: Tensor | None = None,
+    floor: float | None = None,
+    resolution: float = RESOLUTION,
 ) -> Comparison:
     """Compare ``J (d+ + d-)`` with ``f+ - f-`` for each sample and direction (whole output vectors).
 
@@ -178,6 +184,7 @@ def compare(
         rtol: Relative tolerance granted to the autograd side (its own dtype's precision).
         gain: ``(n,)`` the problem's own output change per unit input displacement (``|f| / |x|``); the
             scale below which differences are round-off. ``None``: only the Jacobian's own scale counts.
+        floor: ``|J v|`` below this fraction of ``gain |v|`` is round-off (default :func:`noise_floor`).
         resolution: Largest certified relative error that still counts as resolved.
 
     """
@@ -200,8 +207,8 @@ def compare(
     displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
     typical = (jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5).nan_to_num(nan=0.0)
     natural = torch.zeros_like(displacement) if gain is None else gain.to(displacement).unsqueeze(1) * displacement
-    floor = noise_floor(stencil.f0.dtype) * natural
-    scale = torch.maximum(torch.maximum(magnitude, typical), floor)
+    floor_scale = (noise_floor(stencil.f0.dtype) if floor is None else floor) * natural
+    scale = torch.maximum(torch.maximum(magnitude, typical), floor_scale)
     curvature = second.norm(dim=-1)
     bound = (second.abs() + roundoff).norm(dim=-1)
     finite = measured.isfinite().all(-1) & second.isfinite().all(-1) & f0.isfinite().all(-1)

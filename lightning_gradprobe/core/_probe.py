@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from ._jacobian import (
     leak_tolerance,
     leaking_pairs,
 )
+from ._second_order import check_second_order
 from ._verdicts import FAIL, INCONCLUSIVE, PASS, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import ProbeReport, Verdict
 
@@ -50,6 +51,7 @@ def probe(
     check_parameters: bool = False,
     check_forward_mode: bool = False,
     localize_budget: tuple[int, float] = (64, 30.0),
+    second_order: bool = False,
 ) -> ProbeReport:
     """Compute per-sample input Jacobians and spot-check them against finite differences.
 
@@ -96,6 +98,10 @@ def probe(
             training even when input gradients are right.
         check_forward_mode: Compare forward mode (``torch.func.jvp``) with the reverse-mode Jacobian.
         localize_budget: ``(max_modules, seconds)`` for localization.
+        second_order: Also check the double backward through the input (``report.second_order``): the
+            Hessian-vector products of one random combination of each sample's selected outputs, from autograd's
+            double backward, against finite differences of float64 first-order gradients, judged by the same
+            rules. A model that cannot be differentiated twice (``once_differentiable``) is a finding there.
 
     Returns:
         A :class:`~lightning_gradprobe.ProbeReport`.
@@ -152,8 +158,8 @@ def probe(
         evidence = _Evidence.empty(n, n_directions)
         implicated = _apply_cross_sample(cross, checked, evidence, notes)
         judged = torch.tensor([i for i in checked.tolist() if i not in implicated], dtype=torch.long)
+        problem = Problem(function, reference, selection, dtype, reference_dtype, rtol, engine_used, chunk_size)
         if len(judged):
-            problem = Problem(function, reference, selection, dtype, reference_dtype, rtol, engine_used, chunk_size)
             rows = judged.to(x.device)
             judgement = judge_samples(
                 problem, jac[rows], x[rows], index[rows], generator=generator, n_directions=n_directions
@@ -165,6 +171,17 @@ def probe(
             if check_forward_mode and len(checked)
             else None
         )
+        second = None
+        if second_order and len(judged):
+            second, _ = check_second_order(
+                problem,
+                x,
+                index,
+                judged,
+                n_outputs=selection.n_outputs,
+                generator=generator,
+                n_directions=n_directions,
+            )
     for note in notes:
         if note.startswith(_WEAKER):
             _warn_once(owner, note)
@@ -185,6 +202,15 @@ def probe(
             localize_budget,
             check_parameters,
             inputs_too=localize and bool(failing),
+        )
+    if second is not None and localize and not second.ok:
+        sample = (second.failed or checked.tolist())[0]
+        found, note = _localize(
+            model, x, [sample], forward, n_directions, seed, localize_budget, False, inputs_too=False, second_order=True
+        )
+        second = replace(second, culprits=found)
+        localization_note = (
+            f"{localization_note}; second order: {note}" if localization_note else f"second order: {note}"
         )
     return ProbeReport(
         verdicts=tuple(verdicts),
@@ -215,6 +241,7 @@ def probe(
         culprits=culprits,
         localization_note=localization_note,
         forward_mode_mismatch=forward_mismatch,
+        second_order=second,
     )
 
 
@@ -343,6 +370,7 @@ def _localize(
     parameters: bool,
     *,
     inputs_too: bool,
+    second_order: bool = False,
 ) -> tuple[tuple[Any, ...], str]:
     from torch import nn
 
@@ -361,10 +389,12 @@ def _localize(
             max_modules=budget[0],
             time_budget=budget[1],
             parameters=parameters,
+            second_order=second_order,
         )
     except Exception as error:  # localization is a help, never a reason to lose the verdicts
         return (), f"localization failed on sample {sample}: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    culprits = result.culprits if inputs_too else tuple(c for c in result.culprits if c.kind == "parameter")
+    wanted = {"second-order"} if second_order else {"input", "parameter"} if inputs_too else {"parameter"}
+    culprits = tuple(c for c in result.culprits if c.kind in wanted)
     note = f"sample {sample}: {len(result.checked)} submodules checked on their own"
     if result.skipped:
         note += f", {len(result.skipped)} skipped ({next(iter(result.skipped.values()))}, ...)"

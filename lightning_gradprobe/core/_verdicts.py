@@ -90,6 +90,7 @@ class Problem:
     rtol: float  # granted to the model-dtype backward
     engine: str
     chunk_size: int | None
+    floor: float | None = None  # |J v| below floor x the problem's own scale is round-off (None: the dtype's)
 
     @property
     def separate_reference(self) -> bool:
@@ -200,7 +201,8 @@ class _Judge:
         self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step)
         self.first_stencil = project(self.raw, self.projection)
         self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows)
-        self.first = compare(self.reference_rows, self.first_stencil, self.rtol, gain=self.gain)
+        self.floor = noise_floor(ref) if problem.floor is None else problem.floor
+        self.first = compare(self.reference_rows, self.first_stencil, self.rtol, gain=self.gain, floor=self.floor)
         self.evidence = _Evidence.of(self.first)
         self.steps = self.step.clone()
         self.moved = torch.zeros(n, dtype=torch.bool)
@@ -216,7 +218,7 @@ class _Judge:
         return _reference_rows(self.problem, points, index, self.projection)
 
     def check(self, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
-        return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows])
+        return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows], floor=self.floor)
 
     def failures_at_the_point(self, failed: Tensor, codes: Tensor) -> Tensor:
         """A reliable failure stands, unless a better check at the same point contradicts it (see module).
@@ -341,6 +343,7 @@ class _Judge:
                 self.step,
                 self.projection,
                 self.generator,
+                self.floor,
             )
             margin = torch.maximum(margin, dtype_margin)
         return Judgement(
@@ -381,11 +384,14 @@ def _judge_model_dtype(
     step: Tensor,
     projection: Tensor | None,
     generator: torch.Generator,
+    floor: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Question 2: the model-dtype Jacobian against the reference one (see the module docstring)."""
     displacement = stencil.d_plus + stencil.d_minus
     rtol, dtype = problem.rtol, problem.model_dtype
-    gap, ok, limit = _dtype_gap(model_rows, reference_rows, displacement, evidence.scale, evidence.natural, rtol, dtype)
+    gap, ok, limit = _dtype_gap(
+        model_rows, reference_rows, displacement, evidence.scale, evidence.natural, rtol, dtype, floor
+    )
     dtype_error = gap / evidence.scale.clamp_min(torch.finfo(torch.float64).tiny)
     margin = gap / limit
     codes = torch.where((codes == PASS) & ~ok, PRECISION, codes)
@@ -403,10 +409,11 @@ def _judge_model_dtype(
     predicted = torch.einsum("nqd,nkd->nkq", near_reference.double(), near_displacement).norm(dim=-1)
     typical = near_reference.double().norm(dim=(1, 2))[:, None] * near_displacement.norm(dim=-1)
     typical = typical / near_displacement.shape[-1] ** 0.5
-    floor = noise_floor(problem.reference_dtype) * evidence.natural[rows]
-    scale = torch.maximum(torch.maximum(predicted, typical), floor).clamp_min(torch.finfo(torch.float64).tiny)
+    scale = torch.maximum(torch.maximum(predicted, typical), floor * evidence.natural[rows]).clamp_min(
+        torch.finfo(torch.float64).tiny
+    )
     gap2, _, limit2 = _dtype_gap(
-        near_model, near_reference, near_displacement, scale, evidence.natural[rows], rtol, dtype
+        near_model, near_reference, near_displacement, scale, evidence.natural[rows], rtol, dtype, floor
     )
     mask = beyond[rows]
     confirmed = mask & (gap2 > limit2)
@@ -425,6 +432,7 @@ def _dtype_gap(
     natural: Tensor,
     rtol: float,
     dtype: torch.dtype,
+    floor: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``|(J_model - J_reference) d|``, whether it is as close as its dtype allows, and the limit beyond which it fails.
 
@@ -436,7 +444,7 @@ def _dtype_gap(
     gap = torch.einsum("nqd,nkd->nkq", difference.nan_to_num(nan=float("inf")), displacement.double()).norm(dim=-1)
     gap = gap.nan_to_num(nan=float("inf"))
     # (Half precision is told apart from its float64 twin at any scale: it is never failed, only described.)
-    resolvable = 0.0 if dtype in (torch.float16, torch.bfloat16) else noise_floor(dtype)
+    resolvable = 0.0 if dtype in (torch.float16, torch.bfloat16) else max(noise_floor(dtype), floor)
     within = gap <= rtol * torch.maximum(scale, resolvable * natural)
     limit = torch.maximum(rtol * scale, _DTYPE_FLOOR * torch.finfo(dtype).eps * natural).clamp_min(
         torch.finfo(torch.float64).tiny

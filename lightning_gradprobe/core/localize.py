@@ -33,10 +33,12 @@ class Culprit:
     Attributes:
         module: Its qualified name in the model (``""`` for the model itself).
         module_type: Its class name.
-        kind: ``"input"`` (gradient with respect to its input) or ``"parameter"`` (its own weights).
+        kind: ``"input"`` (gradient with respect to its input), ``"parameter"`` (its own weights) or
+            ``"second-order"`` (its double backward through its input).
         relative_error: The worst relative error of its own check.
         verdict: The verdict of its own check.
         explained_by: For a container, the failing descendants that explain its failure.
+        finding: Why it cannot be differentiated twice, when that is the failure.
 
     """
 
@@ -46,11 +48,15 @@ class Culprit:
     relative_error: float
     verdict: Verdict = Verdict.FAIL
     explained_by: tuple[str, ...] = ()
+    finding: str | None = None
 
     def __str__(self) -> str:
         name = self.module or "<model>"
-        what = "input gradient" if self.kind == "input" else "parameter gradient"
         tail = f" (explained by {', '.join(self.explained_by)})" if self.explained_by else ""
+        if self.finding:
+            reason = f"explained by {', '.join(self.explained_by)}" if self.explained_by else self.finding
+            return f"not twice differentiable: {name} ({self.module_type}; {reason})"
+        what = {"input": "input gradient", "parameter": "parameter gradient"}.get(self.kind, "double backward")
         return (
             f"{name} ({self.module_type}): {what} disagrees with finite differences, "
             f"relative error {self.relative_error:.3g}{tail}"
@@ -136,6 +142,7 @@ def localize(
     max_modules: int = 64,
     time_budget: float = 30.0,
     parameters: bool = False,
+    second_order: bool = False,
 ) -> Localization:
     """Check every submodule of ``model`` on its own, on one sample, deepest first.
 
@@ -148,6 +155,7 @@ def localize(
         max_modules: Most submodules checked.
         time_budget: Seconds the whole localization may take.
         parameters: Also check each submodule's gradient with respect to its own parameters.
+        second_order: Check each submodule's double backward through its input instead of its first order.
 
     Returns:
         A :class:`Localization`: culprits deepest first (a container after the children that explain it).
@@ -157,6 +165,7 @@ def localize(
 
     started = time.perf_counter()
     failing: dict[str, tuple[str, float]] = {}
+    findings: dict[str, str] = {}
     checked: list[str] = []
     skipped: dict[str, str] = {}
     cut_short = None
@@ -187,13 +196,19 @@ def localize(
                         n_directions=n_directions,
                         seed=seed,
                         check_batch=False,
+                        second_order=second_order,
                     )
             except Exception as error:  # a submodule that cannot be probed alone is skipped, with its reason
                 skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
                 continue
             checked.append(name)
-            if Verdict.FAIL in report.verdicts:
-                failing[name] = ("input", float(report.relative_error.nan_to_num(0).max()))
+            if second_order:
+                if report.second_order is not None and not report.second_order.ok:
+                    failing[name] = ("second-order", _worst(report.second_order.relative_error))
+                    if report.second_order.finding:
+                        findings[name] = report.second_order.finding
+            elif Verdict.FAIL in report.verdicts:
+                failing[name] = ("input", _worst(report.relative_error))
             if parameters:
                 try:
                     weight_error = check_parameters(
@@ -204,22 +219,25 @@ def localize(
                     continue
                 if weight_error is not None:
                     failing[name + "\0param"] = ("parameter", weight_error)
-    return Localization(_culprits(failing, modules), tuple(checked), skipped, cut_short)
+    return Localization(_culprits(failing, modules, findings), tuple(checked), skipped, cut_short)
 
 
-def _culprits(failing: dict[str, tuple[str, float]], modules: dict[str, nn.Module]) -> tuple[Culprit, ...]:
-    input_failures = [k for k, (kind, _) in failing.items() if kind == "input"]
+def _culprits(
+    failing: dict[str, tuple[str, float]], modules: dict[str, nn.Module], findings: dict[str, str]
+) -> tuple[Culprit, ...]:
     out = []
     for key, (kind, error) in failing.items():
         name = key.split("\0")[0]
-        children = (
-            tuple(other for other in input_failures if other != name and (name == "" or other.startswith(name + ".")))
-            if kind == "input"
-            else ()
-        )
-        out.append(Culprit(name, type(modules[name]).__name__, kind, error, Verdict.FAIL, children))
+        same_kind = [k for k, (other_kind, _) in failing.items() if other_kind == kind and kind != "parameter"]
+        children = tuple(o for o in same_kind if o != name and (name == "" or o.startswith(name + ".")))
+        culprit = Culprit(name, type(modules[name]).__name__, kind, error, Verdict.FAIL, children, findings.get(name))
+        out.append(culprit)
     out.sort(key=lambda c: (len(c.explained_by) > 0, -_depth(c.module), c.module, c.kind))
     return tuple(out)
+
+
+def _worst(relative_error: Tensor) -> float:
+    return float(relative_error.nan_to_num(0).max()) if relative_error.numel() else float("nan")
 
 
 def _depth(name: str) -> int:

@@ -68,6 +68,8 @@ class ProbeReport:
         projected: Whether outputs were compared through random projections (many outputs).
         rtol: Relative tolerance granted to the model-dtype backward.
         notes: Human-readable remarks (fallbacks, skipped checks).
+        second_order: The :class:`SecondOrderReport` of the double backward through the input, when asked for
+            (``probe(..., second_order=True)``), else ``None``.
 
     """
 
@@ -99,6 +101,7 @@ class ProbeReport:
     localization_note: str | None = None
     forward_mode_mismatch: tuple[int, ...] | None = None
     mixing_pairs: tuple[tuple[int, int], ...] = ()
+    second_order: Any = None
 
     @property
     def failed(self) -> list[int]:
@@ -146,6 +149,18 @@ class ProbeReport:
         if self.forward_mode_mismatch:
             found.append(
                 f"forward mode (jvp) disagrees with reverse mode on samples {list(self.forward_mode_mismatch)}"
+            )
+        second = self.second_order
+        if second is not None and not second.ok:
+            what = second.finding and f"the model cannot be differentiated twice ({second.finding})"
+            found.append(
+                "second order: "
+                + (
+                    what
+                    or f"{len(second.failed)} samples' double backward disagrees with finite differences of "
+                    f"first-order gradients (samples {second.failed[:8]})"
+                )
+                + "".join(f"; culprit: {c}" for c in second.culprits[:3])
             )
         if self.batch_independent is False:
             found.append(
@@ -237,6 +252,8 @@ class ProbeReport:
         lines += [f"  culprit: {culprit}" for culprit in self.culprits]
         if self.localization_note:
             lines.append(f"  localization: {self.localization_note}")
+        if self.second_order is not None:
+            lines += ["  " + line for line in str(self.second_order).splitlines()]
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  problem: {p}" for p in self.problems()]
         return "\n".join(lines)

@@ -1,0 +1,196 @@
+"""Second order: the judging of first order, applied to the input gradient instead of the output.
+
+Training that differentiates *through* input gradients (physics-informed losses with ``d2u/dx2``, gradient
+penalties, double backpropagation) consumes the backward of the backward. Here the function under test is
+
+    ``g(x) = R^T grad_x s(x)``,   ``s(x) = w . selected outputs``,
+
+``q`` random projections ``R`` of each sample's input gradient of one random combination ``w`` of its selected
+outputs. Its Jacobian, ``R^T H``, comes from autograd's double backward (one per projection); its finite
+differences are differences of first-order gradients, computed in float64. Everything else (steps, error
+bounds, re-checks, margins, the float64 formula check and the model-dtype check) is :func:`judge_samples`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._jacobian import compute_gradients
+from ._verdicts import Judgement, Problem, judge_samples, sample_verdicts, unit_rms
+from .report import Verdict
+
+__all__ = ["SecondOrderReport", "check_second_order"]
+
+_PROJECTIONS = 2  # double backwards per sample
+# Hessian-vector products below this fraction of the problem's own scale (|grad| / |x|) are round-off: a
+# gradient is itself computed by a backward pass, and resolving a ReLU network's zero Hessian to 1e-6 of its
+# gradient's scale needs no step that would cross its kinks.
+_FLOOR = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class SecondOrderReport:
+    """Second-order check of one probe: the double backward through the input, per sample.
+
+    Attributes:
+        verdicts: One :class:`~lightning_gradprobe.Verdict` per sample (``unchecked`` where not checked).
+        margin: ``(N, k)`` error over allowed error per direction (``<= 1`` passes; NaN: unchecked).
+        relative_error: ``(N, k)`` relative error of the Hessian-vector products (float64 formula).
+        resolution: ``(N, k)`` what a pass certifies, relative to the scale of ``H v``.
+        finding: Why the model cannot be differentiated twice, when it cannot (then every checked sample fails).
+        culprits: Submodules whose own double backward is wrong or missing, deepest first (``localize=True``).
+
+    """
+
+    verdicts: tuple[Verdict, ...]
+    margin: Tensor
+    relative_error: Tensor
+    resolution: Tensor
+    finding: str | None = None
+    culprits: tuple[object, ...] = ()
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of samples whose second-order check failed."""
+        return [i for i, v in enumerate(self.verdicts) if v is Verdict.FAIL]
+
+    @property
+    def ok(self) -> bool:
+        """Whether no sample failed and the model can be differentiated twice."""
+        return not self.failed and self.finding is None
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
+        margins = self.margin[~self.margin.isnan()]
+        worst = f"{float(margins.max()):.2g}" if margins.numel() else "n/a"
+        lines = [f"second order (double backward through the input): {counts}; margin max {worst}"]
+        if self.finding:
+            lines.append(f"  finding: {self.finding}")
+        lines += [f"  culprit: {culprit}" for culprit in self.culprits]
+        return "\n".join(lines)
+
+
+class _GradientRows:
+    """``(x, index) -> R^T grad_x (w . selection(f(x)))`` per sample: the function second order judges.
+
+    A selection in the sense of the first-order engine (it receives the inputs as "outputs"): it runs the model
+    itself, in the dtype of its argument (the model-dtype function, or the float64 reference), with a graph
+    when its argument has one (so that autograd can take the double backward) and without one otherwise.
+    """
+
+    def __init__(
+        self,
+        function: Callable[[Tensor], Tensor],
+        reference: Callable[[Tensor], Tensor],
+        selection: Callable[[Tensor, Tensor], Tensor],
+        weights: Tensor,
+        projections: Tensor,
+        reference_dtype: torch.dtype,
+    ) -> None:
+        self.function, self.reference, self.selection = function, reference, selection
+        self.weights, self.projections, self.reference_dtype = weights, projections, reference_dtype
+        self.n_outputs = projections.shape[1]
+
+    def __call__(self, x: Tensor, index: Tensor) -> Tensor:
+        function = self.reference if x.dtype == self.reference_dtype else self.function
+        outer = x.requires_grad and torch.is_grad_enabled()
+        with torch.enable_grad():
+            point = x if outer else x.detach().requires_grad_(True)
+            selected = self.selection(function(point), index)
+            scalar = selected @ self.weights.to(selected.dtype)
+            (gradient,) = torch.autograd.grad(
+                scalar.sum(), point, create_graph=outer, allow_unused=True, materialize_grads=True
+            )
+        flat = gradient.reshape(gradient.shape[0], -1)
+        return flat @ self.projections.to(flat.dtype)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def check_second_order(
+    problem: Problem,
+    x: Tensor,
+    index: Tensor,
+    checked: Tensor,
+    *,
+    n_outputs: int,
+    generator: torch.Generator,
+    n_directions: int,
+) -> tuple[SecondOrderReport, Judgement | None]:
+    """Judge the double backward through the input on the ``checked`` samples of ``x``.
+
+    Args:
+        problem: The first-order problem (model functions, selection, dtypes, engine).
+        x: The whole input batch (model dtype of the inputs).
+        index: Per-sample output indices of the first-order selection.
+        checked: Which samples to check.
+        n_outputs: Outputs per sample of the first-order selection.
+        generator: The probe's own generator.
+        n_directions: Random directions per sample.
+
+    Returns:
+        The report, and the judgement it was made from (``None`` when the model cannot be differentiated twice).
+
+    """
+    n = x.shape[0]
+    weights = unit_rms(torch.randn(n_outputs, generator=generator, dtype=torch.float64), 0) / n_outputs**0.5
+    width = x[0].numel()
+    projections = torch.randn((width, min(_PROJECTIONS, width)), generator=generator, dtype=torch.float64)
+    projections = (projections / width**0.5).to(x.device)
+    rows_of = _GradientRows(
+        problem.function,
+        problem.reference,
+        problem.selection,
+        weights.to(x.device),
+        projections,
+        problem.reference_dtype,
+    )
+    second = Problem(
+        function=_identity,
+        reference=_identity,
+        selection=rows_of,
+        model_dtype=problem.model_dtype,
+        reference_dtype=problem.reference_dtype,
+        rtol=problem.rtol,
+        engine="autograd",  # double backward under vmap is rarely supported by custom Functions
+        chunk_size=None,
+        floor=_FLOOR,
+    )
+    rows = checked.to(x.device)
+    xc, ic = x[rows].detach(), index[rows]
+    empty = torch.full((n, n_directions), float("nan"), dtype=torch.float64)
+    try:
+        leaf = xc.clone().requires_grad_(True)
+        gradient_rows = rows_of(leaf.clone(), ic)
+        hessian_rows = compute_gradients(
+            _identity, rows_of, leaf, leaf.clone(), ic, engine="autograd", check_batch=False, generator=generator
+        ).jacobians.detach()
+    except Exception as error:  # once_differentiable, an op without a double backward: a finding, not a crash
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+        verdicts = [Verdict.UNCHECKED] * n
+        for i in checked.tolist():
+            verdicts[i] = Verdict.FAIL
+        return SecondOrderReport(tuple(verdicts), empty, empty.clone(), empty.clone(), reason), None
+    judgement = judge_samples(second, hessian_rows, xc, ic, generator=generator, n_directions=n_directions)
+    verdicts = [Verdict.UNCHECKED] * n
+    for i, verdict in zip(checked.tolist(), sample_verdicts(judgement.codes), strict=True):
+        verdicts[i] = verdict
+    finding = None
+    if not gradient_rows.requires_grad and Verdict.FAIL in verdicts:
+        # Piecewise-linear models legitimately have a gradient without a graph (a zero Hessian); a gradient
+        # that finite differences show to vary, yet carries no graph, was cut from it.
+        finding = (
+            "the input gradient carries no autograd graph back to the input although it varies with the input "
+            "(a @once_differentiable backward, or one computed from detached tensors or under no_grad)"
+        )
+    margin, relative_error, resolution = empty.clone(), empty.clone(), empty.clone()
+    margin[checked] = judgement.margin
+    relative_error[checked] = judgement.relative_error
+    resolution[checked] = judgement.resolution
+    return SecondOrderReport(tuple(verdicts), margin, relative_error, resolution, finding), judgement
