@@ -427,3 +427,126 @@ def exact_zero_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "normalize-size-1": (UnitNormalize(), torch.randn(8, 5, generator=g)),
         "all-relu-dead": (dead, torch.randn(8, 6, generator=g)),
     }
+
+
+# --- Second order: double backwards, each wrong one beside its correct twin -------------------------------------
+
+
+class SoftplusFunction(torch.autograd.Function):
+    """softplus with a hand-written backward (modern style). ``detached``: the backward's sigmoid is computed
+    from a detached input (first derivative right, second derivative zero)."""
+
+    @staticmethod
+    def forward(x, detached):
+        return nn.functional.softplus(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.detached = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x.detach() if ctx.detached else x), None
+
+
+class OnceSoftplus(torch.autograd.Function):
+    """softplus whose backward is ``@once_differentiable`` (classic style): no double backward at all."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return nn.functional.softplus(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+class TanhWithBackward(torch.autograd.Function):
+    """tanh whose backward is itself a custom Function with a hand-written double backward (classic style).
+    ``mode``: "ok"; "sign" flips the sign of the ``d(1 - y^2)/dy = -2y`` term; "missing" drops that term."""
+
+    @staticmethod
+    def forward(ctx, x, mode):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        ctx.mode = mode
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _TanhBackward.apply(grad, y, ctx.mode), None
+
+
+class _TanhBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, y, mode):
+        ctx.save_for_backward(grad, y)
+        ctx.mode = mode
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, y = ctx.saved_tensors
+        dy = (2 if ctx.mode == "sign" else -2) * y * grad * g  # d/dy [grad (1 - y^2)] = -2 y grad
+        if ctx.mode == "missing":
+            dy = None
+        # y = tanh(x) is itself a function of x: route through the saved output's own graph (dy/dx = 1 - y^2).
+        return g * (1 - y * y), dy, None
+
+
+class SecondOrderAct(nn.Module):
+    def __init__(self, kind: str = "ok") -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind.startswith("tanh-"):
+            return TanhWithBackward.apply(x, self.kind.removeprefix("tanh-"))
+        if self.kind == "once":
+            return OnceSoftplus.apply(x)
+        return SoftplusFunction.apply(x, self.kind == "detached")
+
+
+def _pinn(kind: str) -> nn.Module:
+    """A physics-informed MLP u(x) for a 1-D problem: its loss would use d2u/dx2 from autograd."""
+    return nn.Sequential(
+        nn.Linear(1, 24), SecondOrderAct(kind), nn.Linear(24, 24), SecondOrderAct(kind), nn.Linear(24, 1)
+    )
+
+
+def second_order_models(
+    seed: int,
+) -> tuple[dict[str, tuple[nn.Module, torch.Tensor]], dict[str, tuple[nn.Module, torch.Tensor]]]:
+    """(correct, wrong) models for the double backward; every wrong one has a correct first derivative."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    points = torch.rand(8, 1, generator=g) * 2 - 1
+    tabular = torch.randn(8, 6, generator=g)
+    critic = nn.Sequential(nn.Linear(6, 32), nn.LeakyReLU(0.2), nn.Linear(32, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+    correct = {
+        "tanh-mlp": (_mlp(6, 24, 3, nn.Tanh), tabular),
+        "softplus-mlp": (_mlp(6, 24, 3, nn.Softplus), tabular),
+        "gelu-mlp": (_mlp(6, 24, 3, nn.GELU), tabular),
+        "relu-mlp (zero Hessian)": (_mlp(6, 24, 3, nn.ReLU), tabular),
+        "gradient-penalty critic (LeakyReLU)": (critic, tabular),
+        "saturated tanh": (_saturated("ok"), tabular),
+        "pinn softplus Function": (_pinn("ok"), points),
+        "pinn tanh with hand-written double backward": (_pinn("tanh-ok"), points),
+    }
+    wrong = {
+        "pinn detached intermediate": (_pinn("detached"), points),
+        "pinn once_differentiable": (_pinn("once"), points),
+        "pinn wrong second-derivative sign": (_pinn("tanh-sign"), points),
+        "pinn double backward missing a term": (_pinn("tanh-missing"), points),
+        "mlp detached intermediate": (
+            nn.Sequential(nn.Linear(6, 24), SecondOrderAct("detached"), nn.Linear(24, 3)),
+            tabular,
+        ),
+    }
+    return correct, wrong

@@ -212,7 +212,9 @@ def compare(
     curvature = second.norm(dim=-1)
     bound = (second.abs() + roundoff).norm(dim=-1)
     finite = measured.isfinite().all(-1) & second.isfinite().all(-1) & f0.isfinite().all(-1)
-    kink = (curvature > _KINK_FRACTION * magnitude) & (curvature > 4 * roundoff.norm(dim=-1))
+    kink = (curvature > _KINK_FRACTION * torch.maximum(magnitude, floor_scale)) & (
+        curvature > 4 * roundoff.norm(dim=-1)
+    )
     allowed = rtol * scale + 2 * bound
     tiny = torch.finfo(magnitude.dtype).tiny
     safe_scale = scale.clamp_min(tiny)

@@ -113,6 +113,19 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _hessian_scale(problem: Problem, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+    """The problem's own scale of ``H v`` per unit displacement: ``|s(x)| / max(|x|, sqrt(D))^2``.
+
+    The gradient's own size is no measure of round-off in a Hessian: behind saturated units the gradient is
+    ~1e-9 of the output while the rounding of the output's own size is what the backward of the backward sees.
+    """
+    xr = x.to(problem.reference_dtype)
+    with torch.no_grad():
+        scalar = problem.selection(problem.reference(xr), index) @ weights.to(problem.reference_dtype)
+    flat = xr.reshape(xr.shape[0], -1)
+    return scalar.abs().double() / flat.norm(dim=1).clamp_min(flat.shape[1] ** 0.5).double().pow(2)
+
+
 def check_second_order(
     problem: Problem,
     x: Tensor,
@@ -151,6 +164,8 @@ def check_second_order(
         projections,
         problem.reference_dtype,
     )
+    rows = checked.to(x.device)
+    xc, ic = x[rows].detach(), index[rows]
     second = Problem(
         function=_identity,
         reference=_identity,
@@ -161,9 +176,8 @@ def check_second_order(
         engine="autograd",  # double backward under vmap is rarely supported by custom Functions
         chunk_size=None,
         floor=_FLOOR,
+        gain=_hessian_scale(problem, xc, ic, weights.to(x.device)),
     )
-    rows = checked.to(x.device)
-    xc, ic = x[rows].detach(), index[rows]
     empty = torch.full((n, n_directions), float("nan"), dtype=torch.float64)
     try:
         leaf = xc.clone().requires_grad_(True)

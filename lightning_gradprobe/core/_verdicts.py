@@ -91,6 +91,7 @@ class Problem:
     engine: str
     chunk_size: int | None
     floor: float | None = None  # |J v| below floor x the problem's own scale is round-off (None: the dtype's)
+    gain: Tensor | None = None  # (n,) a lower bound on the problem's own scale per sample, from the caller
 
     @property
     def separate_reference(self) -> bool:
@@ -201,6 +202,8 @@ class _Judge:
         self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step)
         self.first_stencil = project(self.raw, self.projection)
         self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows)
+        if problem.gain is not None:
+            self.gain = torch.maximum(self.gain, problem.gain.to(self.gain))
         self.floor = noise_floor(ref) if problem.floor is None else problem.floor
         self.first = compare(self.reference_rows, self.first_stencil, self.rtol, gain=self.gain, floor=self.floor)
         self.evidence = _Evidence.of(self.first)
