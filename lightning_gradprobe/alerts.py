@@ -32,6 +32,8 @@ class AlertCondition(str, Enum):
     """Too many probed samples have an input gradient that is exactly zero everywhere."""
     PARAMETER_GRADIENTS = "parameter_gradients"
     """Some submodule's gradient with respect to its own parameters disagrees with finite differences."""
+    SECOND_ORDER_CHECKS = "second_order_checks"
+    """Too many probed samples' double backward through the input is wrong or missing (``second_order=True``)."""
 
     def __str__(self) -> str:
         return self.value
@@ -74,8 +76,19 @@ class AlertThresholds:
                 )
 
 
-_MAXIMA = ("worst_relative_error", "worst_margin")
-_COUNTS = ("probed", "checked", "failed", "inconclusive", "nonfinite", "leaking_pairs", "vanishing", "wrong_parameters")
+_MAXIMA = ("worst_relative_error", "worst_margin", "worst_second_order_margin")
+_COUNTS = (
+    "probed",
+    "checked",
+    "failed",
+    "inconclusive",
+    "nonfinite",
+    "leaking_pairs",
+    "vanishing",
+    "wrong_parameters",
+    "second_order_checked",
+    "second_order_failed",
+)
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,12 @@ class ProbeFigures:
     leaking_pairs: int = 0
     vanishing: int = 0
     wrong_parameters: int = 0
+    second_order_checked: int = 0
+    second_order_failed: int = 0
     worst_relative_error: float = float("nan")
     worst_margin: float = float("nan")
+    worst_second_order_margin: float = float("nan")
+    second_order_finding: str | None = None
     failed_samples: tuple[int, ...] = field(default=())
     culprits: tuple[str, ...] = field(default=())
 
@@ -135,6 +152,9 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
     errors = errors[errors.isfinite()]
     margins = report.margin[report.checked].flatten()
     margins = margins[~margins.isnan()]
+    second = report.second_order
+    second_margins = second.margin[~second.margin.isnan()] if second is not None else torch.zeros(0)
+    culprits = [*report.culprits, *(second.culprits if second is not None else ())]
     return ProbeFigures(
         probed=len(report.verdicts),
         checked=len(report.checked),
@@ -146,10 +166,12 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         wrong_parameters=sum(1 for c in report.culprits if c.kind == "parameter"),
         worst_relative_error=float(errors.max()) if errors.numel() else float("nan"),
         worst_margin=float(margins.max()) if margins.numel() else float("nan"),
+        second_order_checked=sum(v is not Verdict.UNCHECKED for v in second.verdicts) if second is not None else 0,
+        second_order_failed=len(second.failed) if second is not None else 0,
+        worst_second_order_margin=float(second_margins.max()) if second_margins.numel() else float("nan"),
+        second_order_finding=second.finding if second is not None else None,
         failed_samples=tuple(report.failed),
-        culprits=tuple(
-            f"{c.module or '<model>'} ({c.module_type}, {c.kind})" for c in report.culprits if not c.explained_by
-        ),
+        culprits=tuple(f"{c.module or '<model>'} ({c.module_type}, {c.kind})" for c in culprits if not c.explained_by),
     )
 
 
@@ -240,6 +262,19 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
         )
         condition = AlertCondition.PARAMETER_GRADIENTS
         alerts.append(Alert(condition, figures.wrong_parameters, 0, step, (), message, weights))
+    if thresholds.fail_fraction is not None and figures.second_order_checked:
+        fraction = figures.second_order_failed / figures.second_order_checked
+        if fraction > thresholds.fail_fraction:
+            where = tuple(c for c in figures.culprits if c.endswith(", second-order)"))
+            why = f": not twice differentiable ({figures.second_order_finding})" if figures.second_order_finding else ""
+            message = (
+                f"{figures.second_order_failed} of {figures.second_order_checked} probed samples fail the "
+                f"second-order check: the double backward through the input disagrees with finite differences of "
+                f"first-order gradients (worst margin {figures.worst_second_order_margin:.3g}){why}"
+                + (f"; culprit: {', '.join(where)}" if where else "")
+            )
+            condition = AlertCondition.SECOND_ORDER_CHECKS
+            alerts.append(Alert(condition, fraction, thresholds.fail_fraction, step, (), message, where))
     if thresholds.vanishing_fraction is not None and figures.probed:
         fraction = figures.vanishing / figures.probed
         if fraction > thresholds.vanishing_fraction:

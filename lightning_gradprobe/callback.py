@@ -76,6 +76,9 @@ class GradProbe(Callback):
             culprit in the alert (bounded: 64 submodules, ``time_budget``).
         check_parameters: Also check each submodule's gradient with respect to its own parameters (a
             ``parameter_gradients`` alert); costs a few forwards per submodule at every probe.
+        second_order: Also check the double backward through the input (for losses that differentiate input
+            gradients: physics-informed networks, gradient penalties); a ``second_order_checks`` alert names
+            the culprit, and ``gradprobe/second_order/{fail_fraction, margin_max}`` are logged.
         log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
         shared_scale: Keep the first probe's colour scale for all saliency pictures (default: per probe).
         feature_names: Names of tabular features, for attribution charts.
@@ -112,6 +115,7 @@ class GradProbe(Callback):
         max_overhead: float | None = 0.05,
         localize: bool = True,
         check_parameters: bool = False,
+        second_order: bool = False,
         log_images: bool = True,
         shared_scale: bool = False,
         feature_names: list[str] | None = None,
@@ -157,6 +161,7 @@ class GradProbe(Callback):
         self.max_overhead = max_overhead
         self.localize = localize
         self.check_parameters = check_parameters
+        self.second_order = second_order
         self.log_images = log_images
         self.shared_scale = shared_scale
         self.feature_names = feature_names
@@ -432,6 +437,7 @@ class GradProbe(Callback):
                 localize=self.localize,
                 check_parameters=self.check_parameters,
                 localize_budget=(64, self.time_budget or 30.0),
+                second_order=self.second_order,
             )
             return report, None, time.perf_counter() - start
         except Exception as error:  # never kill the run for a probe's own failure
@@ -485,6 +491,10 @@ class GradProbe(Callback):
         }
         if self.thresholds.fail_fraction is not None:
             metrics["gradprobe/checks/fail_threshold"] = self.thresholds.fail_fraction
+        if self.second_order:
+            checked = max(figures.second_order_checked, 1)
+            metrics["gradprobe/second_order/fail_fraction"] = figures.second_order_failed / checked
+            metrics["gradprobe/second_order/margin_max"] = figures.worst_second_order_margin
         # The same keys on every process, whether or not its own probe ran (sync_dist reduces them together).
         summary = report.summary() if report is not None else {}
         metrics["gradprobe/checks/margin_limit"] = 1.0

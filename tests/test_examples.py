@@ -40,6 +40,14 @@ def test_bug_caught_and_fixed():
     assert "Trained all 3 epochs" in out and "no alert" in out
 
 
+def test_pinn_second_order_caught_and_fixed():
+    out = _run(EXAMPLES / "pinn_second_order.py", "--epochs", "3")
+    assert "Stopped after epoch 1" in out and "fail the second-order check" in out
+    assert "culprit: net.1 (Tanh, second-order)" in out and "First-order check: pass 8" in out
+    out = _run(EXAMPLES / "pinn_second_order.py", "--epochs", "3", "--fixed")
+    assert "Trained all 3 epochs" in out and "no alert" in out
+
+
 def test_classic_question():
     out = _run(EXAMPLES / "classic_question.py")
     assert "Verdict: pass" in out and "relative error 0." in out

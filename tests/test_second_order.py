@@ -90,3 +90,37 @@ def test_second_order_is_off_by_default():
     model, x = second_order_models(0)[1]["pinn detached intermediate"]
     report = probe(model, x)
     assert report.second_order is None and report.ok
+
+
+def test_callback_logs_second_order_and_names_the_culprit(tmp_path):
+    """A real Trainer run: the second-order alert stops training, its figures reach TensorBoard's event files."""
+    import sys
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    from pinn_second_order import Poisson1D, loaders
+
+    from lightning_gradprobe import GradProbe
+    from lightning_gradprobe.alerts import AlertCondition
+
+    train, val = loaders()
+    probe_callback = GradProbe(second_order=True, target=None, on_alert="stop", max_overhead=None)
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="pinn")
+    trainer = pl.Trainer(
+        max_epochs=3, logger=logger, callbacks=[probe_callback], enable_progress_bar=False, enable_checkpointing=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Poisson1D(correct=False), train, val)
+    (alert,) = probe_callback.alerts
+    assert alert.condition is AlertCondition.SECOND_ORDER_CHECKS and trainer.current_epoch == 1
+    assert alert.culprits[0] == "net.1 (Tanh, second-order)"
+    events = EventAccumulator(str(tmp_path / "pinn" / "version_0"))
+    events.Reload()
+    fail = events.Scalars("gradprobe/second_order/fail_fraction")
+    margin = events.Scalars("gradprobe/second_order/margin_max")
+    assert [e.value for e in fail] == [1.0] and margin[0].value > 1
+    assert [e.value for e in events.Scalars("gradprobe/checks/fail_fraction")] == [0.0]  # first order is right

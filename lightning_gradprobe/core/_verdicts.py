@@ -238,6 +238,19 @@ class _Judge:
         finer = self.check(self.reference_rows[rows], finer_raw, rows)
         mask = failed[rows]
         overturned = mask & finer.reliable & finer.passed & (finer.fd_error < self.first.fd_error[rows])
+        # An error that shrinks with the step is the difference's own truncation (odd non-smoothness such as
+        # x|x| hides from the second difference), not the backward's: a wrong backward's error stays put. Follow
+        # it down one more step.
+        shrinking = mask & ~overturned & (finer.relative_error <= self.first.relative_error[rows] / 4)
+        if shrinking.any():
+            finest_step = finer_step / _RETRY_STEP_DIVISOR
+            finest = self.check(
+                self.reference_rows[rows], self.stencil(self.xr[rows], rows, finest_step, self.raw.f0[rows]), rows
+            )
+            converged = shrinking & finest.reliable & finest.passed
+            finer = _merge(finer, finest, converged)
+            finer_step = torch.where(converged.any(1), finest_step, finer_step)
+            overturned |= converged
         # Finite differences that measure a derivative agree with themselves across steps (D(h) = D(h/8));
         # noise at the step's scale (features far finer than any step) does not, and cannot judge.
         measured = _consistent(_subset(self.first_stencil, rows), project(finer_raw, self.projection))
@@ -261,15 +274,19 @@ class _Judge:
         mask = roundoff[rows]
         worst = torch.where(mask, self.first.fd_error[rows], 0.0).amax(1).nan_to_num(nan=1.0, posinf=1e12)
         grown_step = self.step[rows] * (worst / (RESOLUTION / 4)).clamp(_MIN_GROWTH, _MAX_GROWTH)
-        grown = self.check(
-            self.reference_rows[rows], self.stencil(self.xr[rows], rows, grown_step, self.raw.f0[rows]), rows
-        )
+        grown_raw = self.stencil(self.xr[rows], rows, grown_step, self.raw.f0[rows])
+        grown = self.check(self.reference_rows[rows], grown_raw, rows)
         better = grown.fd_error < self.first.fd_error[rows]
         verdict = torch.where(
             grown.passed & grown.reliable & grown.resolved,
             PASS,
             torch.where(grown.reliable & ~grown.passed & better, FAIL, INCONCLUSIVE),
         )
+        # A large step can cross jumps (a staircase such as round(x, 3) has slope 1 at any scale above its
+        # treads, and 0 below): a failure there must see the derivative the first step saw, within both bounds.
+        grown_stencil = project(grown_raw, self.projection)
+        agree = _agree(_subset(self.first_stencil, rows), self.first, rows, grown_stencil, grown)
+        verdict = torch.where((verdict == FAIL) & ~agree, INCONCLUSIVE, verdict)
         codes[rows] = torch.where(mask, verdict, codes[rows])
         self.evidence.take(rows, mask, grown)
         self.steps[rows] = grown_step
@@ -449,8 +466,11 @@ def _dtype_gap(
     # (Half precision is told apart from its float64 twin at any scale: it is never failed, only described.)
     resolvable = 0.0 if dtype in (torch.float16, torch.bfloat16) else max(noise_floor(dtype), floor)
     within = gap <= rtol * torch.maximum(scale, resolvable * natural)
-    limit = torch.maximum(rtol * scale, _DTYPE_FLOOR * torch.finfo(dtype).eps * natural).clamp_min(
-        torch.finfo(torch.float64).tiny
+    # (Underflow: values near the dtype's smallest normal number keep few digits, and below it none.)
+    info = torch.finfo(dtype)
+    underflow = info.tiny / info.eps * displacement.double().norm(dim=-1)
+    limit = torch.maximum(torch.maximum(rtol * scale, _DTYPE_FLOOR * info.eps * natural), underflow).clamp_min(
+        info.tiny
     )
     return gap, within, limit
 
@@ -526,6 +546,26 @@ def unit_rms(directions: Tensor, lead: int) -> Tensor:
     """Scale each direction (the dims after the first ``lead``) to unit RMS."""
     rms = directions.reshape(*directions.shape[:lead], -1).pow(2).mean(-1).sqrt()
     return directions / rms.reshape(*rms.shape, *[1] * (directions.ndim - lead))
+
+
+def _agree(first: Stencil, first_check: Comparison, rows: Tensor, second: Stencil, second_check: Comparison) -> Tensor:
+    """Whether two stencils at different steps measure the same derivative within their own error bounds."""
+
+    def derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
+        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
+        return (stencil.f_plus - stencil.f_minus) / length, length.squeeze(-1)
+
+    (a, length_a), (b, length_b) = derivative(first), derivative(second)
+    bound_a = first_check.fd_error[rows] * first_check.scale[rows] / length_a
+    bound_b = second_check.fd_error * second_check.scale / length_b
+    return (a - b).norm(dim=-1) <= 2 * (bound_a + bound_b)
+
+
+def _merge(first: Comparison, second: Comparison, take_second: Tensor) -> Comparison:
+    """Field by field, ``second`` where ``take_second`` (``(n, k)``) else ``first``."""
+    return Comparison(
+        **{f.name: torch.where(take_second, getattr(second, f.name), getattr(first, f.name)) for f in fields(first)}
+    )
 
 
 def _subset(stencil: Stencil, mask: Tensor) -> Stencil:
