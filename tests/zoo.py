@@ -513,6 +513,38 @@ class SecondOrderAct(nn.Module):
         return SoftplusFunction.apply(x, self.kind == "detached")
 
 
+class LinearFunction(torch.autograd.Function):
+    """``x @ W^T + b`` with a hand-written backward; ``detached_weight`` computes the input gradient from a
+    detached ``W``: every first derivative and the input Hessian stay right, the mixed term a gradient penalty
+    sends to ``W`` (``d/dW grad_x``) is lost."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, detached_weight):
+        ctx.save_for_backward(x, weight)
+        ctx.detached_weight = detached_weight
+        return x @ weight.T + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        w = weight.detach() if ctx.detached_weight else weight
+        return grad @ w, grad.transpose(-1, -2) @ x, grad.sum(0), None
+
+
+class PenaltyLinear(nn.Linear):
+    def __init__(self, n_in: int, n_out: int, detached_weight: bool) -> None:
+        super().__init__(n_in, n_out)
+        self.detached_weight = detached_weight
+
+    def forward(self, x):
+        return LinearFunction.apply(x, self.weight, self.bias, self.detached_weight)
+
+
+def _critic(detached_weight: bool) -> nn.Module:
+    """A WGAN-GP-style critic whose first layer is a hand-written linear layer."""
+    return nn.Sequential(PenaltyLinear(6, 32, detached_weight), nn.Tanh(), nn.Linear(32, 1))
+
+
 def _pinn(kind: str) -> nn.Module:
     """A physics-informed MLP u(x) for a 1-D problem: its loss would use d2u/dx2 from autograd."""
     return nn.Sequential(
@@ -535,6 +567,7 @@ def second_order_models(
         "gelu-mlp": (_mlp(6, 24, 3, nn.GELU), tabular),
         "relu-mlp (zero Hessian)": (_mlp(6, 24, 3, nn.ReLU), tabular),
         "gradient-penalty critic (LeakyReLU)": (critic, tabular),
+        "gradient-penalty critic (hand-written linear)": (_critic(False), tabular),
         "saturated tanh": (_saturated("ok"), tabular),
         "pinn softplus Function": (_pinn("ok"), points),
         "pinn tanh with hand-written double backward": (_pinn("tanh-ok"), points),
@@ -549,4 +582,5 @@ def second_order_models(
             tabular,
         ),
     }
+    wrong["critic linear backward from a detached weight (mixed term)"] = (_critic(True), tabular)
     return correct, wrong

@@ -15,7 +15,9 @@ __all__ = [
     "OutputSelector",
     "Selection",
     "Target",
+    "ParameterFunction",
     "build_batch_function",
+    "build_parameter_function",
     "build_selection",
 ]
 
@@ -87,6 +89,41 @@ def build_batch_function(
         return _pick_output(outputs, output)
 
     return call_plain
+
+
+@dataclass(frozen=True)
+class ParameterFunction:
+    """The model as a function of its flattened floating parameters and a batch: ``(theta, x) -> outputs``.
+
+    ``theta`` is a detached copy of the parameters (model dtype); buffers are cloned and follow ``theta``'s
+    dtype, so the same function runs the float64 reference when given ``theta.double()``.
+    """
+
+    theta: Tensor
+    call: Callable[[Tensor, Tensor], Tensor]
+
+
+def build_parameter_function(
+    model: nn.Module, *, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector
+) -> ParameterFunction | None:
+    """``(theta, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``."""
+    root: nn.Module = model if forward is None else _ForwardModule(model, forward)
+    prefix = "" if forward is None else "module."
+    named = [(prefix + n, p) for n, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return None
+    buffers = {prefix + n: b.detach().clone() for n, b in model.named_buffers()}
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def call(flat: Tensor, x: Tensor) -> Tensor:
+        tensors, offset = {}, 0
+        for name, param in named:
+            tensors[name] = flat[offset : offset + param.numel()].view(param.shape)
+            offset += param.numel()
+        tensors.update({k: _cast(v, flat.dtype) for k, v in buffers.items()})
+        return _pick_output(functional_call(root, tensors, (x,), strict=False), output)
+
+    return ParameterFunction(theta, call)
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._functions import OutputSelector, Target, build_batch_function, build_selection, model_dtype
+from ._functions import (
+    OutputSelector,
+    Target,
+    build_batch_function,
+    build_parameter_function,
+    build_selection,
+    model_dtype,
+)
 from ._isolation import isolated
 from ._jacobian import (
     ENGINE_AUTOGRAD,
@@ -181,6 +188,11 @@ def probe(
                 n_outputs=selection.n_outputs,
                 generator=generator,
                 n_directions=n_directions,
+                parameters=(
+                    build_parameter_function(model, forward=forward, output=output)
+                    if isinstance(model, nn.Module)
+                    else None
+                ),
             )
     for note in notes:
         if note.startswith(_WEAKER):

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._finite_differences import Stencil, compare, default_step
+from ._functions import ParameterFunction
 from ._jacobian import compute_gradients
-from ._verdicts import Judgement, Problem, judge_samples, sample_verdicts, unit_rms
+from ._verdicts import Judgement, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import Verdict
 
 __all__ = ["SecondOrderReport", "check_second_order"]
@@ -43,6 +45,9 @@ class SecondOrderReport:
         resolution: ``(N, k)`` what a pass certifies, relative to the scale of ``H v``.
         finding: Why the model cannot be differentiated twice, when it cannot (then every checked sample fails).
         culprits: Submodules whose own double backward is wrong or missing, deepest first (``localize=True``).
+        mixed_term: Verdict on the mixed term a gradient penalty sends to the weights, ``d/dtheta (u . grad_x s)``,
+            along random parameter directions in float64 (``None``: no parameters, e.g. a plain callable).
+        mixed_margin: Its worst margin (error / allowed error).
 
     """
 
@@ -52,6 +57,8 @@ class SecondOrderReport:
     resolution: Tensor
     finding: str | None = None
     culprits: tuple[object, ...] = ()
+    mixed_term: Verdict | None = None
+    mixed_margin: float = float("nan")
 
     @property
     def failed(self) -> list[int]:
@@ -60,14 +67,19 @@ class SecondOrderReport:
 
     @property
     def ok(self) -> bool:
-        """Whether no sample failed and the model can be differentiated twice."""
-        return not self.failed and self.finding is None
+        """Whether no sample failed, the mixed term did not fail, and the model can be differentiated twice."""
+        return not self.failed and self.finding is None and self.mixed_term is not Verdict.FAIL
 
     def __str__(self) -> str:
         counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
         margins = self.margin[~self.margin.isnan()]
         worst = f"{float(margins.max()):.2g}" if margins.numel() else "n/a"
         lines = [f"second order (double backward through the input): {counts}; margin max {worst}"]
+        if self.mixed_term is not None:
+            lines.append(
+                f"  mixed term d/dtheta (u . grad_x s), what a gradient penalty sends to the weights: "
+                f"{self.mixed_term} (margin {self.mixed_margin:.2g})"
+            )
         if self.finding:
             lines.append(f"  finding: {self.finding}")
         lines += [f"  culprit: {culprit}" for culprit in self.culprits]
@@ -135,6 +147,7 @@ def check_second_order(
     n_outputs: int,
     generator: torch.Generator,
     n_directions: int,
+    parameters: ParameterFunction | None = None,
 ) -> tuple[SecondOrderReport, Judgement | None]:
     """Judge the double backward through the input on the ``checked`` samples of ``x``.
 
@@ -146,6 +159,7 @@ def check_second_order(
         n_outputs: Outputs per sample of the first-order selection.
         generator: The probe's own generator.
         n_directions: Random directions per sample.
+        parameters: The model as a function of its parameters, for the mixed term (``None``: not checked).
 
     Returns:
         The report, and the judgement it was made from (``None`` when the model cannot be differentiated twice).
@@ -207,4 +221,93 @@ def check_second_order(
     margin[checked] = judgement.margin
     relative_error[checked] = judgement.relative_error
     resolution[checked] = judgement.resolution
-    return SecondOrderReport(tuple(verdicts), margin, relative_error, resolution, finding), judgement
+    mixed, mixed_margin = (
+        _check_mixed_term(parameters, problem, xc, ic, weights, projections, generator, n_directions)
+        if parameters is not None
+        else (None, float("nan"))
+    )
+    report = SecondOrderReport(
+        tuple(verdicts), margin, relative_error, resolution, finding, mixed_term=mixed, mixed_margin=mixed_margin
+    )
+    return report, judgement
+
+
+def _check_mixed_term(
+    parameters: ParameterFunction,
+    problem: Problem,
+    x: Tensor,
+    index: Tensor,
+    weights: Tensor,
+    projections: Tensor,
+    generator: torch.Generator,
+    n_directions: int,
+) -> tuple[Verdict, float]:
+    """The mixed term: ``d/dtheta`` of ``c . R^T grad_x s``, autograd against central differences, in float64.
+
+    ``c`` combines the checked samples and projections at random; the directions in parameter space are random.
+
+    A clean check passes; anything else is checked again with step / 8, where a failure must repeat with the
+    same finite-difference derivative (``D(h) = D(h/8)``).
+    """
+    ref = problem.reference_dtype
+    theta, xr = parameters.theta.to(ref), x.to(ref)
+    combination = torch.randn((x.shape[0], projections.shape[1]), generator=generator, dtype=torch.float64)
+    combination = combination.to(xr) / combination.numel() ** 0.5
+
+    def penalty(flat: Tensor, create_graph: bool) -> Tensor:
+        with torch.enable_grad():
+            point = xr.detach().requires_grad_(True)
+            scalar = problem.selection(parameters.call(flat, point), index) @ weights.to(ref)
+            (gradient,) = torch.autograd.grad(
+                scalar.sum(), point, create_graph=create_graph, allow_unused=True, materialize_grads=True
+            )
+        return ((gradient.reshape(x.shape[0], -1) @ projections.to(ref)) * combination).sum()
+
+    leaf = theta.clone().requires_grad_(True)
+    value = penalty(leaf, True)
+    row = (
+        torch.autograd.grad(value, leaf, allow_unused=True, materialize_grads=True)[0]
+        if value.requires_grad
+        else torch.zeros_like(theta)
+    )
+    directions = unit_rms(torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64), 1)
+    directions = directions.to(theta)
+    gain = (value.detach().abs() / theta.norm().clamp_min(theta.numel() ** 0.5)).reshape(1)
+
+    def check(step: Tensor) -> tuple[Stencil, object]:
+        with torch.no_grad():
+            plus = torch.stack([penalty(theta + step * v, False) for v in directions])
+            minus = torch.stack([penalty(theta - step * v, False) for v in directions])
+        d_plus, d_minus = (theta + step * directions) - theta, theta - (theta - step * directions)
+        stencil = Stencil(
+            value.detach().reshape(1, 1),
+            plus.reshape(1, -1, 1),
+            minus.reshape(1, -1, 1),
+            d_plus[None],
+            d_minus[None],
+            torch.finfo(ref).eps,
+        )
+        return stencil, compare(row.reshape(1, 1, -1), stencil, default_rtol(ref), gain=gain, floor=_FLOOR)
+
+    step = default_step(theta.reshape(1, -1), ref)
+    stencil, first = check(step)
+    clean = first.passed & first.reliable & first.resolved  # type: ignore[attr-defined]
+    if bool(clean.all()):
+        return Verdict.PASS, float(first.margin.max())  # type: ignore[attr-defined]
+    finer_stencil, finer = check(step / 8)
+    same = _same_derivative(stencil, finer_stencil)
+    failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same  # type: ignore[attr-defined]
+    judged = clean | (finer.passed & finer.reliable & finer.resolved)  # type: ignore[attr-defined]
+    margin = float(torch.where(clean, first.margin, finer.margin).max())  # type: ignore[attr-defined]
+    if bool(failed.any()):
+        return Verdict.FAIL, margin
+    return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin
+
+
+def _same_derivative(a: Stencil, b: Stencil, tolerance: float = 1e-2) -> Tensor:
+    def derivative(stencil: Stencil) -> Tensor:
+        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
+        return (stencil.f_plus - stencil.f_minus) / length
+
+    da, db = derivative(a), derivative(b)
+    return (da - db).norm(dim=-1) <= tolerance * torch.maximum(da.norm(dim=-1), db.norm(dim=-1))

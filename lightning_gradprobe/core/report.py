@@ -152,16 +152,19 @@ class ProbeReport:
             )
         second = self.second_order
         if second is not None and not second.ok:
-            what = second.finding and f"the model cannot be differentiated twice ({second.finding})"
-            found.append(
-                "second order: "
-                + (
-                    what
-                    or f"{len(second.failed)} samples' double backward disagrees with finite differences of "
-                    f"first-order gradients (samples {second.failed[:8]})"
+            if second.finding:
+                what = f"the model cannot be differentiated twice ({second.finding})"
+            elif second.failed:
+                what = (
+                    f"{_count(len(second.failed), 'sample')}' double backward through the input disagrees with "
+                    f"finite differences of first-order gradients (samples {second.failed[:8]})"
                 )
-                + "".join(f"; culprit: {c}" for c in second.culprits[:3])
-            )
+            else:
+                what = (
+                    "the mixed term d/dtheta (u . grad_x s), what a gradient penalty sends to the weights, "
+                    f"disagrees with finite differences (margin {second.mixed_margin:.3g})"
+                )
+            found.append("second order: " + what + "".join(f"; culprit: {c}" for c in second.culprits[:3]))
         if self.batch_independent is False:
             found.append(
                 f"samples are not independent: outputs depend on other samples' inputs, e.g. (output, input) "
