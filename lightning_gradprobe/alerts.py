@@ -127,14 +127,11 @@ class ProbeFigures:
     ) -> ProbeFigures:
         """Combine ``(world_size, n)`` rows from :meth:`to_tensor`: counts add, the worst figures are maxima."""
         rows = rows.reshape(-1, len(_COUNTS) + len(_MAXIMA)).double().cpu()
-        total = dict(zip(_COUNTS, rows[:, : len(_COUNTS)].sum(0).round().long().tolist(), strict=True))
-        worst = {name: float(rows[:, len(_COUNTS) + i].max()) for i, name in enumerate(_MAXIMA)}
-        return ProbeFigures(
-            **total,
-            **{name: float("nan") if value < 0 else value for name, value in worst.items()},
-            failed_samples=failed_samples,
-            culprits=culprits,
-        )
+        total: dict[str, Any] = dict(zip(_COUNTS, rows[:, : len(_COUNTS)].sum(0).round().long().tolist(), strict=True))
+        for i, name in enumerate(_MAXIMA):
+            worst = float(rows[:, len(_COUNTS) + i].max())
+            total[name] = float("nan") if worst < 0 else worst
+        return ProbeFigures(**total, failed_samples=failed_samples, culprits=culprits)
 
 
 def figures_from_report(report: ProbeReport) -> ProbeFigures:
@@ -265,16 +262,16 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
     if thresholds.fail_fraction is not None and figures.second_order_checked:
         fraction = figures.second_order_failed / figures.second_order_checked
         if fraction > thresholds.fail_fraction:
-            where = tuple(c for c in figures.culprits if c.endswith(", second-order)"))
+            named = tuple(c for c in figures.culprits if c.endswith(", second-order)"))
             why = f": not twice differentiable ({figures.second_order_finding})" if figures.second_order_finding else ""
             message = (
                 f"{figures.second_order_failed} of {figures.second_order_checked} probed samples fail the "
                 f"second-order check: the double backward through the input disagrees with finite differences of "
                 f"first-order gradients (worst margin {figures.worst_second_order_margin:.3g}){why}"
-                + (f"; culprit: {', '.join(where)}" if where else "")
+                + (f"; culprit: {', '.join(named)}" if named else "")
             )
             condition = AlertCondition.SECOND_ORDER_CHECKS
-            alerts.append(Alert(condition, fraction, thresholds.fail_fraction, step, (), message, where))
+            alerts.append(Alert(condition, fraction, thresholds.fail_fraction, step, (), message, named))
     if thresholds.vanishing_fraction is not None and figures.probed:
         fraction = figures.vanishing / figures.probed
         if fraction > thresholds.vanishing_fraction:

@@ -23,12 +23,13 @@ discontinuity) inside its stencil: it proves nothing either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from ._functions import BatchFunction, Selection
+from ._functions import BatchFunction
 
 __all__ = [
     "RESOLUTION",
@@ -76,7 +77,7 @@ class Stencil:
 
 def evaluate_stencil(
     function: BatchFunction,
-    selection: Selection,
+    selection: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     index: Tensor,
     directions: Tensor,

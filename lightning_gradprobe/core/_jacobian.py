@@ -72,6 +72,7 @@ def compute_gradients(
     generator: torch.Generator,
     chunk_size: int | None = None,
     owner: str = "model",
+    cotangents: Tensor | None = None,
 ) -> Gradients:
     """Per-sample Jacobians of ``selection(outputs)`` with respect to ``leaf``.
 
@@ -86,21 +87,31 @@ def compute_gradients(
         generator: The probe's own generator.
         chunk_size: Samples per ``vmap`` chunk for the ``torch.func`` engine.
         owner: A name for the model, for the one-time fallback warning.
+        cotangents: ``(P, N, M)`` per-sample output combinations whose rows to compute instead of all ``M``
+            (row ``p`` of sample ``i`` is ``cotangents[p, i] @ J_i``); ``None`` for the full Jacobians.
 
     """
     selected = selection(outputs, index)
     n, n_outputs = selected.shape
-    eye = torch.eye(n_outputs, dtype=selected.dtype, device=selected.device)
-    rows = [eye[:, None, :].expand(n_outputs, n, n_outputs)]
+    if cotangents is None:
+        eye = torch.eye(n_outputs, dtype=selected.dtype, device=selected.device)
+        cotangents = eye[:, None, :].expand(n_outputs, n, n_outputs)
+    cotangents = cotangents.to(selected)
+    n_rows = cotangents.shape[0]
+    rows = [cotangents]
     probe_weights = None
     if check_batch and n > 1:
-        probe_weights = torch.randn((n, n_outputs), generator=generator, dtype=torch.float64).to(selected)
-        rows.append(probe_weights[None])
+        # One more cotangent, a random per-sample combination of the rows' own: through the batch it reaches
+        # input j as sum_i J_ij^T u_i, from the per-sample rows as sum_p c_jp row_jp; they differ exactly when
+        # some sample's outputs depend on another sample's input.
+        probe_weights = torch.randn((n, n_rows), generator=generator, dtype=torch.float64).to(selected)
+        rows.append(torch.einsum("np,pnm->nm", probe_weights, cotangents)[None])
     reason = None
     used = ENGINE_AUTOGRAD
     if engine == ENGINE_FUNC:
         try:
-            jac = _jacobians_func(function, selection, leaf, index, chunk_size)
+            full = _jacobians_func(function, selection, leaf, index, chunk_size)
+            jac = torch.einsum("pnm,nm...->np...", cotangents, full)
             used = ENGINE_FUNC
             rows = rows[1:]
         except Exception as error:  # any failure under the transforms: fall back, warn once
@@ -109,12 +120,12 @@ def compute_gradients(
     grads = _batched_grad(selected, leaf, torch.cat(rows)) if rows else None
     if used == ENGINE_AUTOGRAD:
         assert grads is not None
-        jac, grads = grads[:n_outputs].transpose(0, 1), grads[n_outputs:]
+        jac, grads = grads[:n_rows].transpose(0, 1), grads[n_rows:]
     leaking = None
     if probe_weights is not None:
         assert grads is not None
         through_batch = grads[0].reshape(n, -1).double()
-        per_sample = torch.einsum("nm,nmd->nd", probe_weights.double(), jac.reshape(n, n_outputs, -1).double())
+        per_sample = torch.einsum("np,npd->nd", probe_weights.double(), jac.reshape(n, n_rows, -1).double())
         gap = (through_batch - per_sample).norm(dim=1).nan_to_num(nan=math.inf)
         scale = torch.maximum(through_batch.norm(dim=1), per_sample.norm(dim=1)).nan_to_num(nan=0.0).max()
         leaking = gap > leak_tolerance(selected.dtype) * scale.clamp_min(torch.finfo(torch.float64).tiny)

@@ -29,7 +29,17 @@ from ._jacobian import (
     leaking_pairs,
 )
 from ._second_order import check_second_order
-from ._verdicts import FAIL, INCONCLUSIVE, PASS, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
+from ._verdicts import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    Problem,
+    default_rtol,
+    judge_samples,
+    output_projection,
+    sample_verdicts,
+    unit_rms,
+)
 from .report import ProbeReport, Verdict
 
 __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
@@ -139,7 +149,7 @@ def probe(
         dtype = model_dtype(model, x)
         rtol = default_rtol(dtype) if rtol is None else float(rtol)
         leaf = x.requires_grad_(True)
-        function, outputs, selection, index, gradients = _forward_and_gradients(
+        function, outputs, selection, index, (gradients, projection) = _forward_and_gradients(
             model,
             leaf,
             target,
@@ -152,8 +162,12 @@ def probe(
             check_batch,
             generator,
             notes=notes,
+            check_rows=True,
         )
         jac, engine_used, engine_note = gradients.jacobians.detach(), gradients.engine, gradients.fallback_reason
+        # The saliency row first, then the rows the check sees (all of them, or their random projections).
+        salient = jac[:, 0] if projection is not None else _saliency_rows(jac, selection.kind, outputs.detach())
+        checked_rows = jac[:, 1:] if projection is not None else jac
         if engine_note:
             notes.append(f"torch.func could not run the model ({engine_note}); plain autograd was used")
         reference, reference_dtype = _finite_difference_function(
@@ -165,16 +179,20 @@ def probe(
         evidence = _Evidence.empty(n, n_directions)
         implicated = _apply_cross_sample(cross, checked, evidence, notes)
         judged = torch.tensor([i for i in checked.tolist() if i not in implicated], dtype=torch.long)
-        problem = Problem(function, reference, selection, dtype, reference_dtype, rtol, engine_used, chunk_size)
+        problem = Problem(
+            function, reference, selection, dtype, reference_dtype, rtol, engine_used, chunk_size, projection=projection
+        )
         if len(judged):
             rows = judged.to(x.device)
             judgement = judge_samples(
-                problem, jac[rows], x[rows], index[rows], generator=generator, n_directions=n_directions
+                problem, checked_rows[rows], x[rows], index[rows], generator=generator, n_directions=n_directions
             )
             evidence.fill(judged, judgement)
             notes += judgement.notes
         forward_mismatch = (
-            _forward_mode_mismatch(function, selection, x, index, jac, checked, generator, rtol, notes)
+            _forward_mode_mismatch(
+                function, selection, x, index, checked_rows, projection, checked, generator, rtol, notes
+            )
             if check_forward_mode and len(checked)
             else None
         )
@@ -198,6 +216,7 @@ def probe(
         if note.startswith(_WEAKER):
             _warn_once(owner, note)
     flat = jac.reshape(n, -1)
+    salient_flat = salient.reshape(n, -1)
     verdicts = [Verdict.UNCHECKED] * n
     for i, verdict in zip(checked.tolist(), sample_verdicts(evidence.codes[checked]), strict=True):
         verdicts[i] = verdict
@@ -226,7 +245,7 @@ def probe(
         )
     return ProbeReport(
         verdicts=tuple(verdicts),
-        saliency=_saliency_rows(jac, selection.kind, outputs).reshape(x.shape),
+        saliency=salient.reshape(x.shape),
         batch_independent=(not cross.forward and not cross.unverified) if check_batch and n > 1 else None,
         leaking_pairs=cross.forward + cross.unverified,
         mixing_pairs=cross.backward_only,
@@ -238,7 +257,7 @@ def probe(
         dtype_error=evidence.dtype_error,
         steps=evidence.steps,
         rechecked_nearby=evidence.moved,
-        grad_norm=flat.double().norm(dim=1).cpu(),
+        grad_norm=salient_flat.double().norm(dim=1).cpu(),
         nonfinite_count=(~flat.isfinite()).sum(1).cpu(),
         zero_fraction=(flat == 0).double().mean(1).cpu(),
         engine=engine_used,
@@ -420,26 +439,30 @@ def _forward_mode_mismatch(
     selection: Any,
     x: Tensor,
     index: Tensor,
-    jac: Tensor,
+    rows: Tensor,
+    projection: Tensor | None,
     checked: Tensor,
     generator: torch.Generator,
     rtol: float,
     notes: list[str],
 ) -> tuple[int, ...] | None:
-    """Samples whose jvp along a random direction disagrees with the reverse-mode Jacobian."""
-    rows = checked.to(x.device)
-    xc, ic = x[rows], index[rows]
+    """Samples whose jvp along a random direction disagrees with the reverse-mode rows (seen through ``projection``)."""
+    sub = checked.to(x.device)
+    xc, ic = x[sub], index[sub]
     tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1).to(xc)
     try:
-        forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))[1]
+        forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))[1].double()
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
         notes.append(f"forward mode not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
         return None
-    jac_c = jac[rows].reshape(len(rows), jac.shape[1], -1).double()
-    reverse = torch.einsum("nmd,nd->nm", jac_c, tangent.reshape(len(rows), -1).double())
-    typical = jac_c.norm(dim=(1, 2)) * tangent.reshape(len(rows), -1).double().norm(dim=1) / jac_c.shape[-1] ** 0.5
+    if projection is not None:
+        forward_mode = forward_mode @ projection.to(forward_mode)
+    rows_c = rows[sub].reshape(len(sub), rows.shape[1], -1).double()
+    flat_tangent = tangent.reshape(len(sub), -1).double()
+    reverse = torch.einsum("nmd,nd->nm", rows_c, flat_tangent)
+    typical = rows_c.norm(dim=(1, 2)) * flat_tangent.norm(dim=1) / rows_c.shape[-1] ** 0.5
     scale = torch.maximum(reverse.norm(dim=1), typical).clamp_min(torch.finfo(torch.float64).tiny)
-    gap = (forward_mode.double() - reverse).norm(dim=1) / scale
+    gap = (forward_mode - reverse).norm(dim=1) / scale
     bad = (gap > 10 * rtol) | ~forward_mode.isfinite().all(1)
     return tuple(int(checked[i]) for i in bad.nonzero().flatten().tolist())
 
@@ -617,7 +640,7 @@ def _gradients(
     _check_arguments(inputs, 1, engine, None, None, max_full_outputs, chunk_size)
     with isolated(model, inputs.device):
         leaf = inputs.detach().clone().requires_grad_(True)
-        _, outputs, selection, _, gradients = _forward_and_gradients(
+        _, outputs, selection, _, (gradients, _) = _forward_and_gradients(
             model,
             leaf,
             target,
@@ -651,8 +674,13 @@ def _forward_and_gradients(
     *,
     bounded: bool = True,
     notes: list[str] | None = None,
+    check_rows: bool = False,
 ) -> tuple[Callable[[Tensor], Tensor], Tensor, Any, Tensor, Any]:
-    """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians."""
+    """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians.
+
+    With ``check_rows`` and more outputs than the check compares, only the rows a probe needs are computed:
+    the saliency row, then the random output projections the check sees (``gradients.projection``).
+    """
     function = build_batch_function(model, forward=forward, output=output, dtype=None)
     outputs = function(leaf.clone())
     _check_outputs(outputs, leaf.shape[0])
@@ -677,6 +705,12 @@ def _forward_and_gradients(
             f"{_WEAKER}{n_outputs} outputs per sample were compared through {selection.n_outputs} random "
             f"projections ({why}); pass `target=` to check chosen outputs in full"
         )
+    projection = output_projection(selection.n_outputs, generator, leaf.device) if check_rows else None
+    cotangents = None
+    if projection is not None:
+        n = leaf.shape[0]
+        salient = _saliency_cotangent(selection, outputs.detach(), index).double()
+        cotangents = torch.cat([salient[None], projection.T[:, None, :].expand(-1, n, -1)])
     gradients = compute_gradients(
         function,
         selection,
@@ -688,8 +722,19 @@ def _forward_and_gradients(
         generator=generator,
         chunk_size=chunk_size,
         owner=type(model).__name__,
+        cotangents=cotangents,
     )
-    return function, outputs, selection, index, gradients
+    return function, outputs, selection, index, (gradients, projection)
+
+
+def _saliency_cotangent(selection: Any, outputs: Tensor, index: Tensor) -> Tensor:
+    """``(N, M)``: the combination of selected outputs whose input gradient is each sample's saliency."""
+    n, m = outputs.shape[0], selection.n_outputs
+    if selection.kind == "all":
+        return torch.nn.functional.one_hot(outputs.reshape(n, -1).argmax(1), m).to(outputs.device)
+    if selection.kind == "callable":
+        return torch.ones((n, m), device=outputs.device)
+    return torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long, device=outputs.device), m)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -41,7 +41,7 @@ from ._finite_differences import (
     noise_floor,
     project,
 )
-from ._jacobian import jacobians_of
+from ._jacobian import compute_gradients, jacobians_of
 from .report import Verdict
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "Problem",
     "default_rtol",
     "judge_samples",
+    "output_projection",
     "sample_verdicts",
     "unit_rms",
 ]
@@ -61,7 +62,7 @@ _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, 
 _RETRY_STEP_DIVISOR = 8.0
 _MIN_GROWTH, _MAX_GROWTH = 64.0, 16384.0  # step growth when round-off limited the first check (<= 0.1 x scale)
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
-_MAX_ROWS = 4  # output projections compared in the reference dtype (one reference backward each)
+_MAX_ROWS = 2  # output projections compared in the reference dtype (one reference backward each)
 _DTYPE_FLOOR = 100.0  # a model-dtype Jacobian within this many eps of the problem's own scale is round-off
 # Direction status codes, ordered by severity.
 PASS, PRECISION, INCONCLUSIVE, FAIL = 0, 1, 2, 3
@@ -91,6 +92,7 @@ class Problem:
     engine: str
     chunk_size: int | None
     floor: float | None = None  # |J v| below floor x the problem's own scale is round-off (None: the dtype's)
+    projection: Tensor | None = None  # (M, q) output projections the rows are seen through (None: all outputs)
     gain: Tensor | None = None  # (n,) a lower bound on the problem's own scale per sample, from the caller
 
     @property
@@ -147,8 +149,8 @@ def judge_samples(
     """Judge each sample of ``x`` (the checked ones) along ``n_directions`` random directions.
 
     Args:
-        problem: The functions, dtypes and tolerance.
-        jac: ``(n, M, ...)`` the model-dtype Jacobians of these samples.
+        problem: The functions, dtypes, tolerance and output projection.
+        jac: ``(n, q, ...)`` the model-dtype Jacobian rows of these samples, seen through ``problem.projection``.
         x: ``(n, ...)`` the samples, in the inputs' dtype.
         index: ``(n,)`` per-sample output indices for the selection.
         generator: The probe's own generator.
@@ -185,13 +187,15 @@ class _Judge:
         # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
         self.directions = unit_rms(torch.randn((n, k, *x.shape[1:]), generator=generator).double(), 2).to(x.device)
         self.step = default_step(self.xr, ref).to(x.device)
-        self.projection = _output_projection(jac.shape[1], generator, x.device)
-        self.model_rows = _project_rows(jac, self.projection)
+        self.projection = problem.projection
+        self.model_rows = jac.reshape(jac.shape[0], jac.shape[1], -1)
         self.reference_rows, self.rtol = self.model_rows, problem.rtol
         self.separate = problem.separate_reference
+        f0 = None  # the reference forward with a graph also gives f(x) for the stencil
         if self.separate:
             try:
-                self.reference_rows, self.rtol = self.rows_at(self.xr), default_rtol(ref)
+                self.reference_rows, f0 = _reference_rows(problem, self.xr, index, self.projection, with_values=True)
+                self.rtol = default_rtol(ref)
             except Exception as error:  # a float64 backward the model cannot run: judge its own dtype's
                 self.separate = False
                 self.notes.append(
@@ -199,7 +203,7 @@ class _Judge:
                     f"differences: the {_name(ref)} backward failed ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:120]})"
                 )
-        self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step)
+        self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step, f0)
         self.first_stencil = project(self.raw, self.projection)
         self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows)
         if problem.gain is not None:
@@ -218,7 +222,7 @@ class _Judge:
     def rows_at(self, points: Tensor, rows: Tensor | None = None) -> Tensor:
         """Projected Jacobian rows of the reference model at ``points`` (reference dtype)."""
         index = self.index if rows is None else self.index[rows]
-        return _reference_rows(self.problem, points, index, self.projection)
+        return _reference_rows(self.problem, points, index, self.projection)[0]
 
     def check(self, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
         return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows], floor=self.floor)
@@ -424,7 +428,7 @@ def _judge_model_dtype(
     # gradient differently from float64 at the sample only; a kernel wrong in float32 is wrong nearby too.
     near_x, near_r = _nearby(x[rows], step[rows], problem.reference_dtype, generator)
     near_model = _project_rows(_jacobians(problem.function, problem, near_x, index[rows]), projection)
-    near_reference = _reference_rows(problem, near_r, index[rows], projection)
+    near_reference = _reference_rows(problem, near_r, index[rows], projection)[0]
     near_displacement = displacement[rows]
     predicted = torch.einsum("nqd,nkd->nkq", near_reference.double(), near_displacement).norm(dim=-1)
     typical = near_reference.double().norm(dim=(1, 2))[:, None] * near_displacement.norm(dim=-1)
@@ -475,7 +479,7 @@ def _dtype_gap(
     return gap, within, limit
 
 
-def _output_projection(n_outputs: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
+def output_projection(n_outputs: int, generator: torch.Generator, device: torch.device) -> Tensor | None:
     """Random output projections ``(M, q)`` when there are more than ``_MAX_ROWS`` outputs, else ``None``."""
     if n_outputs <= _MAX_ROWS:
         return None
@@ -495,8 +499,13 @@ def _jacobians(function: Callable[[Tensor], Tensor], problem: Problem, x: Tensor
     return jacobians_of(function, problem.selection, x, index, engine=problem.engine, chunk_size=problem.chunk_size)
 
 
-def _reference_rows(problem: Problem, x: Tensor, index: Tensor, projection: Tensor | None) -> Tensor:
-    """Projected Jacobian rows of the reference (float64) model: one reference backward per projection."""
+def _reference_rows(
+    problem: Problem, x: Tensor, index: Tensor, projection: Tensor | None, *, with_values: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Projected Jacobian rows of the reference (float64) model, one reference backward per projection.
+
+    With ``with_values``, also the selected outputs at ``x`` (from the same forward).
+    """
     selection = problem.selection
     if projection is not None:
 
@@ -505,8 +514,23 @@ def _reference_rows(problem: Problem, x: Tensor, index: Tensor, projection: Tens
             return rows @ projection.to(rows.dtype)
 
         selection = projected
-    jac = jacobians_of(problem.reference, selection, x, index, engine=problem.engine, chunk_size=problem.chunk_size)
-    return jac.reshape(jac.shape[0], jac.shape[1], -1)
+    if not with_values:
+        jac = jacobians_of(problem.reference, selection, x, index, engine=problem.engine, chunk_size=problem.chunk_size)
+        return jac.reshape(jac.shape[0], jac.shape[1], -1), None
+    leaf = x.detach().requires_grad_(True)
+    outputs = problem.reference(leaf.clone())
+    jac = compute_gradients(
+        problem.reference,
+        selection,
+        leaf,
+        outputs,
+        index,
+        engine=problem.engine,
+        check_batch=False,
+        generator=torch.Generator(),
+        chunk_size=problem.chunk_size,
+    ).jacobians
+    return jac.reshape(jac.shape[0], jac.shape[1], -1), problem.selection(outputs, index).detach()
 
 
 def _gain(f0: Tensor, x: Tensor, rows: Tensor) -> Tensor:
