@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from ._second_order import check_second_order
 from ._verdicts import (
     FAIL,
     INCONCLUSIVE,
-    PASS,
+    Judgement,
     Problem,
     default_rtol,
     judge_samples,
@@ -176,7 +176,7 @@ def probe(
         cross = _cross_sample(gradients, selection, outputs, leaf, index, reference, reference_dtype, rtol, generator)
         outputs, x = outputs.detach(), x.detach()
         checked = _choose_samples(check_samples, n, generator)
-        evidence = _Evidence.empty(n, n_directions)
+        evidence = Judgement.empty(n, n_directions)
         implicated = _apply_cross_sample(cross, checked, evidence, notes)
         judged = torch.tensor([i for i in checked.tolist() if i not in implicated], dtype=torch.long)
         problem = Problem(
@@ -295,40 +295,6 @@ def _warn_once(owner: str, note: str) -> None:
     warnings.warn(f"gradprobe: {owner}: {note}. (Shown once per model.)", RuntimeWarning, stacklevel=3)
 
 
-@dataclass
-class _Evidence:
-    """Per-sample, per-direction codes and figures of the whole batch (NaN where unchecked)."""
-
-    codes: Tensor
-    relative_error: Tensor
-    fd_error: Tensor
-    margin: Tensor
-    resolution: Tensor
-    dtype_error: Tensor
-    steps: Tensor
-    moved: Tensor
-
-    @classmethod
-    def empty(cls, n: int, k: int) -> _Evidence:
-        def nan(*shape: int) -> Tensor:
-            return torch.full(shape, float("nan"), dtype=torch.float64)
-
-        return cls(
-            torch.full((n, k), PASS),
-            nan(n, k),
-            nan(n, k),
-            nan(n, k),
-            nan(n, k),
-            nan(n, k),
-            nan(n),
-            torch.zeros(n, dtype=torch.bool),
-        )
-
-    def fill(self, rows: Tensor, judgement: Any) -> None:
-        for name in ("codes", "relative_error", "fd_error", "margin", "resolution", "dtype_error", "steps", "moved"):
-            getattr(self, name)[rows] = getattr(judgement, name)
-
-
 def _cross_sample(
     gradients: Any,
     selection: Any,
@@ -361,7 +327,7 @@ def _cross_sample(
     )
 
 
-def _apply_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: _Evidence, notes: list[str]) -> set[int]:
+def _apply_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: Judgement, notes: list[str]) -> set[int]:
     """Codes for samples the per-sample check cannot judge, which it then leaves out.
 
     A dependence only the backward claims is a wrong backward: both samples of each pair fail. A dependence

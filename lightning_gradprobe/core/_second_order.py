@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._finite_differences import Stencil, compare, default_step
+from ._finite_differences import Comparison, Stencil, compare, default_step
 from ._functions import ParameterFunction
 from ._jacobian import compute_gradients
-from ._verdicts import Judgement, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
+from ._verdicts import Judgement, Problem, consistent, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import Verdict
 
 __all__ = ["SecondOrderReport", "check_second_order"]
@@ -274,7 +274,7 @@ def _check_mixed_term(
     directions = directions.to(theta)
     gain = (value.detach().abs() / theta.norm().clamp_min(theta.numel() ** 0.5)).reshape(1)
 
-    def check(step: Tensor) -> tuple[Stencil, object]:
+    def check(step: Tensor) -> tuple[Stencil, Comparison]:
         with torch.no_grad():
             plus = torch.stack([penalty(theta + step * v, False) for v in directions])
             minus = torch.stack([penalty(theta - step * v, False) for v in directions])
@@ -291,23 +291,14 @@ def _check_mixed_term(
 
     step = default_step(theta.reshape(1, -1), ref)
     stencil, first = check(step)
-    clean = first.passed & first.reliable & first.resolved  # type: ignore[attr-defined]
+    clean = first.passed & first.reliable & first.resolved
     if bool(clean.all()):
-        return Verdict.PASS, float(first.margin.max())  # type: ignore[attr-defined]
+        return Verdict.PASS, float(first.margin.max())
     finer_stencil, finer = check(step / 8)
-    same = _same_derivative(stencil, finer_stencil)
-    failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same  # type: ignore[attr-defined]
-    judged = clean | (finer.passed & finer.reliable & finer.resolved)  # type: ignore[attr-defined]
-    margin = float(torch.where(clean, first.margin, finer.margin).max())  # type: ignore[attr-defined]
+    same = consistent(stencil, finer_stencil)
+    failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same
+    judged = clean | (finer.passed & finer.reliable & finer.resolved)
+    margin = float(torch.where(clean, first.margin, finer.margin).max())
     if bool(failed.any()):
         return Verdict.FAIL, margin
     return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin
-
-
-def _same_derivative(a: Stencil, b: Stencil, tolerance: float = 1e-2) -> Tensor:
-    def derivative(stencil: Stencil) -> Tensor:
-        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
-        return (stencil.f_plus - stencil.f_minus) / length
-
-    da, db = derivative(a), derivative(b)
-    return (da - db).norm(dim=-1) <= tolerance * torch.maximum(da.norm(dim=-1), db.norm(dim=-1))

@@ -51,6 +51,7 @@ __all__ = [
     "PRECISION",
     "Judgement",
     "Problem",
+    "consistent",
     "default_rtol",
     "judge_samples",
     "output_projection",
@@ -114,6 +115,26 @@ class Judgement:
     steps: Tensor
     moved: Tensor
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> Judgement:
+        """Codes ``pass`` and NaN figures for ``n`` samples and ``k`` directions, to be filled in."""
+        nan = torch.full((n, k), float("nan"), dtype=torch.float64)
+        return cls(
+            codes=torch.full((n, k), PASS),
+            relative_error=nan.clone(),
+            fd_error=nan.clone(),
+            margin=nan.clone(),
+            resolution=nan.clone(),
+            dtype_error=nan.clone(),
+            steps=torch.full((n,), float("nan"), dtype=torch.float64),
+            moved=torch.zeros(n, dtype=torch.bool),
+        )
+
+    def fill(self, rows: Tensor, other: Judgement) -> None:
+        """Take ``other``'s codes and figures (of the samples ``rows``) into this one."""
+        for name in ("codes", "relative_error", "fd_error", "margin", "resolution", "dtype_error", "steps", "moved"):
+            getattr(self, name)[rows] = getattr(other, name)
 
 
 @dataclass
@@ -257,7 +278,7 @@ class _Judge:
             overturned |= converged
         # Finite differences that measure a derivative agree with themselves across steps (D(h) = D(h/8));
         # noise at the step's scale (features far finer than any step) does not, and cannot judge.
-        measured = _consistent(_subset(self.first_stencil, rows), project(finer_raw, self.projection))
+        measured = consistent(_subset(self.first_stencil, rows), project(finer_raw, self.projection))
         # Ties (max-pool over a flat region, several ReLUs at exactly 0) make the one-sided derivatives differ:
         # the Jacobian just either side of the point differs, and their errors can cancel in the second
         # difference. A backward wrong at exactly this point (a 0/0 patched to 0) is continuous either side.
@@ -344,9 +365,9 @@ class _Judge:
             # differentiable function, while a jump inside the stencil does not scale with the step.
             coarse = self.stencil(near_r[suspects], rows[suspects], 2 * small[suspects], raw.f0[suspects])
             fine = _subset(project(raw, self.projection), suspects)
-            consistent = _consistent(fine, project(coarse, self.projection))
+            agreeing = consistent(fine, project(coarse, self.projection))
             verdict[suspects] = torch.where(
-                verdict[suspects] == FAIL, torch.where(consistent, FAIL, INCONCLUSIVE), verdict[suspects]
+                verdict[suspects] == FAIL, torch.where(agreeing, FAIL, INCONCLUSIVE), verdict[suspects]
             )
         return verdict, near
 
@@ -554,7 +575,7 @@ def _nearby(x: Tensor, step: Tensor, dtype: torch.dtype, generator: torch.Genera
     return near, near.to(dtype)
 
 
-def _consistent(fine: Stencil, coarse: Stencil, tolerance: float = 1e-2) -> Tensor:
+def consistent(fine: Stencil, coarse: Stencil, tolerance: float = 1e-2) -> Tensor:
     """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
 
     def derivative(stencil: Stencil) -> Tensor:
