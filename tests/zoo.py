@@ -347,8 +347,10 @@ class ProductModel(nn.Module):
 
 
 def _with_zeros(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Zero about a third of the entries, as padding or masks do in real data."""
-    return x * (torch.rand(x.shape, generator=generator) > 1 / 3)
+    """Zero about a third of the entries, and at least one per sample, as padding or masks do in real data."""
+    keep = torch.rand(x.shape, generator=generator) > 1 / 3
+    keep[torch.arange(x.shape[0]), torch.randint(x.shape[1], (x.shape[0],), generator=generator)] = False
+    return x * keep
 
 
 class TanhGELU(torch.autograd.Function):

@@ -183,7 +183,7 @@ def judge_samples(
     codes = torch.full(first.passed.shape, INCONCLUSIVE, device=x.device)
     clean = first.passed & first.reliable & first.resolved
     # Non-finite gradients where the function is finite and smooth are wrong, whatever happens nearby.
-    broken = first.reliable & ~judge.reference_rows.isfinite().all(2).all(1)[:, None]
+    broken = judge.smooth_but_nonfinite()
     failed = first.reliable & ~first.passed & ~broken
     roundoff = first.passed & first.reliable & ~first.resolved & first.roundoff_limited
     codes[clean] = PASS
@@ -247,6 +247,31 @@ class _Judge:
 
     def check(self, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
         return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows], floor=self.floor)
+
+    def smooth_but_nonfinite(self) -> Tensor:
+        """Directions of samples whose Jacobian is NaN/Inf where the function is finite and smooth.
+
+        Smooth: no kink in the first stencil, or a second difference that falls faster than the step (``h^2``
+        for a smooth function whose slope vanishes at the point, ``h`` at a kink).
+        """
+        first = self.first
+        candidates = ~self.reference_rows.isfinite().all(2).all(1)[:, None] & self.raw.f_plus.isfinite().all(-1)
+        candidates &= self.raw.f_minus.isfinite().all(-1) & self.raw.f0.isfinite().all(-1)[:, None]
+        smooth = candidates & first.reliable
+        rows = (candidates & ~first.reliable).any(1).nonzero().flatten()
+        if len(rows):
+            finer = project(
+                self.stencil(self.xr[rows], rows, self.step[rows] / _RETRY_STEP_DIVISOR, self.raw.f0[rows]),
+                self.projection,
+            )
+            coarse = _subset(self.first_stencil, rows)
+
+            def curvature(stencil: Stencil) -> Tensor:
+                return (stencil.f_plus - 2 * stencil.f0.unsqueeze(1) + stencil.f_minus).norm(dim=-1)
+
+            roundoff = 32 * coarse.eps * coarse.f0.norm(dim=-1, keepdim=True)
+            smooth[rows] |= candidates[rows] & (curvature(finer) <= curvature(coarse) / 16 + roundoff)
+        return smooth
 
     def failures_at_the_point(self, failed: Tensor, codes: Tensor) -> Tensor:
         """A reliable failure stands, unless a better check at the same point contradicts it (see module).
