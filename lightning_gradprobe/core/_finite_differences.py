@@ -47,7 +47,7 @@ _KINK_FRACTION = 0.1
 RESOLUTION = 0.01  # a pass certifies the backward to within 1% of the scale of J d
 
 
-def default_step(x: Tensor, dtype: torch.dtype) -> Tensor:
+def default_step(x: Tensor, dtype: torch.dtype, *, free: Tensor | None = None) -> Tensor:
     """Per-sample central-difference step: ``eps(dtype)^(1/3) * max(1, rms(x_i))``.
 
     Balances truncation (``~h^2``) against round-off (``~eps/h``); scales with the input's size.
@@ -59,7 +59,10 @@ def default_step(x: Tensor, dtype: torch.dtype) -> Tensor:
         ['6.1e-06', '6.1e-03']
 
     """
-    rms = x.detach().to(torch.float64).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
+    squares = x.detach().to(torch.float64).reshape(x.shape[0], -1).pow(2)
+    if free is not None:  # packed inputs: the frozen coordinates (ids, masks) do not set the step
+        squares = squares[:, free.to(squares.device)]
+    rms = squares.mean(1).sqrt()
     return torch.finfo(dtype).eps ** (1 / 3) * rms.clamp_min(1.0)
 
 

@@ -45,11 +45,13 @@ class _ForwardModule(nn.Module):
 def _pick_output(outputs: Any, output: OutputSelector) -> Tensor:
     if output is not None:
         outputs = output(outputs) if callable(output) else outputs[output]
+    elif not isinstance(outputs, Tensor) and isinstance(getattr(outputs, "logits", None), Tensor):
+        outputs = outputs.logits  # Hugging Face ModelOutput, and the like
     if not isinstance(outputs, Tensor):
         kind = type(outputs).__name__
         raise TypeError(
-            f"probe: the model returned a {kind}, not a tensor; pass `output=` (an index, a key or a "
-            "callable) to say which tensor's input gradient to check."
+            f"probe: the model returned a {kind}, not a tensor (and no `.logits`); pass `output=` (an index, a key "
+            "or a callable) to say which tensor's input gradient to check."
         )
     return outputs
 

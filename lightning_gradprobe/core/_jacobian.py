@@ -295,6 +295,7 @@ def check_cross_sample(
     generator: torch.Generator,
     rtol: float,
     max_sources: int = 16,
+    free: Tensor | None = None,
 ) -> CrossSampleCheck:
     """Check autograd's cross-sample gradients against finite differences across samples.
 
@@ -315,6 +316,7 @@ def check_cross_sample(
         generator: The probe's own generator.
         rtol: Tolerance granted to the model-dtype backward.
         max_sources: Most source samples checked.
+        free: ``(D,)`` the differentiated coordinates of packed inputs (``None``: all).
 
     """
     from ._finite_differences import Stencil, compare, default_step
@@ -336,8 +338,10 @@ def check_cross_sample(
         claimed = torch.autograd.grad(selected, leaf, weights.to(selected), retain_graph=True, materialize_grads=True)
         row = claimed[0][j].reshape(1, 1, -1)
         direction = torch.randn(x.shape[1:], generator=generator, dtype=torch.float64).to(x.device)
+        if free is not None:
+            direction = direction * free.to(direction)
         direction = (direction / direction.pow(2).mean().sqrt()).to(x.dtype)
-        step = default_step(x[j : j + 1], x.dtype).to(x)
+        step = default_step(x[j : j + 1], x.dtype, free=free).to(x)
         plus, minus = x.clone(), x.clone()
         plus[j] = x[j] + step * direction
         minus[j] = x[j] - step * direction

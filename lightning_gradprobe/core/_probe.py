@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from ._functions import (
     build_selection,
     model_dtype,
 )
+from ._inputs import Packed, pack
 from ._isolation import isolated
 from ._jacobian import (
     ENGINE_AUTOGRAD,
@@ -28,6 +29,7 @@ from ._jacobian import (
     leak_tolerance,
     leaking_pairs,
 )
+from ._layers import LAYER, capture_output, find_token_embedding, replaced_output, resolve_layer
 from ._second_order import check_second_order
 from ._verdicts import (
     FAIL,
@@ -50,7 +52,7 @@ _MAX_JACOBIAN_BYTES = 1 << 30  # full per-sample Jacobians beyond this are repla
 
 def probe(
     model: Any,
-    inputs: Tensor,
+    inputs: Any,
     *,
     target: Target = None,
     n_directions: int = 4,
@@ -69,29 +71,34 @@ def probe(
     check_forward_mode: bool = False,
     localize_budget: tuple[int, float] = (64, 30.0),
     second_order: bool = False,
+    layer: str | nn.Module | None = None,
 ) -> ProbeReport:
     """Compute per-sample input Jacobians and spot-check them against finite differences.
 
-    Each sample's Jacobian is computed with ``vmap(jacrev)`` over ``functional_call`` with detached
-    parameters (falling back to plain autograd with batched cotangents when the model cannot run
-    under ``torch.func``), then compared, as whole output vectors, with central differences along
-    ``n_directions`` random directions, evaluated in float64 on a float64 copy of the model's
-    tensors. The step is ``eps^(1/3)`` times the input's scale, and the stencil's own second
-    difference bounds its error, so round-off and kinks are told apart from a wrong backward.
+    One forward of the batch through ``functional_call`` with detached parameters, then one backward per
+    compared output row through that graph (``engine="torch.func"``: ``vmap(jacrev)`` over samples instead),
+    exactness verified each call by a batch-independence check. The backward's formula is judged in float64
+    (the same code on a float64 copy of the model) against central differences along ``n_directions`` random
+    directions, whose own second difference bounds their error; the model-dtype Jacobian is judged against
+    the float64 one. See the README's "What the verdicts mean" for the rules a verdict follows.
 
     The model is probed in eval mode (every submodule's own mode is restored afterwards); no
-    parameter ``.grad``, buffer, RNG state or input changes. Works under ``torch.no_grad()`` and
-    ``torch.inference_mode()``.
+    parameter ``.grad``, buffer, RNG state, backend flag or input changes. Works under ``torch.no_grad()``
+    and ``torch.inference_mode()``.
 
     Args:
-        model: An ``nn.Module``, or any callable mapping a batch ``(N, ...)`` to outputs ``(N, ...)``.
-        inputs: A floating tensor ``(N, ...)``; the batch dimension comes first.
+        model: An ``nn.Module`` (then the formula is judged on a float64 copy), or any callable mapping a batch
+            ``(N, ...)`` to outputs ``(N, ...)``.
+        inputs: A tensor ``(N, ...)``, or a tuple/list or dict of tensors with the batch dimension first
+            (called as ``model(*inputs)`` / ``model(**inputs)``). Floating entries are differentiated, each with
+            steps and directions sized to its own scale; other entries (masks, lengths, ids) pass through with
+            their samples. Integer-only inputs are probed at the embedding that consumes them (see ``layer``).
         target: Which outputs of each sample to differentiate: ``None`` for all (random projections
             above ``max_full_outputs``), ``"argmax"``, an int index into each sample's flattened
             outputs, an ``(N,)`` tensor of per-sample indices, or a callable ``outputs -> (N, ...)``.
         n_directions: Random directions per checked sample.
         seed: Seed of the probe's own generator (directions, sample subset, projections).
-        forward: ``forward(model, x) -> outputs``, when calling ``model(x)`` is not the way to run it.
+        forward: ``forward(model, inputs) -> outputs``, when calling ``model(inputs)`` is not the way to run it.
         output: For tuple/dict outputs: the index or key of the tensor to check, or a callable.
         check_samples: Which samples to check against finite differences: ``None`` for all, an int
             for that many drawn at random, or a sequence of indices. Saliency and health cover all.
@@ -115,6 +122,9 @@ def probe(
             training even when input gradients are right.
         check_forward_mode: Compare forward mode (``torch.func.jvp``) with the reverse-mode Jacobian.
         localize_budget: ``(max_modules, seconds)`` for localization.
+        layer: A submodule (or its dotted name) whose *output* is differentiated instead of the model's input,
+            computed fresh from ``inputs`` and fed back through a forward hook. Integer inputs (token ids)
+            consumed by an ``nn.Embedding`` are probed at that embedding's output without being asked.
         second_order: Also check the double backward through the input (``report.second_order``): the
             Hessian-vector products of one random combination of each sample's selected outputs, from autograd's
             double backward, against finite differences of float64 first-order gradients, judged by the same
@@ -139,12 +149,15 @@ def probe(
         torch.Size([5, 4])
 
     """
-    _check_arguments(inputs, n_directions, engine, rtol, fd_dtype, max_full_outputs, chunk_size)
+    _check_options(n_directions, engine, rtol, fd_dtype, max_full_outputs, chunk_size)
     generator = torch.Generator().manual_seed(int(seed))
     notes: list[str] = []
     owner = _owner(model, forward)
-    with isolated(model, inputs.device):
-        x = inputs.detach().clone()
+    with isolated(model, _device_of(inputs)):
+        prepared = _prepare(model, inputs, forward=forward, layer=layer, notes=notes)
+        x, forward, packed = prepared.x, prepared.forward, prepared.packed
+        _check_inputs(x, packed)
+        free = None if packed is None else packed.free
         n = x.shape[0]
         dtype = model_dtype(model, x)
         rtol = default_rtol(dtype) if rtol is None else float(rtol)
@@ -173,14 +186,25 @@ def probe(
         reference, reference_dtype = _finite_difference_function(
             model, forward, output, function, x.detach(), fd_dtype or dtype, notes
         )
-        cross = _cross_sample(gradients, selection, outputs, leaf, index, reference, reference_dtype, rtol, generator)
+        cross = _cross_sample(
+            gradients, selection, outputs, leaf, index, reference, reference_dtype, rtol, generator, free
+        )
         outputs, x = outputs.detach(), x.detach()
         checked = _choose_samples(check_samples, n, generator)
         evidence = Judgement.empty(n, n_directions)
         implicated = _apply_cross_sample(cross, checked, evidence, notes)
         judged = torch.tensor([i for i in checked.tolist() if i not in implicated], dtype=torch.long)
         problem = Problem(
-            function, reference, selection, dtype, reference_dtype, rtol, engine_used, chunk_size, projection=projection
+            function,
+            reference,
+            selection,
+            dtype,
+            reference_dtype,
+            rtol,
+            engine_used,
+            chunk_size,
+            projection=projection,
+            free=free,
         )
         if len(judged):
             rows = judged.to(x.device)
@@ -191,7 +215,7 @@ def probe(
             notes += judgement.notes
         forward_mismatch = (
             _forward_mode_mismatch(
-                function, selection, x, index, checked_rows, projection, checked, generator, rtol, notes
+                function, selection, x, index, checked_rows, projection, checked, generator, rtol, notes, free
             )
             if check_forward_mode and len(checked)
             else None
@@ -245,7 +269,9 @@ def probe(
         )
     return ProbeReport(
         verdicts=tuple(verdicts),
-        saliency=salient.reshape(x.shape),
+        saliency=_structured_saliency(salient.reshape(x.shape), prepared),
+        layer=prepared.layer,
+        token_scores=_token_scores(salient, prepared),
         batch_independent=(not cross.forward and not cross.unverified) if check_batch and n > 1 else None,
         leaking_pairs=cross.forward + cross.unverified,
         mixing_pairs=cross.backward_only,
@@ -305,6 +331,7 @@ def _cross_sample(
     reference_dtype: torch.dtype,
     rtol: float,
     generator: torch.Generator,
+    free: Tensor | None,
 ) -> CrossSampleCheck:
     """Cross-sample gradients autograd claims, checked against finite differences across samples."""
     none = CrossSampleCheck((), (), (), 0, {}, {})
@@ -324,6 +351,7 @@ def _cross_sample(
         leaf.detach().to(reference_dtype),
         generator=generator,
         rtol=rtol,
+        free=free,
     )
 
 
@@ -411,11 +439,12 @@ def _forward_mode_mismatch(
     generator: torch.Generator,
     rtol: float,
     notes: list[str],
+    free: Tensor | None,
 ) -> tuple[int, ...] | None:
     """Samples whose jvp along a random direction disagrees with the reverse-mode rows (seen through ``projection``)."""
     sub = checked.to(x.device)
     xc, ic = x[sub], index[sub]
-    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1).to(xc)
+    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, _cpu(free)).to(xc)
     try:
         forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))[1].double()
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
@@ -491,8 +520,7 @@ def _choose_samples(check_samples: int | Sequence[int] | None, n: int, generator
     return chosen.unique()
 
 
-def _check_arguments(
-    inputs: Any,
+def _check_options(
     n_directions: int,
     engine: str,
     rtol: float | None,
@@ -500,22 +528,6 @@ def _check_arguments(
     max_full_outputs: int,
     chunk_size: int | None,
 ) -> None:
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"probe: `inputs` must be a tensor, got {type(inputs).__name__}.")
-    if not inputs.is_floating_point():
-        raise TypeError(
-            f"probe: `inputs` must be a floating tensor, got {inputs.dtype}. Input gradients of integer "
-            "inputs (token ids) do not exist: probe the embedding output instead, with the module itself so "
-            "that it can be judged in float64, e.g. `probe(model, model.embed(ids), forward=lambda m, e: "
-            "m.head(m.body(e)))`."
-        )
-    if inputs.ndim == 0 or inputs.shape[0] == 0:
-        raise ValueError(
-            f"probe: `inputs` must have a non-empty batch dimension first, got shape {tuple(inputs.shape)}."
-        )
-    if not bool(inputs.isfinite().all()):
-        bad = int((~inputs.isfinite()).sum())
-        raise ValueError(f"probe: `inputs` holds {bad} NaN/Inf values; finite differences need finite inputs.")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
         raise ValueError(f"probe: `n_directions` must be an int >= 1, got {n_directions!r}.")
     if engine not in _ENGINES:
@@ -528,6 +540,31 @@ def _check_arguments(
         raise ValueError(f"probe: `max_full_outputs` must be an int >= 1, got {max_full_outputs!r}.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"probe: `chunk_size` must be None or an int >= 1, got {chunk_size!r}.")
+
+
+def _check_inputs(x: Tensor, packed: Packed | None) -> None:
+    """The (packed) floating batch: a non-empty batch dimension first, finite where it is differentiated."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise ValueError(f"probe: `inputs` must have a non-empty batch dimension first, got shape {tuple(x.shape)}.")
+    values = x if packed is None else x[:, packed.free.to(x.device)]
+    if not bool(values.isfinite().all()):
+        bad = (~values.reshape(x.shape[0], -1).isfinite()).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"probe: `inputs` holds NaN/Inf values in samples {bad[:8]}; finite differences need finite inputs. "
+            "Leave those samples out (e.g. `x[x.isfinite().flatten(1).all(1)]`)."
+        )
+
+
+def _check_tensor_inputs(inputs: Any) -> None:
+    """``jacobians()`` and ``saliency()`` take one floating tensor."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"`inputs` must be a tensor, got {type(inputs).__name__}; `probe()` takes tuples and dicts.")
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"`inputs` must be a floating tensor, got {inputs.dtype}: token ids have no input gradient; "
+            "`probe(model, ids)` probes at the embedding's output."
+        )
+    _check_inputs(inputs, None)
 
 
 def _check_outputs(outputs: Tensor, n: int) -> None:
@@ -603,7 +640,8 @@ def _gradients(
     max_full_outputs: int,
     bounded: bool,
 ) -> tuple[Tensor, str, Tensor]:
-    _check_arguments(inputs, 1, engine, None, None, max_full_outputs, chunk_size)
+    _check_options(1, engine, None, None, max_full_outputs, chunk_size)
+    _check_tensor_inputs(inputs)
     with isolated(model, inputs.device):
         leaf = inputs.detach().clone().requires_grad_(True)
         _, outputs, selection, _, (gradients, _) = _forward_and_gradients(
@@ -701,6 +739,118 @@ def _saliency_cotangent(selection: Any, outputs: Tensor, index: Tensor) -> Tenso
     if selection.kind == "callable":
         return torch.ones((n, m), device=outputs.device)
     return torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long, device=outputs.device), m)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The inputs as the engine sees them: one floating batch, and how the model is called on it."""
+
+    x: Tensor
+    forward: Callable[[Any, Tensor], Any] | None
+    packed: Packed | None = None
+    layer: str | None = None
+    layer_output: Tensor | None = None
+
+
+def _prepare(
+    model: Any, inputs: Any, *, forward: Callable[[Any, Any], Any] | None, layer: Any, notes: list[str]
+) -> _Prepared:
+    """Pack structured inputs; find a token model's embedding; set up probing at a layer's output."""
+    if isinstance(inputs, Tensor) and inputs.is_floating_point() and layer is None:
+        return _Prepared(inputs.detach().clone(), forward)
+
+    def call_raw(m: Any, raw: Any) -> Any:
+        if forward is not None:
+            return forward(m, raw)
+        if isinstance(raw, Mapping):
+            return m(**raw)
+        return m(*raw) if isinstance(raw, (tuple, list)) else m(raw)
+
+    entries = _as_entries(inputs)
+    if layer is None:
+        if any(isinstance(v, Tensor) and v.is_floating_point() for v in entries.values()):
+            packed = pack(inputs)
+            return _Prepared(packed.flat, lambda m, x: call_raw(m, packed.unpack(x)), packed)
+        layer = _token_embedding(model, inputs, entries, call_raw, notes)
+    name, module = resolve_layer(model, layer)
+    output = capture_output(module, lambda: call_raw(model, inputs))
+    packed = pack({LAYER: output, **entries}, differentiate=lambda key, _value: key == LAYER)
+
+    def at_layer(m: Any, x: Tensor) -> Any:
+        values = packed.unpack(x)
+        with replaced_output(module, values[LAYER]):
+            return call_raw(m, _rebuild(inputs, values))
+
+    return _Prepared(packed.flat, at_layer, packed, name, output)
+
+
+def _token_embedding(
+    model: Any, inputs: Any, entries: dict[Any, Any], call_raw: Callable[[Any, Any], Any], notes: list[str]
+) -> nn.Module:
+    """Zero-config token models: the nn.Embedding that consumes an integer input, said once."""
+    ids = [v for v in entries.values() if isinstance(v, Tensor) and v.ndim > 0 and not v.is_floating_point()]
+    if isinstance(model, nn.Module):
+        for candidate in ids:
+            found = find_token_embedding(model, candidate, lambda: call_raw(model, inputs))
+            if found is not None:
+                notes.append(
+                    f"token model: probed at the output of the embedding `{found[0]}` (token ids have no input "
+                    "gradient); pass `layer=` to probe elsewhere"
+                )
+                _warn_once(type(model).__name__, notes[-1])
+                return found[1]
+    kinds = sorted({str(v.dtype) for v in ids}) or [type(inputs).__name__]
+    raise TypeError(
+        f"probe: the inputs hold no floating tensor ({', '.join(kinds)}), and no nn.Embedding of the model consumes "
+        "them. Input gradients of integer inputs (token ids) do not exist: probe an embedding's (or any layer's) "
+        'output with `layer=` (a submodule or its dotted name), e.g. `probe(model, ids, layer="embed")`.'
+    )
+
+
+def _as_entries(inputs: Any) -> dict[Any, Any]:
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return dict(enumerate(inputs))
+    return {0: inputs}
+
+
+def _rebuild(inputs: Any, values: Mapping[Any, Any]) -> Any:
+    """The inputs' own structure from unpacked values (the probed layer's entry left out)."""
+    if isinstance(inputs, Mapping):
+        return {k: values[k] for k in inputs}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(values[i] for i in range(len(inputs)))
+    return values[0]
+
+
+def _device_of(inputs: Any) -> torch.device:
+    for value in _as_entries(inputs).values():
+        if isinstance(value, Tensor):
+            return value.device
+    raise TypeError(
+        f"probe: `inputs` must be a tensor, a tuple/list or a dict of tensors, got {type(inputs).__name__}."
+    )
+
+
+def _structured_saliency(salient: Tensor, prepared: _Prepared) -> Any:
+    if prepared.packed is None:
+        return salient
+    structured = prepared.packed.structure(salient.reshape(salient.shape[0], -1))
+    return structured[LAYER] if prepared.layer is not None else structured
+
+
+def _token_scores(salient: Tensor, prepared: _Prepared) -> dict[str, Tensor] | None:
+    """Per-token reductions of a ``(N, L, E)`` layer gradient: its L2 norm and gradient x embedding over ``E``."""
+    output = prepared.layer_output
+    if output is None or output.ndim != 3 or prepared.packed is None:
+        return None
+    gradient = prepared.packed.structure(salient.reshape(salient.shape[0], -1))[LAYER].double()
+    return {"norm": gradient.norm(dim=-1).cpu(), "grad_x_input": (gradient * output.double()).sum(-1).cpu()}
+
+
+def _cpu(free: Tensor | None) -> Tensor | None:
+    return None if free is None else free.cpu()
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ._finite_differences import Comparison, Stencil, compare, default_step
 from ._functions import ParameterFunction
+from ._inputs import free_only
 from ._jacobian import compute_gradients
 from ._verdicts import Judgement, Problem, consistent, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import Verdict
@@ -134,8 +135,9 @@ def _hessian_scale(problem: Problem, x: Tensor, index: Tensor, weights: Tensor) 
     xr = x.to(problem.reference_dtype)
     with torch.no_grad():
         scalar = problem.selection(problem.reference(xr), index) @ weights.to(problem.reference_dtype)
-    flat = xr.reshape(xr.shape[0], -1)
-    return scalar.abs().double() / flat.norm(dim=1).clamp_min(flat.shape[1] ** 0.5).double().pow(2)
+    flat = free_only(xr.reshape(xr.shape[0], -1), problem.free)
+    width = flat.shape[1] if problem.free is None else int(problem.free.sum())
+    return scalar.abs().double() / flat.norm(dim=1).clamp_min(width**0.5).double().pow(2)
 
 
 def check_second_order(
@@ -191,6 +193,7 @@ def check_second_order(
         chunk_size=None,
         floor=_FLOOR,
         gain=_hessian_scale(problem, xc, ic, weights.to(x.device)),
+        free=problem.free,
     )
     empty = torch.full((n, n_directions), float("nan"), dtype=torch.float64)
     try:

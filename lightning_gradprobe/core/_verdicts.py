@@ -41,6 +41,7 @@ from ._finite_differences import (
     noise_floor,
     project,
 )
+from ._inputs import free_only
 from ._jacobian import compute_gradients, jacobians_of
 from .report import Verdict
 
@@ -94,6 +95,7 @@ class Problem:
     chunk_size: int | None
     floor: float | None = None  # |J v| below floor x the problem's own scale is round-off (None: the dtype's)
     projection: Tensor | None = None  # (M, q) output projections the rows are seen through (None: all outputs)
+    free: Tensor | None = None  # (D,) the coordinates of packed inputs that are differentiated (None: all)
     gain: Tensor | None = None  # (n,) a lower bound on the problem's own scale per sample, from the caller
 
     @property
@@ -206,8 +208,10 @@ class _Judge:
         self.notes: list[str] = []
         self.xr = x.to(ref)
         # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
-        self.directions = unit_rms(torch.randn((n, k, *x.shape[1:]), generator=generator).double(), 2).to(x.device)
-        self.step = default_step(self.xr, ref).to(x.device)
+        self.free = problem.free
+        directions = torch.randn((n, k, *x.shape[1:]), generator=generator).double()
+        self.directions = unit_rms(directions, 2, _cpu(self.free)).to(x.device)
+        self.step = default_step(self.xr, ref, free=self.free).to(x.device)
         self.projection = problem.projection
         self.model_rows = jac.reshape(jac.shape[0], jac.shape[1], -1)
         self.reference_rows, self.rtol = self.model_rows, problem.rtol
@@ -226,7 +230,7 @@ class _Judge:
                 )
         self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step, f0)
         self.first_stencil = project(self.raw, self.projection)
-        self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows)
+        self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows, self.free)
         if problem.gain is not None:
             self.gain = torch.maximum(self.gain, problem.gain.to(self.gain))
         self.floor = noise_floor(ref) if problem.floor is None else problem.floor
@@ -371,7 +375,7 @@ class _Judge:
         self.moved[rows.cpu()] = True
 
     def _at_nearby_point(self, rows: Tensor, small: Tensor) -> tuple[Tensor, Comparison]:
-        near_x, near_r = _nearby(self.x[rows], self.step[rows], self.problem.reference_dtype, self.generator)
+        near_x, near_r = _nearby(self.x[rows], self.step[rows], self.problem.reference_dtype, self.generator, self.free)
         if self.separate:
             near_rows = self.rows_at(near_r, rows)
         else:
@@ -432,7 +436,7 @@ class _Judge:
 def _jumps(judge: _Judge, rows: Tensor, distance: float = 1e-9, tolerance: float = 1e-6) -> Tensor:
     """Whether the reference Jacobian differs just either side of each sample (a tie or kink at the point)."""
     xr = judge.xr[rows]
-    offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1).to(xr)
+    offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1, _cpu(judge.free)).to(xr)
     scale = (judge.step[rows] / torch.finfo(judge.problem.reference_dtype).eps ** (1 / 3)).to(xr)
     offset = offset * (distance * scale).reshape(-1, *[1] * (xr.ndim - 1))
     both = judge.rows_at(torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
@@ -472,7 +476,7 @@ def _judge_model_dtype(
         return codes, dtype_error, torch.zeros_like(margin) if half else margin
     # Confirm at a nearby point: a float32 near-tie (max-pool, ReLU at round-off distance from 0) routes the
     # gradient differently from float64 at the sample only; a kernel wrong in float32 is wrong nearby too.
-    near_x, near_r = _nearby(x[rows], step[rows], problem.reference_dtype, generator)
+    near_x, near_r = _nearby(x[rows], step[rows], problem.reference_dtype, generator, problem.free)
     near_model = _project_rows(_jacobians(problem.function, problem, near_x, index[rows]), projection)
     near_reference = _reference_rows(problem, near_r, index[rows], projection)[0]
     near_displacement = displacement[rows]
@@ -579,22 +583,28 @@ def _reference_rows(
     return jac.reshape(jac.shape[0], jac.shape[1], -1), problem.selection(outputs, index).detach()
 
 
-def _gain(f0: Tensor, x: Tensor, rows: Tensor) -> Tensor:
+def _cpu(free: Tensor | None) -> Tensor | None:
+    return None if free is None else free.cpu()
+
+
+def _gain(f0: Tensor, x: Tensor, rows: Tensor, free: Tensor | None = None) -> Tensor:
     """The problem's own output change per unit input displacement, ``(n,)``: the scale of round-off.
 
     The larger of ``|f(x)| / max(|x|, sqrt(D))`` and the batch's median ``|J|_F / sqrt(D)``.
     """
     n = x.shape[0]
-    flat = x.reshape(n, -1).double()
-    root_d = flat.shape[1] ** 0.5
+    flat = free_only(x.reshape(n, -1).double(), free)
+    root_d = (flat.shape[1] if free is None else int(free.sum())) ** 0.5
     own = f0.double().norm(dim=1) / flat.norm(dim=1).clamp_min(root_d)
     typical = rows.double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).norm(dim=(1, 2)) / root_d
     return torch.maximum(own.nan_to_num(nan=0.0, posinf=0.0), typical.median().expand(n))
 
 
-def _nearby(x: Tensor, step: Tensor, dtype: torch.dtype, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _nearby(
+    x: Tensor, step: Tensor, dtype: torch.dtype, generator: torch.Generator, free: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """A point 1% of the input's scale away, representable in both the inputs' dtype and ``dtype``."""
-    jitter = unit_rms(torch.randn(x.shape, generator=generator, dtype=torch.float64), 1).to(x.device)
+    jitter = unit_rms(torch.randn(x.shape, generator=generator, dtype=torch.float64), 1, _cpu(free)).to(x.device)
     scale = (step / torch.finfo(dtype).eps ** (1 / 3)).reshape(-1, *[1] * (x.ndim - 1))
     near = (x.to(torch.float64) + _JITTER * scale * jitter).to(x.dtype)
     return near, near.to(dtype)
@@ -612,9 +622,14 @@ def consistent(fine: Stencil, coarse: Stencil, tolerance: float = 1e-2) -> Tenso
     return gap <= tolerance * torch.maximum(a.norm(dim=-1), b.norm(dim=-1))
 
 
-def unit_rms(directions: Tensor, lead: int) -> Tensor:
-    """Scale each direction (the dims after the first ``lead``) to unit RMS."""
-    rms = directions.reshape(*directions.shape[:lead], -1).pow(2).mean(-1).sqrt()
+def unit_rms(directions: Tensor, lead: int, free: Tensor | None = None) -> Tensor:
+    """Scale each direction (the dims after the first ``lead``) to unit RMS over its free coordinates.
+
+    ``free`` (``(D,)``, for packed inputs) zeroes the frozen coordinates first.
+    """
+    directions = free_only(directions, free)
+    count = directions[(0,) * lead].numel() if free is None else int(free.sum())
+    rms = (directions.reshape(*directions.shape[:lead], -1).pow(2).sum(-1) / max(count, 1)).sqrt()
     return directions / rms.reshape(*rms.shape, *[1] * (directions.ndim - lead))
 
 

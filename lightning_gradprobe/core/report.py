@@ -38,7 +38,9 @@ class ProbeReport:
 
     Attributes:
         verdicts: One :class:`Verdict` per sample.
-        saliency: Input gradient of each sample's target, shaped like the inputs (signed).
+        saliency: Input gradient of each sample's target, shaped like the inputs (signed): a tensor, or the inputs'
+            tuple/dict structure (``None`` for entries that are not differentiated); with ``layer``, the gradient
+            with respect to that layer's output.
         batch_independent: Whether no sample's outputs depend on another sample's input (``None``: not checked).
         leaking_pairs: ``(i, j)`` pairs where sample ``i``'s outputs depend on sample ``j``'s input (the forward
             mixes samples, confirmed by finite differences across samples).
@@ -68,13 +70,17 @@ class ProbeReport:
         projected: Whether outputs were compared through random projections (many outputs).
         rtol: Relative tolerance granted to the model-dtype backward.
         notes: Human-readable remarks (fallbacks, skipped checks).
+        layer: The submodule whose output was probed instead of the inputs (a token model's embedding is found
+            automatically), else ``None``.
+        token_scores: For a ``(N, L, E)`` layer output: per-token ``"norm"`` (L2 norm of the gradient over ``E``)
+            and ``"grad_x_input"`` (gradient x embedding, summed over ``E``), each ``(N, L)``.
         second_order: The :class:`SecondOrderReport` of the double backward through the input, when asked for
             (``probe(..., second_order=True)``), else ``None``.
 
     """
 
     verdicts: tuple[Verdict, ...]
-    saliency: Tensor
+    saliency: Any
     batch_independent: bool | None
     leaking_pairs: tuple[tuple[int, int], ...]
     checked: Tensor
@@ -102,6 +108,8 @@ class ProbeReport:
     forward_mode_mismatch: tuple[int, ...] | None = None
     mixing_pairs: tuple[tuple[int, int], ...] = ()
     second_order: Any = None
+    layer: str | None = None
+    token_scores: dict[str, Tensor] | None = None
 
     @property
     def failed(self) -> list[int]:

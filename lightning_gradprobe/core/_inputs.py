@@ -1,0 +1,168 @@
+"""Inputs as the engine sees them: one flat floating batch, whatever structure the model takes.
+
+A model may take several inputs (``forward(image, metadata)``), a dict (``model(**batch)``, the Hugging Face
+convention), or integer entries beside floating ones (token ids, attention masks, lengths). The engine works on
+one floating batch ``X`` of shape ``(N, D)``: each floating input, divided by a power of two near its own RMS
+(exact in floating point), so that steps and directions are sized to each input separately; then every other
+entry, carried along as *frozen* coordinates (exact: integers below 2^24 in float32) that no direction, jitter
+or step ever moves and that the model receives back in their own dtype. Because frozen entries travel inside
+``X``, any subset or repetition of rows the checks evaluate keeps each sample's mask with its own inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Packed", "free_only", "pack"]
+
+_EXACT_INTEGER = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: Any  # position (tuple/list) or key (dict)
+    shape: tuple[int, ...]  # per-sample shape
+    dtype: torch.dtype
+    start: int
+    stop: int
+    free: bool
+    scale: float  # floating entries: stored divided by this power of two
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A structured input batch packed into one floating tensor (see the module docstring).
+
+    Attributes:
+        flat: ``(N, D)`` the packed batch.
+        free: ``(D,)`` which coordinates are differentiated (the floating inputs); the rest are frozen.
+        kind: ``"tuple"``, ``"list"`` or ``"dict"``: the structure the model receives.
+
+    """
+
+    flat: Tensor
+    free: Tensor
+    kind: str
+    entries: tuple[_Entry, ...]
+    constants: Mapping[Any, Any]
+    pack_dtype: torch.dtype
+
+    def unpack(self, x: Tensor) -> Any:
+        """The model's inputs for a packed batch ``x`` (rows may be any subset or repetition of samples).
+
+        Floating inputs come back in their own dtype when ``x`` is in the packing dtype, and in ``x``'s dtype
+        otherwise (the float64 reference); frozen entries always in their own dtype.
+        """
+        own = x.dtype == self.pack_dtype
+        values: dict[Any, Any] = dict(self.constants)
+        for entry in self.entries:
+            part = x[:, entry.start : entry.stop].reshape(x.shape[0], *entry.shape)
+            if entry.free:
+                part = part * entry.scale
+                values[entry.key] = part.to(entry.dtype) if own else part
+            elif entry.dtype.is_floating_point:
+                values[entry.key] = part.to(entry.dtype) if own else part
+            else:
+                values[entry.key] = part.detach().round().to(entry.dtype)
+        if self.kind == "dict":
+            return values
+        ordered = [values[i] for i in range(len(values))]
+        return tuple(ordered) if self.kind == "tuple" else ordered
+
+    def structure(self, gradient: Tensor) -> Any:
+        """A gradient with respect to ``flat``, ``(N, D)``, in the inputs' structure (``None`` for frozen ones)."""
+        n = gradient.shape[0]
+        values: dict[Any, Any] = {key: None for key in self.constants}
+        for entry in self.entries:
+            if entry.free:
+                values[entry.key] = gradient[:, entry.start : entry.stop].reshape(n, *entry.shape) / entry.scale
+            else:
+                values[entry.key] = None
+        if self.kind == "dict":
+            return values
+        ordered = [values[i] for i in range(len(values))]
+        return tuple(ordered) if self.kind == "tuple" else ordered
+
+    def call(self, model: Any, x: Tensor) -> Any:
+        """``model(*inputs)`` or ``model(**inputs)`` on the unpacked batch."""
+        inputs = self.unpack(x)
+        return model(**inputs) if self.kind == "dict" else model(*inputs)
+
+
+def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = None) -> Packed:
+    """Pack a tuple, list or dict of per-sample tensors (batch dimension first) into one floating batch.
+
+    Args:
+        inputs: The structure. Tensors with the batch dimension are per-sample entries; anything else (``None``,
+            a number, a tensor of another batch size) is passed through unchanged.
+        differentiate: ``(key, tensor) -> bool`` choosing the differentiated entries (default: the floating ones).
+
+    Raises:
+        ValueError: If no entry is a per-sample tensor, or none is differentiated.
+
+    Example:
+        >>> import torch
+        >>> packed = pack((torch.randn(4, 3), torch.tensor([[1, 0], [1, 1], [0, 1], [1, 0]])))
+        >>> packed.flat.shape, packed.free.tolist()
+        (torch.Size([4, 5]), [True, True, True, False, False])
+        >>> [tuple(v.shape) for v in packed.unpack(packed.flat[[2, 2]])]
+        [(2, 3), (2, 2)]
+
+    """
+    if isinstance(inputs, Mapping):
+        kind, items = "dict", list(inputs.items())
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, str):
+        kind, items = ("tuple" if isinstance(inputs, tuple) else "list"), list(enumerate(inputs))
+    else:
+        raise TypeError(f"probe: `inputs` must be a tensor, a tuple/list or a dict of tensors, got {type(inputs)}.")
+    batch = next((v.shape[0] for _, v in items if isinstance(v, Tensor) and v.ndim > 0), None)
+    if batch is None:
+        raise ValueError("probe: `inputs` holds no tensor with a batch dimension first.")
+    chosen = differentiate or (lambda _key, value: value.is_floating_point())
+    per_sample = [(k, v) for k, v in items if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch]
+    constants = {k: v for k, v in items if not any(k == key for key, _ in per_sample)}
+    free_items = [(k, v) for k, v in per_sample if v.is_floating_point() and chosen(k, v)]
+    if not free_items:
+        names = [k for k, _ in per_sample]
+        raise ValueError(
+            f"probe: none of the inputs {names} is a floating tensor to differentiate. Integer inputs (token ids) "
+            "have no input gradient: probe an embedding's output with `layer=` (a token model's embedding is "
+            "found automatically when the model is an nn.Module)."
+        )
+    floating = [v.dtype for _, v in free_items]
+    pack_dtype = torch.float64 if torch.float64 in floating else torch.float32
+    frozen_items = [(k, v) for k, v in per_sample if not any(k == key for key, _ in free_items)]
+    for _, value in frozen_items:
+        if not value.is_floating_point() and value.numel() and value.abs().max() >= _EXACT_INTEGER[pack_dtype]:
+            pack_dtype = torch.float64
+    entries, columns, offset = [], [], 0
+    for key, value in [*free_items, *frozen_items]:
+        free = any(key == k for k, _ in free_items)
+        width = math.prod(value.shape[1:])
+        scale = _power_of_two_scale(value) if free else 1.0
+        entries.append(_Entry(key, tuple(value.shape[1:]), value.dtype, offset, offset + width, free, scale))
+        columns.append(value.detach().reshape(batch, width).to(pack_dtype) / scale)
+        offset += width
+    free_mask = torch.cat([torch.full((e.stop - e.start,), e.free) for e in entries]).to(columns[0].device)
+    return Packed(torch.cat(columns, 1), free_mask, kind, tuple(entries), constants, pack_dtype)
+
+
+def _power_of_two_scale(value: Tensor) -> float:
+    """A power of two near the entry's RMS (at least 1): dividing by it is exact in floating point."""
+    rms = float(value.detach().double().pow(2).mean().sqrt()) if value.numel() else 1.0
+    if not math.isfinite(rms) or rms <= 1.0:
+        return 1.0
+    return float(2 ** math.floor(math.log2(rms)))
+
+
+def free_only(values: Tensor, free: Tensor | None) -> Tensor:
+    """Zero the frozen coordinates of ``(..., D)``-shaped directions (unchanged when ``free`` is ``None``)."""
+    if free is None:
+        return values
+    return values * free.to(values.device, values.dtype)
