@@ -231,11 +231,13 @@ def build_selection(
         raise ValueError(
             f"probe: `target` tensor must have shape ({n},), one output index per sample; got {tuple(index.shape)}."
         )
+    given = index
+    index = torch.where(index < 0, index + n_outputs, index)  # Python's convention: -1 is the last output
     bad = (index < 0) | (index >= n_outputs)
     if bad.any():
-        value = int(index[bad][0])
+        value = int(given[bad][0])
         raise ValueError(
             f"probe: `target`={value} is out of range: each sample has {n_outputs} outputs "
-            f"(flattened), so indices must be in [0, {n_outputs - 1}]."
+            f"(flattened), so indices must be in [0, {n_outputs - 1}] (or from -{n_outputs}, counting from the end)."
         )
     return Selection("index", 1), index

@@ -1,0 +1,148 @@
+"""Every kind of input a model takes: several inputs, dicts, masks, token ids, layers, Hugging Face models."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from zoo import Act, ReLUAct
+
+from lightning_gradprobe import Verdict, probe
+
+
+class ImageAndMetadata(nn.Module):
+    """``forward(image, metadata)``; ``bug`` plants a x1.1 backward in the metadata branch only."""
+
+    def __init__(self, bug: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.meta = nn.Linear(3, 8)
+        self.act = Act("scale" if bug else "ok")
+        self.head = nn.Linear(4 * 6 * 6 + 8, 2)
+
+    def forward(self, image, metadata):
+        features = torch.tanh(self.conv(image)).flatten(1)
+        return self.head(torch.cat([features, self.act(self.meta(metadata / 1000))], 1))
+
+
+def _image_and_metadata(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 1, 8, 8, generator=g), 1000 * torch.randn(6, 3, generator=g)  # scales 1000x apart
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_two_inputs_each_sized_to_its_own_scale(as_dict):
+    torch.manual_seed(0)
+    good, bad = ImageAndMetadata(), ImageAndMetadata(bug=True)
+    bad.load_state_dict(good.state_dict())
+    image, metadata = _image_and_metadata(0)
+    inputs = {"image": image, "metadata": metadata} if as_dict else (image, metadata)
+    report = probe(good, inputs)
+    assert report.verdicts == (Verdict.PASS,) * 6, str(report)
+    saliency = report.saliency
+    image_grad, meta_grad = (saliency["image"], saliency["metadata"]) if as_dict else saliency
+    assert image_grad.shape == image.shape and meta_grad.shape == metadata.shape
+    # The metadata gradient is the true one, in the input's own units (compare with plain autograd).
+    leaf = metadata.clone().requires_grad_()
+    out = good(image, leaf)
+    (expected,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), leaf)
+    torch.testing.assert_close(meta_grad, expected, rtol=1e-4, atol=1e-9)
+    assert probe(bad, inputs).verdicts == (Verdict.FAIL,) * 6  # a bug in the small-scale branch is not drowned
+
+
+class MaskedGRU(nn.Module):
+    """Token ids, an attention mask that zeroes pads, a GRU; ``kind`` plants a backward bug after the embedding."""
+
+    def __init__(self, kind: str = "ok") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.encoder = nn.Sequential(nn.Linear(8, 8), Act(kind))
+        self.gru = nn.GRU(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+        out, _ = self.gru(hidden)
+        return self.head(out[:, -1])
+
+
+def _tokens(seed: int, n: int = 6, length: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    for i in range(n):
+        mask[i, length - 1 - i % 4 :] = 0  # different pad lengths, so a misaligned mask would show
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def test_token_model_is_probed_at_its_embedding_without_being_asked():
+    torch.manual_seed(0)
+    batch = _tokens(0)
+    with pytest.warns(RuntimeWarning, match="embedding `embed`"):
+        report = probe(MaskedGRU(), batch)
+    assert report.layer == "embed" and report.ok, str(report)
+    assert report.saliency.shape == (6, 9, 8)
+    norm, attribution = report.token_scores["norm"], report.token_scores["grad_x_input"]
+    assert norm.shape == attribution.shape == (6, 9)
+    pads = batch["attention_mask"] == 0
+    assert (norm[pads] == 0).all() and (norm[~pads] > 0).all()  # masked tokens get no gradient, real ones do
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_wrong_backward_inside_a_token_models_encoder_is_caught_and_named(seed):
+    torch.manual_seed(seed)
+    good, bad = MaskedGRU(), MaskedGRU("scale")
+    bad.load_state_dict(good.state_dict())
+    batch = _tokens(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert probe(good, batch, seed=seed).ok
+        report = probe(bad, batch, seed=seed, localize=True)
+    assert report.verdicts == (Verdict.FAIL,) * 6
+    assert report.culprits[0].module == "encoder.1"
+
+
+def test_layer_by_name_or_module_on_an_image_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(ReLUAct(1.1)), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(5, 1, 8, 8)
+    at_output = probe(model, x, layer="0")  # the wrong ReLU backward comes after the layer: seen
+    assert at_output.layer == "0" and at_output.verdicts == (Verdict.FAIL,) * 5
+    after = probe(model, x, layer=model[1])  # after it: the rest of the model is right
+    assert after.layer == "1" and after.ok and after.saliency.shape == (5, 4, 6, 6)
+    with pytest.raises(ValueError, match="not a submodule"):
+        probe(model, x, layer="5.weight")
+
+
+def test_hugging_face_model_zero_config():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    batch = _tokens(0, n=4, length=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = probe(model, batch)  # model(**batch) returns a ModelOutput: its .logits are checked
+    assert report.ok and report.layer == "bert.embeddings.word_embeddings", str(report)
+    assert report.saliency.shape == (4, 10, 32)
+
+
+def test_negative_target_counts_from_the_end():
+    model = nn.Linear(3, 4)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(probe(model, x, target=-1).saliency, probe(model, x, target=3).saliency)
+    with pytest.raises(ValueError, match="`target`=-9 is out of range"):
+        probe(model, x, target=-9)
+
+
+def test_integer_inputs_without_an_embedding_get_a_clear_error():
+    with pytest.raises(TypeError, match="layer="):
+        probe(nn.Linear(3, 2), (torch.arange(6).reshape(2, 3),))
