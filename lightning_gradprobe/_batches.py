@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BatchKey", "Reservoir", "extract"]
+__all__ = [
+    "BatchKey",
+    "BatchLayoutError",
+    "Reservoir",
+    "extract",
+    "finite_rows",
+    "leaves",
+    "rebuild",
+    "take_rows",
+]
 
-BatchKey = str | int | Callable[[Any], Tensor] | None
+BatchKey = str | int | tuple[str | int, ...] | Callable[[Any], Any] | None
+"""How to take the inputs from a batch: a key or index, a tuple of them (several inputs), or a callable."""
 
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features")
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "pixel_values", "input_values", "inputs_embeds")
 _LABEL_KEYS = ("y", "label", "labels", "target", "targets")
 
 
-def extract(batch: Any, key: BatchKey, *, what: str, argument: str) -> Tensor | None:
+class BatchLayoutError(ValueError):
+    """The callback cannot read the batch as configured; the message says what to pass."""
+
+
+def extract(batch: Any, key: BatchKey, *, what: str, argument: str, forward: Callable[..., Any] | None = None) -> Any:
     """Take the inputs (``what="input"``) or labels (``what="label"``) out of a batch.
 
-    Defaults: a tensor batch is the input (and has no label); a tuple/list holds ``(x, y, ...)``;
-    a dict is searched for the usual key names.
+    Defaults for inputs: a tensor batch is the input; a tuple/list holds ``(x, y, ...)``, or ``(x1, x2, ..., y)``
+    when ``forward`` takes several positional inputs; a dict gives the entries that ``forward`` takes as keyword
+    arguments (the Hugging Face convention, labels left out), else its one input-like entry (``x``, ``image``,
+    ``pixel_values``, ...). Inputs may come out as a tensor, a tuple or a dict of tensors.
 
     Example:
         >>> import torch
@@ -29,43 +46,145 @@ def extract(batch: Any, key: BatchKey, *, what: str, argument: str) -> Tensor | 
         [0, 1]
         >>> extract({"image": x}, None, what="input", argument="input_key").shape
         torch.Size([2, 3])
+        >>> def forward(input_ids, attention_mask=None): ...
+        >>> sorted(extract({"input_ids": y, "attention_mask": y, "labels": y}, None, what="input",
+        ...                argument="input_key", forward=forward))
+        ['attention_mask', 'input_ids']
 
     """
     value: Any
     if callable(key):
         value = key(batch)
+    elif isinstance(key, tuple):
+        value = tuple(_select(batch, k, argument) for k in key)
     elif key is not None:
-        try:
-            value = batch[key]
-        except (KeyError, IndexError, TypeError) as error:
-            raise ValueError(
-                f"GradProbe: `{argument}`={key!r} does not select anything from the batch ({error})."
-            ) from None
+        value = _select(batch, key, argument)
     elif isinstance(batch, Tensor):
         value = batch if what == "input" else None
     elif isinstance(batch, Mapping):
-        names = _INPUT_KEYS if what == "input" else _LABEL_KEYS
-        found = [name for name in names if name in batch]
-        if not found:
-            if what == "label":
-                return None
-            raise ValueError(
-                f"GradProbe: cannot tell which entry of the batch dict is the input (keys {sorted(batch)}); "
-                f"pass `{argument}=` with the key, or a callable."
-            )
-        value = batch[found[0]]
+        value = _from_dict(batch, what, argument, forward)
     elif isinstance(batch, Sequence) and not isinstance(batch, str):
-        position = 0 if what == "input" else 1
-        value = batch[position] if len(batch) > position else None
+        if what == "input":
+            count = min(_positional_inputs(forward), max(len(batch) - 1, 1))
+            value = batch[0] if count <= 1 else tuple(batch[:count])
+        else:
+            position = max(_positional_inputs(forward), 1)
+            value = batch[position] if len(batch) > position else None
     else:
-        raise ValueError(
+        raise BatchLayoutError(
             f"GradProbe: cannot take the {what} out of a {type(batch).__name__} batch; pass `{argument}=`."
         )
-    if value is not None and not isinstance(value, Tensor):
-        raise ValueError(
-            f"GradProbe: the batch's {what} is a {type(value).__name__}, not a tensor; pass `{argument}=`."
+    if value is not None and not _is_tensors(value):
+        raise BatchLayoutError(
+            f"GradProbe: the batch's {what} is a {type(value).__name__}, not a tensor or a tuple/dict of tensors; "
+            f"pass `{argument}=` (a key, a tuple of keys, or a callable)."
         )
     return value
+
+
+def _select(batch: Any, key: str | int, argument: str) -> Any:
+    try:
+        return batch[key]
+    except (KeyError, IndexError, TypeError) as error:
+        raise BatchLayoutError(
+            f"GradProbe: `{argument}`={key!r} does not select anything from the batch ({error})."
+        ) from None
+
+
+def _from_dict(batch: Mapping[str, Any], what: str, argument: str, forward: Callable[..., Any] | None) -> Any:
+    if what == "label":
+        found = [name for name in _LABEL_KEYS if name in batch]
+        return batch[found[0]] if found else None
+    entries = {k: v for k, v in batch.items() if k not in _LABEL_KEYS and isinstance(v, Tensor)}
+    accepted = _keyword_inputs(forward, entries)
+    if accepted:
+        return accepted
+    found = [name for name in _INPUT_KEYS if name in batch]
+    if found:
+        return batch[found[0]]
+    raise BatchLayoutError(
+        f"GradProbe: cannot tell which entries of the batch dict are the model's inputs (keys {sorted(batch)}; "
+        "the model's forward takes none of them by name); pass `input_key=` with a key, a tuple of keys, or a "
+        "callable."
+    )
+
+
+def _keyword_inputs(forward: Callable[..., Any] | None, entries: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries ``forward`` takes by keyword (all of them when it takes ``**kwargs``)."""
+    parameters = _parameters(forward)
+    if parameters is None:
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return entries
+    named = {k: v for k, v in entries.items() if k in parameters and parameters[k].kind is not _POSITIONAL_ONLY}
+    required = [n for n, p in parameters.items() if p.default is inspect.Parameter.empty and p.kind in _NAMED_KINDS]
+    return named if named and all(n in named for n in required) else {}
+
+
+def _positional_inputs(forward: Callable[..., Any] | None) -> int:
+    """How many positional inputs ``forward`` requires (1 when unknown)."""
+    parameters = _parameters(forward)
+    if parameters is None:
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters.values() if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return max(len(required), 1)
+
+
+_POSITIONAL_ONLY = inspect.Parameter.POSITIONAL_ONLY
+_NAMED_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _parameters(forward: Callable[..., Any] | None) -> Mapping[str, inspect.Parameter] | None:
+    if forward is None:
+        return None
+    try:
+        return inspect.signature(forward).parameters
+    except (TypeError, ValueError):  # builtins and the like
+        return None
+
+
+def _is_tensors(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(isinstance(v, Tensor) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(isinstance(v, Tensor) for v in value)
+    return False
+
+
+def leaves(inputs: Any) -> list[Tensor]:
+    """The tensors of an input structure (a tensor, a tuple/list or a dict of tensors), in order."""
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return list(inputs.values())
+    return list(inputs)
+
+
+def rebuild(like: Any, tensors: Sequence[Tensor]) -> Any:
+    """The structure of ``like`` with ``tensors`` as its leaves."""
+    if isinstance(like, Tensor):
+        return tensors[0]
+    if isinstance(like, Mapping):
+        return dict(zip(like.keys(), tensors, strict=True))
+    return type(like)(tensors)
+
+
+def take_rows(inputs: Any, rows: Any) -> Any:
+    """Rows (a slice or an index tensor) of every leaf of an input structure."""
+    return rebuild(inputs, [t[rows] for t in leaves(inputs)])
+
+
+def finite_rows(inputs: Any) -> Tensor:
+    """``(N,)`` whether each sample's floating inputs are all finite."""
+    first = leaves(inputs)[0]
+    keep = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
+    for tensor in leaves(inputs):
+        if tensor.is_floating_point():
+            keep &= tensor.reshape(tensor.shape[0], -1).isfinite().all(1)
+    return keep
 
 
 class Reservoir:
@@ -86,17 +205,29 @@ class Reservoir:
     def __init__(self, k: int, seed: int) -> None:
         self.k = k
         self.seen = 0
+        self.nonfinite = 0
         self.generator = torch.Generator().manual_seed(seed)
-        self.inputs: Tensor | None = None
+        self.inputs: Any = None
         self.labels: Tensor | None = None
 
-    def offer(self, inputs: Tensor, labels: Tensor | None) -> None:
-        """Consider every row of a batch (copies only the rows it keeps, to CPU)."""
-        with torch.inference_mode(False):  # batches under trainer.validate() are inference tensors
-            self._offer(inputs, labels)
+    def offer(self, inputs: Any, labels: Tensor | None) -> None:
+        """Consider every row of a batch (copies only the rows it keeps, to CPU).
 
-    def _offer(self, inputs: Tensor, labels: Tensor | None) -> None:
-        n = inputs.shape[0]
+        ``inputs`` is a tensor, or a tuple/dict of tensors with the batch dimension first. Rows whose floating
+        inputs hold NaN/Inf are left out (and counted in ``nonfinite``): the stream's later rows take their place.
+        """
+        with torch.inference_mode(False):  # batches under trainer.validate() are inference tensors
+            good = finite_rows(inputs)
+            if not bool(good.all()):
+                self.nonfinite += int((~good).sum())
+                index = good.nonzero().flatten()
+                inputs = take_rows(inputs, index)
+                labels = labels[index.to(labels.device)] if labels is not None else None
+            if leaves(inputs)[0].shape[0]:
+                self._offer(inputs, labels)
+
+    def _offer(self, inputs: Any, labels: Tensor | None) -> None:
+        n = leaves(inputs)[0].shape[0]
         positions = torch.arange(self.seen, self.seen + n)
         self.seen += n
         # Row t (0-based stream position) replaces slot j ~ U{0..t} when j < k; the first k fill in order.
@@ -105,20 +236,23 @@ class Reservoir:
         keep = (slots < self.k).nonzero().flatten()
         if not len(keep):
             return
-        rows = inputs[keep.to(inputs.device)].detach().to("cpu", copy=True)
+        rows = [t[keep.to(t.device)].detach().to("cpu", copy=True) for t in leaves(inputs)]
         if self.inputs is None:
-            self.inputs = torch.empty((self.k, *rows.shape[1:]), dtype=rows.dtype)
+            self.inputs = rebuild(inputs, [torch.empty((self.k, *r.shape[1:]), dtype=r.dtype) for r in rows])
             if labels is not None:
                 self.labels = torch.empty((self.k, *labels.shape[1:]), dtype=labels.dtype)
         label_rows = labels[keep.to(labels.device)].detach().to("cpu", copy=True) if labels is not None else None
+        stored = leaves(self.inputs)
         for row, slot in enumerate(slots[keep].tolist()):  # later rows overwrite earlier ones, as in Algorithm R
-            self.inputs[slot] = rows[row]
+            for target, source in zip(stored, rows, strict=True):
+                target[slot] = source[row]
             if self.labels is not None and label_rows is not None:
                 self.labels[slot] = label_rows[row]
 
-    def result(self) -> tuple[Tensor, Tensor | None] | None:
+    def result(self) -> tuple[Any, Tensor | None] | None:
         """The drawn rows (fewer than ``k`` if the stream was shorter), or ``None`` if nothing was seen."""
         if self.inputs is None:
             return None
         size = min(self.k, self.seen)
-        return self.inputs[:size].clone(), None if self.labels is None else self.labels[:size].clone()
+        inputs = rebuild(self.inputs, [t[:size].clone() for t in leaves(self.inputs)])
+        return inputs, None if self.labels is None else self.labels[:size].clone()

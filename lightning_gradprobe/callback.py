@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from ._batches import BatchKey, Reservoir, extract
+from ._batches import BatchKey, Reservoir, extract, leaves, rebuild, take_rows
 from ._errors import GradientCheckError
 from .alerts import Alert, AlertThresholds, ProbeFigures, evaluate_alerts, figures_from_report
 from .core import ProbeReport, probe
@@ -47,7 +47,7 @@ class GradProbe(Callback):
 
     Args:
         num_samples: Validation samples probed (in total, shared out across processes).
-        every_n_epochs: Probe at the first validation of every n-th epoch (default 1).
+        every_n_epochs: Probe at the first validation of every n-th epoch (ignored when ``every_n_train_steps`` is set).
         every_n_train_steps: Probe at the first validation after every n training steps instead.
         target: ``"argmax"`` (the predicted class), ``"label"`` (the class in the batch's labels),
             an int output index, or a callable ``outputs -> (N, ...)``; ``None`` compares every output.
@@ -76,6 +76,11 @@ class GradProbe(Callback):
             culprit in the alert (bounded: 64 submodules, ``time_budget``).
         check_parameters: Also check each submodule's gradient with respect to its own parameters (a
             ``parameter_gradients`` alert); costs a few forwards per submodule at every probe.
+        layer: Dotted name of a submodule whose output is probed instead of the model's input, computed fresh
+            from the stored batch at every probe (token models are probed at their embedding without it).
+        tokens: ``ids -> list[str]`` (a tokenizer's ``convert_ids_to_tokens``) to label token heat maps.
+        strict: Raise during the sanity check or the first validation when the callback cannot read the
+            batch or run the probe, instead of warning once and pausing probing while training goes on.
         second_order: Also check the double backward through the input (for losses that differentiate input
             gradients: physics-informed networks, gradient penalties); a ``second_order_checks`` alert names
             the culprit, and ``gradprobe/second_order/{fail_fraction, margin_max}`` are logged.
@@ -96,7 +101,7 @@ class GradProbe(Callback):
     def __init__(
         self,
         num_samples: int = 8,
-        every_n_epochs: int | None = None,
+        every_n_epochs: int | None = 1,
         every_n_train_steps: int | None = None,
         target: str | int | Callable[[Tensor], Tensor] | None = "argmax",
         input_key: BatchKey = None,
@@ -116,6 +121,9 @@ class GradProbe(Callback):
         localize: bool = True,
         check_parameters: bool = False,
         second_order: bool = False,
+        layer: str | None = None,
+        tokens: Callable[[list[int]], list[str]] | None = None,
+        strict: bool = False,
         log_images: bool = True,
         shared_scale: bool = False,
         feature_names: list[str] | None = None,
@@ -125,7 +133,7 @@ class GradProbe(Callback):
         super().__init__()
         _positive_int("num_samples", num_samples)
         _positive_int("n_directions", n_directions)
-        if every_n_epochs is not None and every_n_train_steps is not None:
+        if every_n_epochs not in (None, 1) and every_n_train_steps is not None:
             raise ValueError(
                 f"GradProbe: `every_n_epochs`={every_n_epochs} and `every_n_train_steps`={every_n_train_steps} are "
                 "mutually exclusive; set one of them."
@@ -138,6 +146,12 @@ class GradProbe(Callback):
             raise ValueError(
                 f"GradProbe: `target` must be 'argmax', 'label', an int, a callable or None; got {target!r}."
             )
+        if isinstance(target, bool) or not (target is None or isinstance(target, (str, int)) or callable(target)):
+            raise TypeError(
+                f"GradProbe: `target` must be 'argmax', 'label', an int, a callable or None; got {target!r}."
+            )
+        if layer is not None and not isinstance(layer, str):
+            raise TypeError(f"GradProbe: `layer` must be a submodule's dotted name (a str) or None; got {layer!r}.")
         if not callable(on_alert) and on_alert not in ("warn", "stop", "raise"):
             raise ValueError(f"GradProbe: `on_alert` must be 'warn', 'stop', 'raise' or a callable; got {on_alert!r}.")
         if time_budget is not None and not time_budget > 0:
@@ -162,6 +176,9 @@ class GradProbe(Callback):
         self.localize = localize
         self.check_parameters = check_parameters
         self.second_order = second_order
+        self.layer = layer
+        self.tokens = tokens
+        self.strict = strict
         self.log_images = log_images
         self.shared_scale = shared_scale
         self.feature_names = feature_names
@@ -190,6 +207,9 @@ class GradProbe(Callback):
         self._probing_seconds = 0.0
         self._probes_this_fit = 0
         self.postponed = 0
+        self.nonfinite_inputs = 0
+        self._paused_reason: str | None = None
+        self._probe_costs: list[float] = []
 
     @property
     @override
@@ -212,6 +232,7 @@ class GradProbe(Callback):
         self._fit_started = time.perf_counter()
         self._probing_seconds = 0.0
         self._probes_this_fit = 0
+        self._probe_costs = []
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -227,7 +248,7 @@ class GradProbe(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._collect(batch)
+        self._collect(trainer, pl_module, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -249,7 +270,7 @@ class GradProbe(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.on_test:
-            self._collect(batch)
+            self._collect(trainer, pl_module, batch)
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -286,7 +307,7 @@ class GradProbe(Callback):
 
     # ----------------------------------------------------------------- schedule and probe set
     def _is_due(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking or self._disabled_reason is not None:
+        if trainer.sanity_checking or self._disabled_reason is not None or self._paused_reason is not None:
             return False
         if trainer.state.fn != "fit":
             return True  # an explicit trainer.validate() / trainer.test(): always probe
@@ -312,48 +333,89 @@ class GradProbe(Callback):
     def _over_budget(self, trainer: pl.Trainer) -> bool:
         if self.max_overhead is None or trainer.state.fn != "fit" or self._fit_started is None:
             return False
-        if self._probes_this_fit == 0:
+        if self._probes_this_fit == 0 or self._milestone(trainer):
             return False
         elapsed = time.perf_counter() - self._fit_started
-        expected = self._probing_seconds / self._probes_this_fit  # room for one more probe at its usual cost?
-        over = self._probing_seconds + expected > self.max_overhead * (elapsed + expected)
+        # Steady-state cost: the first probe pays one-time costs (imports, writers, the first figure) that later
+        # probes do not; they are not held against later probes.
+        expected = min(self._probe_costs) if self._probe_costs else 0.0
+        one_time = self._probe_costs[0] - expected if self._probe_costs else 0.0
+        spent = self._probing_seconds - one_time
+        over = spent + expected > self.max_overhead * (elapsed + expected)
         if trainer.world_size > 1:  # timings differ per process: rank zero decides for all
             over = bool(trainer.strategy.broadcast(over, src=0))
         if over and self.verbose and "budget" not in self._warned:
             self._warned.add("budget")
             rank_zero_info(
-                f"GradProbe: probing has used {self._probing_seconds:.2f}s of {elapsed:.1f}s, over "
-                f"`max_overhead`={self.max_overhead}; postponing probes until it is back under (reported once)."
+                f"GradProbe: probing has used {spent:.2f}s of {elapsed:.1f}s, over `max_overhead`={self.max_overhead}; "
+                "postponing probes until it is back under (the last validation, and five spread over a fit of "
+                "known length, are probed regardless while the fit is under a minute). Reported once."
             )
         return over
 
-    def _collect(self, batch: Any) -> None:
-        if self._reservoir is None:
+    def _milestone(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation must be probed whatever the budget.
+
+        The fit's last validation, and five spread evenly over a fit of known length, while the fit is short
+        (under a minute, where probes cost little in absolute terms).
+        """
+        epochs = trainer.max_epochs
+        if self._fit_started is None or epochs is None or epochs < 1 or self.every_n_train_steps is not None:
+            return False
+        if time.perf_counter() - self._fit_started > 60.0:
+            return False
+        epoch = trainer.current_epoch
+        return epoch == epochs - 1 or epoch + 1 >= (self._probes_this_fit * epochs) / 5
+
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if self._reservoir is None and not (trainer.sanity_checking and not self._warned & {"layout-checked"}):
             return
         started = time.perf_counter()
         try:
-            self._offer(batch)
+            inputs, labels = self._read(pl_module, batch)
+            self._warned.add("layout-checked")
+            if self._reservoir is not None:
+                self._reservoir.offer(inputs, labels)
+        except Exception as error:  # the callback's own problem: say it once, pause probing, train on
+            self._pause(f"cannot read the validation batch ({type(error).__name__}: {error})")
         finally:
             self._probing_seconds += time.perf_counter() - started
 
-    def _offer(self, batch: Any) -> None:
-        assert self._reservoir is not None
-        inputs = extract(batch, self.input_key, what="input", argument="input_key")
-        assert inputs is not None
+    def _read(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Tensor | None]:
+        """The inputs (a tensor, or a tuple/dict of tensors) and the labels of a batch."""
+        forward = pl_module.forward if self.forward is None else None  # whose signature tells the layout
+        inputs = extract(batch, self.input_key, what="input", argument="input_key", forward=forward)
+        if inputs is None:
+            raise ValueError("GradProbe: the batch holds no input; pass `input_key=`.")
+        n = leaves(inputs)[0].shape[0]
         if self.target == "label":
-            labels = extract(batch, self.label_key, what="label", argument="label_key")
+            labels = extract(batch, self.label_key, what="label", argument="label_key", forward=forward)
             if labels is None:
                 raise ValueError(
                     "GradProbe: target='label' but the batch has no labels; pass `label_key=` or another target."
                 )
         else:  # labels only caption the pictures: take them when they are plainly there, never fail for them
             try:
-                labels = extract(batch, self.label_key, what="label", argument="label_key")
+                labels = extract(batch, self.label_key, what="label", argument="label_key", forward=forward)
             except ValueError:
                 labels = None
-            if labels is not None and (labels.ndim != 1 or labels.shape[0] != inputs.shape[0]):
+            if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n:
                 labels = None
-        self._reservoir.offer(inputs, labels)
+        return inputs, labels
+
+    def _pause(self, reason: str) -> None:
+        """Stop probing for this run (training goes on), or raise under ``strict=True``."""
+        if self.strict:
+            raise GradProbeSetupError(f"GradProbe (strict=True): {reason}")
+        self._reservoir = None
+        self._due = False
+        if self._paused_reason is None:
+            self._paused_reason = reason
+            if self.verbose:
+                rank_zero_warn(
+                    f"GradProbe: {reason}. Probing is paused; training goes on. Fix it with `input_key=` (a key, a "
+                    "tuple of keys, or a callable returning the model's inputs), or pass `strict=True` to fail fast."
+                )
 
     # ----------------------------------------------------------------- probing
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -363,12 +425,15 @@ class GradProbe(Callback):
         try:
             self._probe_and_report(trainer, pl_module)
         finally:
-            self._probing_seconds += time.perf_counter() - started
+            cost = time.perf_counter() - started
+            self._probing_seconds += cost
+            self._probe_costs.append(cost)
             self._probes_this_fit += 1
 
     def _probe_and_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._reservoir is not None:
             drawn = self._reservoir.result()
+            self.nonfinite_inputs += self._reservoir.nonfinite
             self._reservoir = None
             if drawn is not None:
                 self.probe_inputs, self.probe_labels = drawn
@@ -378,6 +443,10 @@ class GradProbe(Callback):
         self.probes_done += 1
         self.last_probe_step = trainer.global_step
         self.last_probe_epoch = trainer.current_epoch
+        if any_error and self.strict and self.probes_done == 1:
+            raise GradProbeSetupError(
+                f"GradProbe (strict=True): the first probe failed ({type(error).__name__}: {error})"
+            ) from error
         if any_error:
             self._back_off(error)
         if figures.probed == 0:
@@ -386,7 +455,7 @@ class GradProbe(Callback):
         if report is not None and self.verbose and "dtypes" not in self._warned:
             self._warned.add("dtypes")
             rank_zero_info(
-                f"GradProbe: probing {len(report.verdicts)} samples per process; backward in "
+                f"GradProbe: probing {_count(len(report.verdicts), 'sample')} per process; backward in "
                 f"{report.model_dtype}, finite differences in {report.fd_dtype}, engine {report.engine}."
             )
         self._log(trainer, pl_module, figures, report)
@@ -406,7 +475,8 @@ class GradProbe(Callback):
             assert self.probe_inputs is not None
             n = len(report.verdicts)
             labels = self.probe_labels[:n] if self.probe_labels is not None else None
-            self._panels.write(trainer, report, alerts, self.probe_inputs[:n], labels)
+            self._panels.tokens = self.tokens
+            self._panels.write(trainer, report, alerts, take_rows(self.probe_inputs, slice(0, n)), labels)
             self.saliency_scale = self._panels.scale
         except Exception as error:  # a picture is never worth a training run
             if self.verbose and "render" not in self._warned:
@@ -421,7 +491,8 @@ class GradProbe(Callback):
         start = time.perf_counter()
         try:
             share = -(-self.active_samples // trainer.world_size)
-            x = trainer.precision_plugin.convert_input(self.probe_inputs[:share].to(pl_module.device))
+            rows = take_rows(self.probe_inputs, slice(0, share))
+            x = trainer.precision_plugin.convert_input(rebuild(rows, [t.to(pl_module.device) for t in leaves(rows)]))
             target: Any = self.target
             if target == "label":
                 assert self.probe_labels is not None
@@ -438,6 +509,7 @@ class GradProbe(Callback):
                 check_parameters=self.check_parameters,
                 localize_budget=(64, self.time_budget or 30.0),
                 second_order=self.second_order,
+                layer=self.layer,
             )
             return report, None, time.perf_counter() - start
         except Exception as error:  # never kill the run for a probe's own failure
@@ -463,8 +535,9 @@ class GradProbe(Callback):
         if self.verbose and key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(
-                f"GradProbe: the probe failed ({reason}); training goes on. Skipping the next {self._skip} probes "
-                "(doubling after each further failure). This is reported once per kind of error."
+                f"GradProbe: the probe failed ({reason}); training goes on. Skipping the next "
+                f"{_count(self._skip, 'probe')} (doubling after each further failure). This is reported once per kind "
+                "of error."
             )
 
     def _shrink_if_slow(self, elapsed: float) -> None:
@@ -488,6 +561,7 @@ class GradProbe(Callback):
             "gradprobe/health/nonfinite_samples": float(figures.nonfinite),
             "gradprobe/health/vanishing_samples": float(figures.vanishing),
             "gradprobe/health/leaking_pairs": float(figures.leaking_pairs),
+            "gradprobe/health/nonfinite_inputs": float(self.nonfinite_inputs),
         }
         if self.thresholds.fail_fraction is not None:
             metrics["gradprobe/checks/fail_threshold"] = self.thresholds.fail_fraction
@@ -528,3 +602,11 @@ class GradProbe(Callback):
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"GradProbe: `{name}` must be an int >= 1, got {value!r}.")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+class GradProbeSetupError(RuntimeError):
+    """Raised under ``GradProbe(strict=True)`` when the callback cannot read the batch or run the probe."""

@@ -78,7 +78,7 @@ def test_leakage_alert(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"every_n_epochs": 1, "every_n_train_steps": 5}, "mutually exclusive"),
+        ({"every_n_epochs": 2, "every_n_train_steps": 5}, "mutually exclusive"),
         ({"fail_threshold": 1.0}, "fail_threshold"),
         ({"vanishing_threshold": -0.1}, "vanishing_threshold"),
         ({"on_alert": "panic"}, "on_alert"),

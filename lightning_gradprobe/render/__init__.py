@@ -7,7 +7,7 @@ one-time note.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ class Panels:
         log_images: Draw saliency pictures.
         shared_scale: Keep the first probe's colour scale for every later picture.
         feature_names: Names of tabular features.
+        tokens: ``ids -> list[str]`` for token heat maps (ids are shown otherwise).
 
     """
 
@@ -48,9 +49,10 @@ class Panels:
     feature_names: Sequence[str] | None = None
     scale: float | None = None
     announced: bool = False
+    tokens: Callable[[list[int]], list[str]] | None = None
 
     def write(
-        self, trainer: Any, report: ProbeReport, alerts: Sequence[Alert], inputs: Tensor, labels: Tensor | None
+        self, trainer: Any, report: ProbeReport, alerts: Sequence[Alert], inputs: Any, labels: Tensor | None
     ) -> None:
         """Write one probe's panels to the trainer's TensorBoard logger, if it has one (call on rank zero)."""
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
@@ -75,6 +77,7 @@ class Panels:
             feature_names=self.feature_names,
             scale=self.scale if self.shared_scale else None,
             images=self.log_images,
+            tokens=self.tokens,
         )
         if self.shared_scale and self.scale is None:
             self.scale = used

@@ -8,13 +8,13 @@ centred on zero; magnitudes a sequential one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["input_kind", "robust_scale", "saliency_figure", "saliency_grid"]
+__all__ = ["input_kind", "robust_scale", "saliency_figure", "saliency_grid", "token_figure"]
 
 SIGNED_CMAP = "RdBu_r"
 MAGNITUDE_CMAP = "inferno"
@@ -217,3 +217,62 @@ def saliency_grid(
     for i, label in enumerate(labels):
         draw.text((4, header + i * (tile_h + gap) + tile_h // 2 - 6), label[:18], fill=(0, 0, 0))
     return np.asarray(picture)
+
+
+def token_figure(
+    ids: Tensor,
+    scores: Tensor,
+    *,
+    mask: Tensor | None = None,
+    tokens: Callable[[list[int]], list[str]] | None = None,
+    labels: Sequence[str] | None = None,
+    scale: float | None = None,
+    title: str = "",
+):
+    """A token heat map: one row per sample, each token a cell coloured by its attribution, pads greyed.
+
+    Args:
+        ids: ``(N, L)`` token ids.
+        scores: ``(N, L)`` signed per-token attribution (e.g. gradient x embedding summed over the embedding).
+        mask: ``(N, L)`` attention mask; cells where it is 0 are drawn grey and left unlabelled.
+        tokens: ``ids -> list[str]`` for one row (a tokenizer's ``convert_ids_to_tokens``); ids otherwise.
+        labels: One caption per sample.
+        scale: The colour scale (``None``: :func:`robust_scale` of the real tokens' scores).
+        title: Figure title.
+
+    Returns:
+        A ``matplotlib.figure.Figure``.
+
+    Example:
+        >>> import torch
+        >>> figure = token_figure(torch.tensor([[5, 7, 0]]), torch.tensor([[0.5, -1.0, 0.0]]),
+        ...                       mask=torch.tensor([[1, 1, 0]]), tokens=lambda row: [f"w{i}" for i in row])
+        >>> [t.get_text() for t in figure.axes[0].texts]
+        ['w5', 'w7']
+
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    scores = scores.detach().double().cpu().nan_to_num(0.0)
+    n, length = scores.shape
+    real = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.detach().cpu().bool()
+    scale = scale or robust_scale(scores[real] if real.any() else scores)
+    colours = colormaps[SIGNED_CMAP](np.clip(scores.numpy() / scale, -1, 1) * 0.5 + 0.5)
+    colours[~real.numpy()] = (0.85, 0.85, 0.85, 1.0)
+    figure = Figure(figsize=(min(2.0 + 0.75 * length, 24.0), 0.5 * n + 1.2))
+    axis = figure.subplots()
+    axis.imshow(colours, aspect="auto", interpolation="nearest")
+    for i in range(n):
+        row = ids[i].tolist()
+        words = tokens(row) if tokens is not None else [str(t) for t in row]
+        for j in range(length):
+            if real[i, j]:
+                axis.text(j, i, str(words[j])[:12], ha="center", va="center", fontsize=7)
+    axis.set_yticks(range(n), list(labels) if labels is not None else [f"sample {i}" for i in range(n)], fontsize=8)
+    axis.set_xticks(range(length), [str(j) for j in range(length)], fontsize=7)
+    axis.set_xlabel(f"token position (colour: attribution / {scale:.2g}, red +, blue -, grey: padding)", fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return figure

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..alerts import Alert
 from ..core.report import ProbeReport
-from .images import input_kind, robust_scale, saliency_figure, saliency_grid
+from .images import input_kind, robust_scale, saliency_figure, saliency_grid, token_figure
 
 __all__ = ["LAYOUT_RUN", "PREFIX", "alert_markdown", "custom_scalars_layout", "log_probe", "write_layout"]
 
@@ -82,7 +83,7 @@ def alert_markdown(alerts: Sequence[Alert]) -> str:
 def log_probe(
     writer: Any,
     report: ProbeReport,
-    inputs: Tensor,
+    inputs: Any,
     alerts: Sequence[Alert],
     step: int,
     *,
@@ -90,34 +91,68 @@ def log_probe(
     feature_names: Sequence[str] | None = None,
     scale: float | None = None,
     images: bool = True,
+    tokens: Callable[[list[int]], list[str]] | None = None,
 ) -> float:
-    """Write one probe's histograms, saliency figure and alert log; return the colour scale used."""
+    """Write one probe's histograms, saliency pictures and alert log; return the colour scale used.
+
+    ``inputs`` is the probed tensor, or the tuple/dict of tensors a model with several inputs takes (one
+    picture per differentiated input, ``gradprobe/saliency/<key>``); a token model (``report.token_scores``)
+    gets a token heat map.
+    """
     errors = report.relative_error[report.checked].flatten()
     errors = errors[errors.isfinite()]
     if errors.numel():
         writer.add_histogram(f"{PREFIX}/histograms/log10_relative_error", errors.clamp_min(1e-16).log10(), step)
-    magnitude = report.saliency.detach().abs().float().flatten().cpu()
+    pictures = _saliency_entries(report.saliency, inputs)
+    magnitude = torch.cat([s.detach().abs().float().flatten().cpu() for _, s, _ in pictures] or [torch.zeros(0)])
     magnitude = magnitude[magnitude.isfinite()]
     if magnitude.numel():
         writer.add_histogram(f"{PREFIX}/histograms/abs_input_gradient", magnitude, step)
-    used = scale if scale is not None else robust_scale(report.saliency)
-    if images and input_kind(tuple(inputs.shape)) == "image":
-        grid = saliency_grid(inputs, report.saliency, labels=labels, scale=used)
-        writer.add_image(f"{PREFIX}/saliency", grid, step, dataformats="HWC")
-    elif images:
-        figure = saliency_figure(
-            inputs,
-            report.saliency,
-            labels=labels,
-            feature_names=feature_names,
-            scale=used,
-            title=f"step {step}: " + ", ".join(f"{v} {c}" for v, c in report.counts.items() if c),
-        )
-        writer.add_figure(f"{PREFIX}/saliency", figure, step, close=True)
+    title = f"step {step}: " + ", ".join(f"{v} {c}" for v, c in report.counts.items() if c)
+    if report.token_scores is not None:
+        scores = report.token_scores["grad_x_input"]
+        used = scale if scale is not None else robust_scale(scores)
+        if images:
+            ids, mask = _token_inputs(inputs, scores.shape)
+            if ids is not None:
+                figure = token_figure(ids, scores, mask=mask, tokens=tokens, labels=labels, scale=used, title=title)
+                writer.add_figure(f"{PREFIX}/saliency", figure, step, close=True)
+    else:
+        used = scale if scale is not None else robust_scale(pictures[0][1]) if pictures else 1.0
+        for tag, saliency, probed in pictures if images else []:
+            if input_kind(tuple(probed.shape)) == "image":
+                grid = saliency_grid(probed, saliency, labels=labels, scale=used)
+                writer.add_image(tag, grid, step, dataformats="HWC")
+            else:
+                figure = saliency_figure(
+                    probed, saliency, labels=labels, feature_names=feature_names, scale=used, title=title
+                )
+                writer.add_figure(tag, figure, step, close=True)
     if alerts:
         writer.add_text(f"{PREFIX}/alerts", alert_markdown(alerts), step)
     writer.flush()
     return used
+
+
+def _saliency_entries(saliency: Any, inputs: Any) -> list[tuple[str, Tensor, Tensor]]:
+    """``(tag, saliency, inputs)`` per differentiated input: one for a tensor, one per entry of a tuple/dict."""
+    if isinstance(saliency, Tensor):
+        probed = inputs if isinstance(inputs, Tensor) and inputs.shape == saliency.shape else saliency
+        return [(f"{PREFIX}/saliency", saliency, probed)]
+    items = saliency.items() if isinstance(saliency, Mapping) else enumerate(saliency)
+    return [(f"{PREFIX}/saliency/{key}", value, inputs[key]) for key, value in items if value is not None]
+
+
+def _token_inputs(inputs: Any, shape: Sequence[int]) -> tuple[Tensor | None, Tensor | None]:
+    """The token ids and the attention mask among a token model's inputs (``None`` when not found)."""
+    values = (
+        inputs.items() if isinstance(inputs, Mapping) else enumerate([inputs] if isinstance(inputs, Tensor) else inputs)
+    )
+    candidates = {k: v for k, v in values if isinstance(v, Tensor) and tuple(v.shape[:2]) == tuple(shape)}
+    integers = {k: v for k, v in candidates.items() if not v.is_floating_point()}
+    mask = integers.get("attention_mask")
+    ids = integers.get("input_ids", next((v for k, v in integers.items() if k != "attention_mask"), None))
+    return ids, mask
 
 
 def labels_for(report: ProbeReport, outputs: Tensor | None, labels: Tensor | None) -> list[str]:
