@@ -25,7 +25,11 @@ class DigitsCNNWithData(DigitsCNN):
 
 def main(args: list[str] | None = None) -> LightningCLI:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    return LightningCLI(DigitsCNNWithData, args=args, save_config_kwargs={"overwrite": True})
+    cli = LightningCLI(DigitsCNNWithData, args=args, save_config_kwargs={"overwrite": True})
+    log_dir = cli.trainer.logger.log_dir if cli.trainer.logger is not None else None
+    if log_dir:
+        print(f"\nLogs: {log_dir}\nOpen the panels:  tensorboard --logdir {log_dir}")
+    return cli
 
 
 if __name__ == "__main__":

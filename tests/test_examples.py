@@ -54,7 +54,7 @@ def test_classic_question():
 
 
 def test_lightning_cli_example(tmp_path):
-    _run(
+    out = _run(
         EXAMPLES / "cli.py",
         "fit",
         "--config",
@@ -67,3 +67,4 @@ def test_lightning_cli_example(tmp_path):
         tmp_path,
     )
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+    assert f"tensorboard --logdir {tmp_path}" in out  # says where its logs went

@@ -185,7 +185,7 @@ def test_rgb_inputs_keep_their_colours_and_signs_map_to_the_diverging_colormap()
     gradient[0, :, :, :3] = 1.0  # positive on the left half
     gradient[0, :, :, 3:] = -1.0  # negative on the right half
     grid = saliency_grid(image, gradient, labels=["red"], cell=12)
-    top, left, tile = 22, 96, 12  # header, label strip, 6 px wide x 2 zoom
+    top, left, tile = 30, 96, 12  # header, label strip, 6 px wide x 2 zoom
     assert tuple(grid[top + 1, left + 1]) == (255, 0, 0)
     signed_left = grid[top + 1, left + tile + 4 + 1].astype(int)
     signed_right = grid[top + 1, left + tile + 4 + tile - 2].astype(int)

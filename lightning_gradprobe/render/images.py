@@ -181,7 +181,7 @@ def saliency_grid(
     Example:
         >>> grid = saliency_grid(torch.rand(2, 3, 10, 16), torch.randn(2, 3, 10, 16), labels=["a", "b"])
         >>> grid.shape, grid.dtype
-        ((110, 300, 3), dtype('uint8'))
+        ((118, 300, 3), dtype('uint8'))
 
     """
     from matplotlib import colormaps
@@ -192,7 +192,7 @@ def saliency_grid(
     scale = scale or robust_scale(saliency)
     zoom = max(1, cell // max(height, width))
     labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
-    gap, strip, header = 4, 96, 22
+    gap, strip, header = 4, 96, 30
     tile_h, tile_w = height * zoom, width * zoom
     canvas = np.full((header + n * (tile_h + gap), strip + 3 * (tile_w + gap), 3), 255, dtype=np.uint8)
 
@@ -212,8 +212,10 @@ def saliency_grid(
         place(i, 2, 0.5 * gray[..., None] + 0.5 * colormaps[MAGNITUDE_CMAP](magnitude)[..., :3])
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
-    for column, name in enumerate(("input", f"signed/{scale:.2g}", "|grad| over")):
-        draw.text((strip + column * (tile_w + gap) + 2, 5), name, fill=(0, 0, 0))
+    # Two short lines per column, so that the header fits a tile as narrow as 64 pixels.
+    for column, lines in enumerate((("input", ""), ("signed", f"/ {scale:.2g}"), ("|grad|", "overlay"))):
+        for line, text in enumerate(lines):
+            draw.text((strip + column * (tile_w + gap) + 2, 3 + 12 * line), text, fill=(0, 0, 0))
     for i, label in enumerate(labels):
         draw.text((4, header + i * (tile_h + gap) + tile_h // 2 - 6), label[:18], fill=(0, 0, 0))
     return np.asarray(picture)
