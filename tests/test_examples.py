@@ -48,6 +48,13 @@ def test_pinn_second_order_caught_and_fixed():
     assert "Trained all 3 epochs" in out and "no alert" in out
 
 
+def test_text_transformer_zero_config(tmp_path):
+    out = _run(EXAMPLES / "text_transformer.py", "--epochs", "2", "--samples", "64", "--logdir", tmp_path)
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
+    assert len(rows) == 2 and all(row[1] == "0%" and row[-1] == "-" for row in rows)  # first and last validation
+    assert "probed at: bert.bert.embeddings.word_embeddings" in out
+
+
 def test_classic_question():
     out = _run(EXAMPLES / "classic_question.py")
     assert "Verdict: pass" in out and "relative error 0." in out
