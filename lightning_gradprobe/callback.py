@@ -210,6 +210,7 @@ class GradProbe(Callback):
         self.nonfinite_inputs = 0
         self._paused_reason: str | None = None
         self._probe_costs: list[float] = []
+        self._pictures = True
 
     @property
     @override
@@ -322,9 +323,13 @@ class GradProbe(Callback):
         if self._due and self._skip > 0:  # backing off after a probe failure
             self._skip -= 1
             self._due = False
+        self._pictures = True
         if self._due and self._over_budget(trainer):
-            self._due = False
-            self.postponed += 1
+            if self._milestone(trainer):  # probed regardless, at the cost of its checks: no pictures this time
+                self._pictures = False
+            else:
+                self._due = False
+                self.postponed += 1
         needs_samples = self.redraw or self.probe_inputs is None
         share = -(-self.active_samples // trainer.world_size)
         seed = self.seed + 7919 * trainer.global_rank + (self.probes_done if self.redraw else 0)
@@ -333,7 +338,7 @@ class GradProbe(Callback):
     def _over_budget(self, trainer: pl.Trainer) -> bool:
         if self.max_overhead is None or trainer.state.fn != "fit" or self._fit_started is None:
             return False
-        if self._probes_this_fit == 0 or self._milestone(trainer):
+        if self._probes_this_fit == 0:
             return False
         elapsed = time.perf_counter() - self._fit_started
         # Steady-state cost: the first probe pays one-time costs (imports, writers, the first figure) that later
@@ -349,7 +354,7 @@ class GradProbe(Callback):
             rank_zero_info(
                 f"GradProbe: probing has used {spent:.2f}s of {elapsed:.1f}s, over `max_overhead`={self.max_overhead}; "
                 "postponing probes until it is back under (the last validation, and five spread over a fit of "
-                "known length, are probed regardless while the fit is under a minute). Reported once."
+                "known length, are still checked, without pictures, while the fit is under a minute). Reported once."
             )
         return over
 
@@ -365,7 +370,8 @@ class GradProbe(Callback):
         if time.perf_counter() - self._fit_started > 60.0:
             return False
         epoch = trainer.current_epoch
-        return epoch == epochs - 1 or epoch + 1 >= (self._probes_this_fit * epochs) / 5
+        # The first, three at quarters of the fit, and the last: five, spread.
+        return epoch == epochs - 1 or (self._probes_this_fit < 4 and epoch + 1 >= self._probes_this_fit * epochs / 4)
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._reservoir is None and not (trainer.sanity_checking and not self._warned & {"layout-checked"}):
@@ -476,6 +482,7 @@ class GradProbe(Callback):
             n = len(report.verdicts)
             labels = self.probe_labels[:n] if self.probe_labels is not None else None
             self._panels.tokens = self.tokens
+            self._panels.log_images = self.log_images and self._pictures
             self._panels.write(trainer, report, alerts, take_rows(self.probe_inputs, slice(0, n)), labels)
             self.saliency_scale = self._panels.scale
         except Exception as error:  # a picture is never worth a training run

@@ -8,7 +8,9 @@ centred on zero; magnitudes a sequential one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +58,14 @@ def robust_scale(values: Tensor, outlier_percent: float = 2.0) -> float:
     cumulative = ordered.cumsum(0)
     position = int(torch.searchsorted(cumulative, cumulative[-1] * (100 - outlier_percent) / 100))
     return float(ordered[min(position, len(ordered) - 1)]) or float(ordered[-1])
+
+
+@functools.cache
+def _colormap(name: str) -> Any:
+    """A matplotlib colormap, looked up once (the registry hands out fresh copies that rebuild their tables)."""
+    from matplotlib import colormaps
+
+    return colormaps[name]
 
 
 def _to_display(image: Tensor) -> np.ndarray:
@@ -184,7 +194,6 @@ def saliency_grid(
         ((118, 300, 3), dtype('uint8'))
 
     """
-    from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
     n, _, height, width = inputs.shape
@@ -208,8 +217,8 @@ def saliency_grid(
         signed = np.clip(saliency[i].sum(0).numpy() / scale, -1, 1)
         magnitude = np.clip(saliency[i].abs().sum(0).numpy() / scale, 0, 1)
         place(i, 0, colour)
-        place(i, 1, colormaps[SIGNED_CMAP]((signed + 1) / 2)[..., :3])
-        place(i, 2, 0.5 * gray[..., None] + 0.5 * colormaps[MAGNITUDE_CMAP](magnitude)[..., :3])
+        place(i, 1, _colormap(SIGNED_CMAP)((signed + 1) / 2)[..., :3])
+        place(i, 2, 0.5 * gray[..., None] + 0.5 * _colormap(MAGNITUDE_CMAP)(magnitude)[..., :3])
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     # Two short lines per column, so that the header fits a tile as narrow as 64 pixels.
@@ -253,14 +262,13 @@ def token_figure(
         ['w5', 'w7']
 
     """
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     scores = scores.detach().double().cpu().nan_to_num(0.0)
     n, length = scores.shape
     real = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.detach().cpu().bool()
     scale = scale or robust_scale(scores[real] if real.any() else scores)
-    colours = colormaps[SIGNED_CMAP](np.clip(scores.numpy() / scale, -1, 1) * 0.5 + 0.5)
+    colours = _colormap(SIGNED_CMAP)(np.clip(scores.numpy() / scale, -1, 1) * 0.5 + 0.5)
     colours[~real.numpy()] = (0.85, 0.85, 0.85, 1.0)
     figure = Figure(figsize=(min(2.0 + 0.75 * length, 24.0), 0.5 * n + 1.2))
     axis = figure.subplots()
