@@ -206,6 +206,7 @@ class Reservoir:
         self.k = k
         self.seen = 0
         self.nonfinite = 0
+        self.mismatched = 0  # rows of batches whose per-sample shapes differ from the first (dynamic padding)
         self.generator = torch.Generator().manual_seed(seed)
         self.inputs: Any = None
         self.labels: Tensor | None = None
@@ -215,6 +216,8 @@ class Reservoir:
 
         ``inputs`` is a tensor, or a tuple/dict of tensors with the batch dimension first. Rows whose floating
         inputs hold NaN/Inf are left out (and counted in ``nonfinite``): the stream's later rows take their place.
+        Batches whose per-sample shapes differ from the first one's (padding to each batch's longest sequence)
+        are left out too (counted in ``mismatched``).
         """
         with torch.inference_mode(False):  # batches under trainer.validate() are inference tensors
             good = finite_rows(inputs)
@@ -228,6 +231,11 @@ class Reservoir:
 
     def _offer(self, inputs: Any, labels: Tensor | None) -> None:
         n = leaves(inputs)[0].shape[0]
+        if self.inputs is not None and [t.shape[1:] for t in leaves(self.inputs)] != [
+            t.shape[1:] for t in leaves(inputs)
+        ]:
+            self.mismatched += n  # padded to another length: the probe set keeps one shape
+            return
         positions = torch.arange(self.seen, self.seen + n)
         self.seen += n
         # Row t (0-based stream position) replaces slot j ~ U{0..t} when j < k; the first k fill in order.

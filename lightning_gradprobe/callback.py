@@ -440,6 +440,12 @@ class GradProbe(Callback):
         if self._reservoir is not None:
             drawn = self._reservoir.result()
             self.nonfinite_inputs += self._reservoir.nonfinite
+            if self._reservoir.mismatched and self.verbose and "mismatched" not in self._warned:
+                self._warned.add("mismatched")
+                rank_zero_info(
+                    f"GradProbe: {self._reservoir.mismatched} validation rows were not drawn: their batches are "
+                    "padded to another length than the first one. Pad to a fixed length to draw from every batch."
+                )
             self._reservoir = None
             if drawn is not None:
                 self.probe_inputs, self.probe_labels = drawn

@@ -146,3 +146,45 @@ def test_negative_target_counts_from_the_end():
 def test_integer_inputs_without_an_embedding_get_a_clear_error():
     with pytest.raises(TypeError, match="layer="):
         probe(nn.Linear(3, 2), (torch.arange(6).reshape(2, 3),))
+
+
+class _ScaledByTimestamp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, stamp):
+        return torch.tanh(self.lin(x)) * (stamp % 7 + 1).unsqueeze(1)
+
+
+def test_frozen_entries_survive_every_dtype():
+    """Integers past float32's exact range, boolean masks, half-precision inputs to a plain callable."""
+    torch.manual_seed(0)
+    big = probe(_ScaledByTimestamp(), (torch.randn(5, 3), torch.randint(2**30, 2**31, (5,))))
+    assert big.ok and big.fd_dtype == torch.float64, str(big)  # judged in float64, stamps exact
+    mask = torch.tensor([True, False, True, True])
+    masked = probe(lambda x, m: torch.tanh(x) * m.unsqueeze(1), (torch.randn(4, 3, dtype=torch.float64), mask))
+    assert masked.ok and masked.saliency[1] is None and (masked.saliency[0][1] == 0).all()
+    weights = torch.randn(4, 3)
+    half = probe(
+        lambda a, b: torch.tanh(a @ weights.to(a.dtype)) * b,
+        (torch.randn(6, 4).bfloat16(), torch.rand(6, 3).bfloat16()),
+    )
+    assert half.model_dtype == torch.bfloat16 and Verdict.FAIL not in half.verdicts, str(half)
+
+
+def test_frozen_floating_inputs_are_not_differentiated():
+    """Probing at a layer, the other floating inputs are held fixed: they neither move nor widen tolerances."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+        def forward(self, ids, image):
+            return self.head(self.embed(ids).mean(1)) + 100 * image.mean((1, 2)).unsqueeze(1)
+
+    torch.manual_seed(0)
+    report = probe(Mixed(), (torch.randint(0, 10, (3, 6)), torch.randn(3, 5, 5)), layer="embed")
+    assert report.ok and report.saliency.shape == (3, 6, 4)
+    assert float(report.margin.max()) < 0.1

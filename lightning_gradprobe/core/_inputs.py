@@ -53,27 +53,34 @@ class Packed:
     constants: Mapping[Any, Any]
     pack_dtype: torch.dtype
 
-    def unpack(self, x: Tensor) -> Any:
+    def unpack(self, x: Tensor, dtype: torch.dtype | None = None) -> Any:
         """The model's inputs for a packed batch ``x`` (rows may be any subset or repetition of samples).
 
-        Floating inputs come back in their own dtype when ``x`` is in the packing dtype, and in ``x``'s dtype
-        otherwise (the float64 reference); frozen entries always in their own dtype.
+        Floating inputs come back in ``dtype`` (the dtype the model computes in: its own, or float64 for the
+        reference copy), or in their own dtype when ``dtype`` is ``None``; frozen floating inputs are detached
+        (they are not differentiated), frozen integer and boolean ones come back exact in their own dtype.
         """
-        own = x.dtype == self.pack_dtype
         values: dict[Any, Any] = dict(self.constants)
         for entry in self.entries:
             part = x[:, entry.start : entry.stop].reshape(x.shape[0], *entry.shape)
             if entry.free:
                 part = part * entry.scale
-                values[entry.key] = part.to(entry.dtype) if own else part
+                values[entry.key] = part.to(dtype or entry.dtype)
             elif entry.dtype.is_floating_point:
-                values[entry.key] = part.to(entry.dtype) if own else part
+                values[entry.key] = part.detach().to(dtype or entry.dtype)
+            elif entry.dtype == torch.bool:
+                values[entry.key] = part.detach() != 0
             else:
                 values[entry.key] = part.detach().round().to(entry.dtype)
         if self.kind == "dict":
             return values
         ordered = [values[i] for i in range(len(values))]
         return tuple(ordered) if self.kind == "tuple" else ordered
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of the first differentiated input (what a plain callable computes in)."""
+        return next(entry.dtype for entry in self.entries if entry.free)
 
     def structure(self, gradient: Tensor) -> Any:
         """A gradient with respect to ``flat``, ``(N, D)``, in the inputs' structure (``None`` for frozen ones)."""
@@ -88,11 +95,6 @@ class Packed:
             return values
         ordered = [values[i] for i in range(len(values))]
         return tuple(ordered) if self.kind == "tuple" else ordered
-
-    def call(self, model: Any, x: Tensor) -> Any:
-        """``model(*inputs)`` or ``model(**inputs)`` on the unpacked batch."""
-        inputs = self.unpack(x)
-        return model(**inputs) if self.kind == "dict" else model(*inputs)
 
 
 def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = None) -> Packed:
@@ -135,11 +137,12 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
             "have no input gradient: probe an embedding's output with `layer=` (a token model's embedding is "
             "found automatically when the model is an nn.Module)."
         )
-    floating = [v.dtype for _, v in free_items]
-    pack_dtype = torch.float64 if torch.float64 in floating else torch.float32
     frozen_items = [(k, v) for k, v in per_sample if not any(k == key for key, _ in free_items)]
+    floating = [v.dtype for _, v in per_sample if v.is_floating_point()]
+    pack_dtype = torch.float64 if torch.float64 in floating else torch.float32
     for _, value in frozen_items:
-        if not value.is_floating_point() and value.numel() and value.abs().max() >= _EXACT_INTEGER[pack_dtype]:
+        large = not value.is_floating_point() and value.dtype != torch.bool and value.numel()
+        if large and value.abs().max() >= _EXACT_INTEGER[pack_dtype]:
             pack_dtype = torch.float64
     entries, columns, offset = [], [], 0
     for key, value in [*free_items, *frozen_items]:
@@ -154,9 +157,9 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
 
 
 def _power_of_two_scale(value: Tensor) -> float:
-    """A power of two near the entry's RMS (at least 1): dividing by it is exact in floating point."""
-    rms = float(value.detach().double().pow(2).mean().sqrt()) if value.numel() else 1.0
-    if not math.isfinite(rms) or rms <= 1.0:
+    """A power of two near the entry's RMS: dividing by it is exact in floating point (1 for an all-zero entry)."""
+    rms = float(value.detach().double().pow(2).mean().sqrt()) if value.numel() else 0.0
+    if not math.isfinite(rms) or rms == 0.0:
         return 1.0
     return float(2 ** math.floor(math.log2(rms)))
 

@@ -134,7 +134,8 @@ def probe(
         A :class:`~lightning_gradprobe.ProbeReport`.
 
     Raises:
-        TypeError: If ``inputs`` is not a floating tensor, or the model's outputs are not a tensor.
+        TypeError: If ``inputs`` is neither a tensor nor a tuple/list/dict of them, holds only integer entries that
+            no embedding consumes, or the model's outputs are not a tensor.
         ValueError: If the batch is empty or non-finite, an option is out of range, or the outputs
             have no batch dimension.
 
@@ -159,7 +160,7 @@ def probe(
         _check_inputs(x, packed)
         free = None if packed is None else packed.free
         n = x.shape[0]
-        dtype = model_dtype(model, x)
+        dtype = model_dtype(model, x) if packed is None or isinstance(model, nn.Module) else packed.input_dtype
         rtol = default_rtol(dtype) if rtol is None else float(rtol)
         leaf = x.requires_grad_(True)
         function, outputs, selection, index, (gradients, projection) = _forward_and_gradients(
@@ -770,18 +771,31 @@ def _prepare(
     if layer is None:
         if any(isinstance(v, Tensor) and v.is_floating_point() for v in entries.values()):
             packed = pack(inputs)
-            return _Prepared(packed.flat, lambda m, x: call_raw(m, packed.unpack(x)), packed)
+            return _Prepared(
+                packed.flat, lambda m, x: call_raw(m, packed.unpack(x, _compute_dtype(m, x, packed))), packed
+            )
         layer = _token_embedding(model, inputs, entries, call_raw, notes)
     name, module = resolve_layer(model, layer)
     output = capture_output(module, lambda: call_raw(model, inputs))
     packed = pack({LAYER: output, **entries}, differentiate=lambda key, _value: key == LAYER)
 
     def at_layer(m: Any, x: Tensor) -> Any:
-        values = packed.unpack(x)
+        values = packed.unpack(x, _compute_dtype(m, x, packed))
         with replaced_output(module, values[LAYER]):
             return call_raw(m, _rebuild(inputs, values))
 
     return _Prepared(packed.flat, at_layer, packed, name, output)
+
+
+def _compute_dtype(model: Any, x: Tensor, packed: Packed) -> torch.dtype | None:
+    """The dtype a packed batch's floating inputs are handed to the model in.
+
+    A module's own (float64 for the reference copy); for a plain callable, ``x``'s when it is not the packing
+    dtype (the float64 reference), else each input's own.
+    """
+    if isinstance(model, nn.Module):
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return None if x.dtype == packed.pack_dtype else x.dtype
 
 
 def _token_embedding(

@@ -229,7 +229,14 @@ def check_second_order(
     resolution[checked] = judgement.resolution
     mixed, mixed_margin = (
         _check_mixed_term(
-            parameters, problem, xc[:_MIXED_SAMPLES], ic[:_MIXED_SAMPLES], weights, projections, generator, n_directions
+            parameters,
+            problem,
+            xc[:_MIXED_SAMPLES],
+            ic[:_MIXED_SAMPLES],
+            weights.to(x.device),
+            projections,
+            generator,
+            n_directions,
         )
         if parameters is not None
         else (None, float("nan"))
@@ -260,7 +267,7 @@ def _check_mixed_term(
     ref = problem.reference_dtype
     theta, xr = parameters.theta.to(ref), x.to(ref)
     combination = torch.randn((x.shape[0], projections.shape[1]), generator=generator, dtype=torch.float64)
-    combination = combination.to(xr) / combination.numel() ** 0.5
+    combination = combination.to(xr) / combination.numel() ** 0.5  # (on the inputs' device)
 
     def penalty(flat: Tensor, create_graph: bool) -> Tensor:
         with torch.enable_grad():
@@ -279,7 +286,7 @@ def _check_mixed_term(
         else torch.zeros_like(theta)
     )
     directions = unit_rms(torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64), 1)
-    directions = directions.to(theta)
+    directions = directions.to(theta)  # (device and dtype of the parameters)
     gain = (value.detach().abs() / theta.norm().clamp_min(theta.numel() ** 0.5)).reshape(1)
 
     def check(step: Tensor) -> tuple[Stencil, Comparison]:

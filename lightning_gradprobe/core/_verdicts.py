@@ -249,6 +249,13 @@ class _Judge:
         index = self.index if rows is None else self.index[rows]
         return _reference_rows(self.problem, points, index, self.projection)[0]
 
+    def trusted_rows_at(self, points: Tensor, rows: Tensor) -> Tensor:
+        """The rows the formula is judged on: the reference model's, or the model's own when it has no reference."""
+        if self.separate:
+            return self.rows_at(points, rows)
+        jac = _jacobians(self.problem.function, self.problem, points.to(self.x.dtype), self.index[rows])
+        return _project_rows(jac, self.projection).to(points.dtype)
+
     def check(self, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
         return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows], floor=self.floor)
 
@@ -411,7 +418,7 @@ class _Judge:
                 self.model_rows,
                 self.reference_rows,
                 self.first_stencil,
-                evidence,
+                self.first,
                 self.x,
                 self.index,
                 self.step,
@@ -433,13 +440,15 @@ class _Judge:
         )
 
 
-def _jumps(judge: _Judge, rows: Tensor, distance: float = 1e-9, tolerance: float = 1e-6) -> Tensor:
-    """Whether the reference Jacobian differs just either side of each sample (a tie or kink at the point)."""
+def _jumps(judge: _Judge, rows: Tensor) -> Tensor:
+    """Whether the trusted Jacobian differs just either side of each sample (a tie or kink at the point)."""
     xr = judge.xr[rows]
+    eps = torch.finfo(xr.dtype).eps
+    distance, tolerance = max(1e-9, 100 * eps), max(1e-6, 1e3 * eps)  # float64: 1e-9 and 1e-6
     offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1, _cpu(judge.free)).to(xr)
     scale = (judge.step[rows] / torch.finfo(judge.problem.reference_dtype).eps ** (1 / 3)).to(xr)
     offset = offset * (distance * scale).reshape(-1, *[1] * (xr.ndim - 1))
-    both = judge.rows_at(torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
+    both = judge.trusted_rows_at(torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
     plus, minus = both[: len(rows)], both[len(rows) :]
     gap = (plus - minus).norm(dim=(1, 2))
     size = torch.maximum(plus.norm(dim=(1, 2)), minus.norm(dim=(1, 2)))
@@ -452,7 +461,7 @@ def _judge_model_dtype(
     model_rows: Tensor,
     reference_rows: Tensor,
     stencil: Stencil,
-    evidence: _Evidence,
+    evidence: Comparison,
     x: Tensor,
     index: Tensor,
     step: Tensor,
