@@ -319,6 +319,10 @@ class GradProbe(Callback):
         return (epoch + 1) % self.every_n_epochs == 0 and epoch != self.last_probe_epoch
 
     def _start(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size > 1:  # every process decides alike: one that paused pauses all (no collective hangs)
+            anywhere = trainer.strategy.reduce_boolean_decision(self._paused_reason is not None, all=False)
+            if anywhere and self._paused_reason is None:
+                self._paused_reason = "probing paused on another process"
         self._due = self._is_due(trainer)
         if self._due and self._skip > 0:  # backing off after a probe failure
             self._skip -= 1
@@ -367,11 +371,14 @@ class GradProbe(Callback):
         epochs = trainer.max_epochs
         if self._fit_started is None or epochs is None or epochs < 1 or self.every_n_train_steps is not None:
             return False
-        if time.perf_counter() - self._fit_started > 60.0:
-            return False
         epoch = trainer.current_epoch
+        short = time.perf_counter() - self._fit_started <= 60.0  # in a long fit the budget alone decides
         # The first, three at quarters of the fit, and the last: five, spread.
-        return epoch == epochs - 1 or (self._probes_this_fit < 4 and epoch + 1 >= self._probes_this_fit * epochs / 4)
+        spread = self._probes_this_fit < 4 and epoch + 1 >= self._probes_this_fit * epochs / 4
+        milestone = short and (epoch == epochs - 1 or spread)
+        if trainer.world_size > 1:  # clocks differ per process: rank zero decides for all
+            milestone = bool(trainer.strategy.broadcast(milestone, src=0))
+        return milestone
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if self._reservoir is None and not (trainer.sanity_checking and not self._warned & {"layout-checked"}):
