@@ -356,7 +356,8 @@ class GradProbe(Callback):
         if over and self.verbose and "budget" not in self._warned:
             self._warned.add("budget")
             rank_zero_info(
-                f"GradProbe: probing has used {spent:.2f}s of {elapsed:.1f}s, over `max_overhead`={self.max_overhead}; "
+                f"GradProbe: probing has used {spent:.2f}s of {elapsed:.1f}s, and one more probe (~{expected:.2f}s) "
+                f"would take it over `max_overhead`={self.max_overhead}; "
                 "postponing probes until it is back under (the last validation, and five spread over a fit of "
                 "known length, are still checked, without pictures, while the fit is under a minute). Reported once."
             )

@@ -387,6 +387,30 @@ class GELUModel(nn.Module):
         return self.head(TanhGELU.apply(self.inner(x), self.exact_derivative))
 
 
+class SignedSquare(torch.autograd.Function):
+    """``x |x|`` with its exact derivative ``2 |x|``: odd and twice differentiable only away from 0, so at an exact
+    zero the stencil's second difference vanishes while the central difference is off by O(h)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x.abs()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 2 * x.abs()
+
+
+class SignedSquareNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.head(SignedSquare.apply(x))
+
+
 class UnitNormalize(nn.Module):
     """``x / |x|`` along a dimension of size 1: the Jacobian is exactly zero (the output is a sign)."""
 
@@ -425,7 +449,9 @@ def exact_zero_models(seed: int) -> dict[str, tuple[nn.Module, torch.Tensor]]:
     dead = _mlp(6, 16, 3, nn.ReLU)
     with torch.no_grad():
         dead[0].bias.fill_(-50.0)  # every unit dead: the output is a constant
+    torch.manual_seed(seed)
     return {
+        "x|x|-at-exact-zeros": (SignedSquareNet(), _with_zeros(torch.randn(8, 6, generator=g), g)),
         "normalize-size-1": (UnitNormalize(), torch.randn(8, 5, generator=g)),
         "all-relu-dead": (dead, torch.randn(8, 6, generator=g)),
     }

@@ -74,6 +74,11 @@ class SecondOrderReport:
         """Whether no sample failed, the mixed term did not fail, and the model can be differentiated twice."""
         return not self.failed and self.finding is None and self.mixed_term is not Verdict.FAIL
 
+    def headline(self) -> str:
+        """Verdict counts, and the mixed term's verdict: ``"fail 8, mixed term fail"``."""
+        counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
+        return counts + (f", mixed term {self.mixed_term}" if self.mixed_term is not None else "")
+
     def __str__(self) -> str:
         counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
         margins = self.margin[~self.margin.isnan()]

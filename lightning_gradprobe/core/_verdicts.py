@@ -63,6 +63,7 @@ __all__ = [
 
 _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 _RETRY_STEP_DIVISOR = 8.0
+_MAX_REFINEMENTS = 3  # an error that keeps shrinking with the step is followed down to step / 8^4
 _MIN_GROWTH, _MAX_GROWTH = 64.0, 16384.0  # step growth when round-off limited the first check (<= 0.1 x scale)
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
 _MAX_ROWS = 2  # output projections compared in the reference dtype (one reference backward each)
@@ -308,15 +309,20 @@ class _Judge:
         # x|x| hides from the second difference), not the backward's: a wrong backward's error stays put. Follow
         # it down one more step.
         shrinking = mask & ~overturned & (finer.relative_error <= self.first.relative_error[rows] / 4)
-        if shrinking.any():
-            finest_step = finer_step / _RETRY_STEP_DIVISOR
-            finest = self.check(
-                self.reference_rows[rows], self.stencil(self.xr[rows], rows, finest_step, self.raw.f0[rows]), rows
+        level_step, previous = finer_step, finer
+        for _ in range(_MAX_REFINEMENTS):
+            if not shrinking.any():
+                break
+            level_step = level_step / _RETRY_STEP_DIVISOR
+            level = self.check(
+                self.reference_rows[rows], self.stencil(self.xr[rows], rows, level_step, self.raw.f0[rows]), rows
             )
-            converged = shrinking & finest.reliable & finest.passed
-            finer = _merge(finer, finest, converged)
-            finer_step = torch.where(converged.any(1), finest_step, finer_step)
+            converged = shrinking & level.reliable & level.passed
+            finer = _merge(finer, level, converged)
+            finer_step = torch.where(converged.any(1), level_step, finer_step)
             overturned |= converged
+            shrinking &= ~converged & (level.relative_error <= previous.relative_error / 4)
+            previous = level
         # Finite differences that measure a derivative agree with themselves across steps (D(h) = D(h/8));
         # noise at the step's scale (features far finer than any step) does not, and cannot judge.
         measured = consistent(_subset(self.first_stencil, rows), project(finer_raw, self.projection))

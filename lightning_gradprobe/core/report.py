@@ -160,19 +160,20 @@ class ProbeReport:
             )
         second = self.second_order
         if second is not None and not second.ok:
+            whats = []
             if second.finding:
-                what = f"the model cannot be differentiated twice ({second.finding})"
+                whats.append(f"the model cannot be differentiated twice ({second.finding})")
             elif second.failed:
-                what = (
+                whats.append(
                     f"{_count(len(second.failed), 'sample')}' double backward through the input disagrees with "
                     f"finite differences of first-order gradients (samples {second.failed[:8]})"
                 )
-            else:
-                what = (
+            if second.mixed_term is Verdict.FAIL:
+                whats.append(
                     "the mixed term d/dtheta (u . grad_x s), what a gradient penalty sends to the weights, "
                     f"disagrees with finite differences (margin {second.mixed_margin:.3g})"
                 )
-            found.append("second order: " + what + "".join(f"; culprit: {c}" for c in second.culprits[:3]))
+            found.append("second order: " + "; ".join(whats) + "".join(f"; culprit: {c}" for c in second.culprits[:3]))
         if self.batch_independent is False:
             found.append(
                 f"samples are not independent: outputs depend on other samples' inputs, e.g. (output, input) "
@@ -229,7 +230,8 @@ class ProbeReport:
             f"; a pass certifies the backward to {float(certified.max()):.1g} of |J v|" if len(certified) else ""
         )
         lines = [
-            f"ProbeReport: {'OK' if self.ok else 'NOT OK'} - {counts} ({_count(len(self.verdicts), 'sample')})",
+            f"ProbeReport: {'OK' if self.ok else 'NOT OK'} - {counts} ({_count(len(self.verdicts), 'sample')})"
+            + (f"; second order: {self.second_order.headline()}" if self.second_order is not None else ""),
             f"  engine {self.engine}; backward in {_name(self.model_dtype)} (rtol {self.rtol:g})"
             + (f", its formula judged in {_name(self.fd_dtype)}" if self.fd_dtype != self.model_dtype else "")
             + f"; finite differences in {_name(self.fd_dtype)}, central, step {step_text} "

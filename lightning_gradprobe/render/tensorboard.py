@@ -119,13 +119,15 @@ def log_probe(
                 writer.add_figure(f"{PREFIX}/saliency", figure, step, close=True)
     else:
         used = scale if scale is not None else robust_scale(pictures[0][1]) if pictures else 1.0
-        for tag, saliency, probed in pictures if images else []:
+        for position, (tag, saliency, probed) in enumerate(pictures if images else []):
+            # Several inputs each get their own colour scale (their gradients live in their own units).
+            own = used if position == 0 or scale is not None else robust_scale(saliency)
             if input_kind(tuple(probed.shape)) == "image":
-                grid = saliency_grid(probed, saliency, labels=labels, scale=used)
+                grid = saliency_grid(probed, saliency, labels=labels, scale=own)
                 writer.add_image(tag, grid, step, dataformats="HWC")
             else:
                 figure = saliency_figure(
-                    probed, saliency, labels=labels, feature_names=feature_names, scale=used, title=title
+                    probed, saliency, labels=labels, feature_names=feature_names, scale=own, title=title
                 )
                 writer.add_figure(tag, figure, step, close=True)
     if alerts:
