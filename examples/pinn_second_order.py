@@ -72,9 +72,7 @@ class Poisson1D(pl.LightningModule):
 
     def __init__(self, correct: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(1, 32), Tanh(correct), nn.Linear(32, 32), Tanh(correct), nn.Linear(32, 1)
-        )
+        self.net = nn.Sequential(nn.Linear(1, 32), Tanh(correct), nn.Linear(32, 32), Tanh(correct), nn.Linear(32, 1))
 
     def forward(self, x):
         return self.net(x)

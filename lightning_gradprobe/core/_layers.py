@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LAYER", "capture_output", "find_token_embedding", "replaced_output", "resolve_layer"]
+__all__ = ["LAYER", "capture_output", "find_token_embedding", "first_floating", "replaced_output", "resolve_layer"]
 
 LAYER = "__gradprobe_layer__"
 """The key of the probed layer output inside packed inputs."""
@@ -50,7 +50,7 @@ def capture_output(module: nn.Module, run: Callable[[], Any]) -> Tensor:
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
         if not seen:
-            seen.append(_first_floating(output).detach().clone())
+            seen.append(first_floating(output).detach().clone())
 
     handle = module.register_forward_hook(hook)
     try:
@@ -74,7 +74,7 @@ def replaced_output(module: nn.Module, value: Tensor) -> Iterator[None]:
         used[0] = True
         if isinstance(output, Tensor):
             return value.to(output.dtype) if output.is_floating_point() and not value.is_floating_point() else value
-        return _replace_first_floating(output, value)
+        return _replacefirst_floating(output, value)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -107,7 +107,8 @@ def find_token_embedding(model: nn.Module, ids: Tensor, run: Callable[[], Any]) 
     return found[0] if found else None
 
 
-def _first_floating(output: Any) -> Tensor:
+def first_floating(output: Any) -> Tensor:
+    """The output itself when it is a tensor, else the first floating tensor of a tuple/list/dict output."""
     if isinstance(output, Tensor):
         return output
     values = output.values() if isinstance(output, Mapping) else output
@@ -117,7 +118,7 @@ def _first_floating(output: Any) -> Tensor:
     raise TypeError(f"probe: the layer's output ({type(output).__name__}) holds no floating tensor.")
 
 
-def _replace_first_floating(output: Any, value: Tensor) -> Any:
+def _replacefirst_floating(output: Any, value: Tensor) -> Any:
     if isinstance(output, Mapping):
         key = next(k for k, v in output.items() if isinstance(v, Tensor) and v.is_floating_point())
         return {**output, key: value}

@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from ._finite_differences import Stencil, compare
 from ._isolation import isolated
+from ._layers import first_floating
 from .report import Verdict
 
 __all__ = ["Culprit", "Localization", "check_parameters", "localize"]
@@ -87,23 +88,13 @@ class _Call(nn.Module):
         args = [_like(a, x) for a in self._args]
         args[self._position] = x
         kwargs = {k: _like(v, x) for k, v in self._kwargs.items()}
-        return _first_tensor(self.module(*args, **kwargs))
+        return first_floating(self.module(*args, **kwargs))
 
 
 def _like(value: Any, x: Tensor) -> Any:
     if isinstance(value, Tensor) and value.is_floating_point():
         return value.to(x.dtype)
     return value
-
-
-def _first_tensor(outputs: Any) -> Tensor:
-    if isinstance(outputs, Tensor):
-        return outputs
-    values = outputs.values() if isinstance(outputs, dict) else outputs
-    for value in values:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value
-    raise TypeError(f"no floating tensor among the outputs ({type(outputs).__name__})")
 
 
 def record_inputs(model: nn.Module, sample: Tensor, forward: Callable[[Any, Tensor], Any] | None) -> dict[str, Any]:
