@@ -42,7 +42,7 @@ from ._verdicts import (
     sample_verdicts,
     unit_rms,
 )
-from .report import ProbeReport, Verdict
+from .report import ProbeReport, Verdict, dtype_name
 
 __all__ = ["default_rtol", "jacobians", "probe", "saliency"]
 
@@ -153,7 +153,7 @@ def probe(
     _check_options(n_directions, engine, rtol, fd_dtype, max_full_outputs, chunk_size)
     generator = torch.Generator().manual_seed(int(seed))
     notes: list[str] = []
-    owner = _owner(model, forward)
+    owner = _owner(model)
     with isolated(model, _device_of(inputs)):
         prepared = _prepare(model, inputs, forward=forward, layer=layer, notes=notes)
         x, forward, packed = prepared.x, prepared.forward, prepared.packed
@@ -307,7 +307,8 @@ _WEAKER = "weaker check: "
 _WARNED: set[tuple[str, str]] = set()
 
 
-def _owner(model: Any, forward: Any) -> str:
+def _owner(model: Any) -> str:
+    """A name for the model in one-time warnings."""
     if isinstance(model, nn.Module):
         return type(model).__name__
     return getattr(model, "__qualname__", type(model).__name__)
@@ -445,7 +446,7 @@ def _forward_mode_mismatch(
     """Samples whose jvp along a random direction disagrees with the reverse-mode rows (seen through ``projection``)."""
     sub = checked.to(x.device)
     xc, ic = x[sub], index[sub]
-    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, _cpu(free)).to(xc)
+    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, free).to(xc)
     try:
         forward_mode = torch.func.jvp(lambda t: selection(function(t), ic), (xc,), (tangent,))[1].double()
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
@@ -500,8 +501,8 @@ def _finite_difference_function(
         else "the formula could not be judged in float64"
     )
     notes.append(
-        f"{_WEAKER}finite differences ran in {_name(own)}, not {_name(fd_dtype)}, with a step sized for it: "
-        f"the model cannot run in {_name(fd_dtype)} ({reason}); {hint}"
+        f"{_WEAKER}finite differences ran in {dtype_name(own)}, not {dtype_name(fd_dtype)}, with a step sized for it: "
+        f"the model cannot run in {dtype_name(fd_dtype)} ({reason}); {hint}"
     )
     return function, own
 
@@ -861,11 +862,3 @@ def _token_scores(salient: Tensor, prepared: _Prepared) -> dict[str, Tensor] | N
         return None
     gradient = prepared.packed.structure(salient.reshape(salient.shape[0], -1))[LAYER].double()
     return {"norm": gradient.norm(dim=-1).cpu(), "grad_x_input": (gradient * output.double()).sum(-1).cpu()}
-
-
-def _cpu(free: Tensor | None) -> Tensor | None:
-    return None if free is None else free.cpu()
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")

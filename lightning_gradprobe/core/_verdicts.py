@@ -44,7 +44,7 @@ from ._finite_differences import (
 )
 from ._inputs import free_only
 from ._jacobian import compute_gradients, jacobians_of
-from .report import Verdict
+from .report import Verdict, dtype_name
 
 __all__ = [
     "FAIL",
@@ -216,7 +216,7 @@ class _Judge:
         # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
         self.free = problem.free
         directions = torch.randn((n, k, *x.shape[1:]), generator=generator).double()
-        self.directions = unit_rms(directions, 2, _cpu(self.free)).to(x.device)
+        self.directions = unit_rms(directions, 2, self.free).to(x.device)
         self.step = default_step(self.xr, ref, free=self.free).to(x.device)
         self.projection = problem.projection
         self.model_rows = jac.reshape(jac.shape[0], jac.shape[1], -1)
@@ -230,8 +230,8 @@ class _Judge:
             except Exception as error:  # a float64 backward the model cannot run: judge its own dtype's
                 self.separate = False
                 self.notes.append(
-                    f"the backward was judged in {_name(problem.model_dtype)} against {_name(ref)} finite "
-                    f"differences: the {_name(ref)} backward failed ({type(error).__name__}: "
+                    f"the backward was judged in {dtype_name(problem.model_dtype)} against {dtype_name(ref)} finite "
+                    f"differences: the {dtype_name(ref)} backward failed ({type(error).__name__}: "
                     f"{str(error).splitlines()[0][:120]})"
                 )
         self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step, f0)
@@ -456,7 +456,7 @@ def _jumps(judge: _Judge, rows: Tensor) -> Tensor:
     xr = judge.xr[rows]
     eps = torch.finfo(xr.dtype).eps
     distance, tolerance = max(1e-9, 100 * eps), max(1e-6, 1e3 * eps)  # float64: 1e-9 and 1e-6
-    offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1, _cpu(judge.free)).to(xr)
+    offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1, judge.free).to(xr)
     scale = (judge.step[rows] / torch.finfo(judge.problem.reference_dtype).eps ** (1 / 3)).to(xr)
     offset = offset * (distance * scale).reshape(-1, *[1] * (xr.ndim - 1))
     both = judge.trusted_rows_at(torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
@@ -603,10 +603,6 @@ def _reference_rows(
     return jac.reshape(jac.shape[0], jac.shape[1], -1), problem.selection(outputs, index).detach()
 
 
-def _cpu(free: Tensor | None) -> Tensor | None:
-    return None if free is None else free.cpu()
-
-
 def _gain(f0: Tensor, x: Tensor, rows: Tensor, free: Tensor | None = None) -> Tensor:
     """The problem's own output change per unit input displacement, ``(n,)``: the scale of round-off.
 
@@ -624,20 +620,21 @@ def _nearby(
     x: Tensor, step: Tensor, dtype: torch.dtype, generator: torch.Generator, free: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """A point 1% of the input's scale away, representable in both the inputs' dtype and ``dtype``."""
-    jitter = unit_rms(torch.randn(x.shape, generator=generator, dtype=torch.float64), 1, _cpu(free)).to(x.device)
+    jitter = unit_rms(torch.randn(x.shape, generator=generator, dtype=torch.float64), 1, free).to(x.device)
     scale = (step / torch.finfo(dtype).eps ** (1 / 3)).reshape(-1, *[1] * (x.ndim - 1))
     near = (x.to(torch.float64) + _JITTER * scale * jitter).to(x.dtype)
     return near, near.to(dtype)
 
 
+def _derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
+    """The stencil's central-difference derivative per direction ``(n, k, M)``, and its displacement lengths."""
+    length = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
+    return (stencil.f_plus - stencil.f_minus) / length.unsqueeze(-1), length
+
+
 def consistent(fine: Stencil, coarse: Stencil, tolerance: float = 1e-2) -> Tensor:
     """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
-
-    def derivative(stencil: Stencil) -> Tensor:
-        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
-        return (stencil.f_plus - stencil.f_minus) / length
-
-    a, b = derivative(fine), derivative(coarse)
+    (a, _), (b, _) = _derivative(fine), _derivative(coarse)
     gap = (a - b).norm(dim=-1)
     return gap <= tolerance * torch.maximum(a.norm(dim=-1), b.norm(dim=-1))
 
@@ -655,12 +652,7 @@ def unit_rms(directions: Tensor, lead: int, free: Tensor | None = None) -> Tenso
 
 def _agree(first: Stencil, first_check: Comparison, rows: Tensor, second: Stencil, second_check: Comparison) -> Tensor:
     """Whether two stencils at different steps measure the same derivative within their own error bounds."""
-
-    def derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
-        length = (stencil.d_plus + stencil.d_minus).norm(dim=-1, keepdim=True)
-        return (stencil.f_plus - stencil.f_minus) / length, length.squeeze(-1)
-
-    (a, length_a), (b, length_b) = derivative(first), derivative(second)
+    (a, length_a), (b, length_b) = _derivative(first), _derivative(second)
     bound_a = first_check.fd_error[rows] * first_check.scale[rows] / length_a
     bound_b = second_check.fd_error * second_check.scale / length_b
     return (a - b).norm(dim=-1) <= 2 * (bound_a + bound_b)
@@ -682,10 +674,6 @@ def _subset(stencil: Stencil, mask: Tensor) -> Stencil:
         stencil.d_minus[mask],
         stencil.eps,
     )
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def sample_verdicts(codes: Tensor) -> list[Verdict]:

@@ -232,9 +232,9 @@ class ProbeReport:
         lines = [
             f"ProbeReport: {'OK' if self.ok else 'NOT OK'} - {counts} ({_count(len(self.verdicts), 'sample')})"
             + (f"; second order: {self.second_order.headline()}" if self.second_order is not None else ""),
-            f"  engine {self.engine}; backward in {_name(self.model_dtype)} (rtol {self.rtol:g})"
-            + (f", its formula judged in {_name(self.fd_dtype)}" if self.fd_dtype != self.model_dtype else "")
-            + f"; finite differences in {_name(self.fd_dtype)}, central, step {step_text} "
+            f"  engine {self.engine}; backward in {dtype_name(self.model_dtype)} (rtol {self.rtol:g})"
+            + (f", its formula judged in {dtype_name(self.fd_dtype)}" if self.fd_dtype != self.model_dtype else "")
+            + f"; finite differences in {dtype_name(self.fd_dtype)}, central, step {step_text} "
             f"(eps^(1/3) x input scale), median noise floor {noise_text} relative",
             f"  margin max {margin_text} (error / allowed error; <= 1 passes){resolution_text}",
             f"  outputs compared per sample: {self.n_outputs}{' (random projections)' if self.projected else ''}; "
@@ -246,7 +246,7 @@ class ProbeReport:
                 continue
             nearby = " (re-checked at a nearby point)" if bool(self.rechecked_nearby[i]) else ""
             dtype_text = (
-                f", {_name(self.model_dtype)} Jacobian off the float64 one by {_figures(self.dtype_error[i])}"
+                f", {dtype_name(self.model_dtype)} Jacobian off the float64 one by {_figures(self.dtype_error[i])}"
                 if bool(self.dtype_error[i].isfinite().any())
                 else ""
             )
@@ -272,7 +272,8 @@ class ProbeReport:
         return "\n".join(lines)
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
     return str(dtype).replace("torch.", "")
 
 
