@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from digits_cnn import digits_loaders
 
-from lightning_gradprobe import GradProbe
+from lightning_gradprobe import GradProbe, GradProbeStoppingReason
 
 
 class FusedSwish(torch.autograd.Function):
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> tuple[pl.Trainer, GradProbe]:
         enable_checkpointing=False,
     )
     trainer.fit(SwishMLP(correct=args.fixed), train, val)
-    if probe.stopping_reason:
-        print(f"\nStopped after epoch {trainer.current_epoch}: {probe.stopping_reason}")
+    if probe.stopping_reason is not GradProbeStoppingReason.NOT_STOPPED:
+        print(f"\nStopped after epoch {trainer.current_epoch}: {probe.stopping_reason_message}")
         print(f"\nEvidence:\n{probe.last_report}")
     else:
         print(f"\nTrained all {trainer.current_epoch} epochs; gradients checked {probe.probes_done} times, no alert.")

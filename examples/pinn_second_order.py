@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradprobe import GradProbe
+from lightning_gradprobe import GradProbe, GradProbeStoppingReason
 
 
 class FusedTanh(torch.autograd.Function):
@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> tuple[pl.Trainer, GradProbe]:
     report = probe.last_report
     assert report is not None and report.second_order is not None
     first = ", ".join(f"{v} {c}" for v, c in report.counts.items() if c)
-    if probe.stopping_reason:
-        print(f"\nStopped after epoch {trainer.current_epoch}: {probe.stopping_reason}")
+    if probe.stopping_reason is not GradProbeStoppingReason.NOT_STOPPED:
+        print(f"\nStopped after epoch {trainer.current_epoch}: {probe.stopping_reason_message}")
         print(f"\nFirst-order check: {first}. Second order: {report.second_order}")
     else:
         error = float(trainer.callback_metrics["val/max_error"])

@@ -1,4 +1,4 @@
-"""The package's exception."""
+"""The package's exceptions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core.report import ProbeReport
 
-__all__ = ["GradientCheckError"]
+__all__ = ["GradProbeSetupError", "GradientCheckError"]
 
 
 class GradientCheckError(RuntimeError):
@@ -23,3 +23,7 @@ class GradientCheckError(RuntimeError):
         super().__init__(message)
         self.report = report
         self.alerts = alerts
+
+
+class GradProbeSetupError(RuntimeError):
+    """Raised under ``GradProbe(strict=True)`` when the callback cannot read the batch or run the probe."""

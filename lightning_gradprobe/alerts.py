@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .core.report import ProbeReport, Verdict
+from .core.report import Culprit, CulpritKind, ProbeReport, Verdict
 
 __all__ = ["Alert", "AlertCondition", "AlertThresholds", "ProbeFigures", "evaluate_alerts", "figures_from_report"]
 
@@ -114,7 +114,7 @@ class ProbeFigures:
     worst_second_order_margin: float = float("nan")
     second_order_finding: str | None = None
     failed_samples: tuple[int, ...] = field(default=())
-    culprits: tuple[str, ...] = field(default=())
+    culprits: tuple[Culprit, ...] = field(default=())
 
     def to_tensor(self) -> torch.Tensor:
         """Pack the additive counts (and the worst error and margin) for a collective across processes."""
@@ -123,7 +123,7 @@ class ProbeFigures:
 
     @staticmethod
     def from_gathered(
-        rows: torch.Tensor, failed_samples: tuple[int, ...] = (), culprits: tuple[str, ...] = ()
+        rows: torch.Tensor, failed_samples: tuple[int, ...] = (), culprits: tuple[Culprit, ...] = ()
     ) -> ProbeFigures:
         """Combine ``(world_size, n)`` rows from :meth:`to_tensor`: counts add, the worst figures are maxima."""
         rows = rows.reshape(-1, len(_COUNTS) + len(_MAXIMA)).double().cpu()
@@ -168,7 +168,7 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         worst_second_order_margin=float(second_margins.max()) if second_margins.numel() else float("nan"),
         second_order_finding=second.finding if second is not None else None,
         failed_samples=tuple(report.failed),
-        culprits=tuple(f"{c.module or '<model>'} ({c.module_type}, {c.kind})" for c in culprits if not c.explained_by),
+        culprits=tuple(c for c in culprits if not c.explained_by),
     )
 
 
@@ -183,7 +183,7 @@ class Alert:
         step: The trainer's global step (``-1`` outside training).
         samples: Probed-sample indices involved, where known.
         message: One readable sentence.
-        culprits: Submodules localization named, most specific first ("name (Type, input|parameter)").
+        culprits: The submodules localization named, most specific first (:class:`~lightning_gradprobe.Culprit`).
 
     """
 
@@ -193,14 +193,14 @@ class Alert:
     step: int
     samples: tuple[int, ...] = ()
     message: str = ""
-    culprits: tuple[str, ...] = ()
+    culprits: tuple[Culprit, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (checkpoints, loggers)."""
         out = asdict(self)
         out["condition"] = self.condition.value
         out["samples"] = list(self.samples)
-        out["culprits"] = list(self.culprits)
+        out["culprits"] = [culprit.to_dict() for culprit in self.culprits]
         return out
 
     @staticmethod
@@ -213,6 +213,7 @@ class Alert:
             int(data["step"]),
             tuple(data.get("samples", ())),
             data.get("message", ""),
+            tuple(Culprit.from_dict(c) for c in data.get("culprits", ())),
         )
 
 
@@ -231,8 +232,8 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
     if thresholds.fail_fraction is not None and figures.checked:
         fraction = figures.failed / figures.checked
         if fraction > thresholds.fail_fraction:
-            inputs = tuple(c for c in figures.culprits if c.endswith(", input)"))
-            where = f"; culprit: {', '.join(inputs)}" if inputs else ""
+            inputs = _of_kind(figures.culprits, CulpritKind.INPUT)
+            where = f"; culprit: {_labels(inputs)}" if inputs else ""
             message = (
                 f"{figures.failed} of {figures.checked} probed samples fail the gradient check: the backward "
                 f"disagrees with finite differences (worst margin {figures.worst_margin:.3g}: error / allowed "
@@ -252,23 +253,23 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
         )
         alerts.append(Alert(AlertCondition.BATCH_LEAKAGE, figures.leaking_pairs, 0, step, (), message))
     if figures.wrong_parameters:
-        weights = tuple(c for c in figures.culprits if c.endswith(", parameter)"))
+        weights = _of_kind(figures.culprits, CulpritKind.PARAMETER)
         message = (
             "gradients with respect to parameters disagree with finite differences in "
-            f"{', '.join(weights) or 'a submodule on another process'}: training consumes these"
+            f"{_labels(weights) or 'a submodule on another process'}: training consumes these"
         )
         condition = AlertCondition.PARAMETER_GRADIENTS
         alerts.append(Alert(condition, figures.wrong_parameters, 0, step, (), message, weights))
     if thresholds.fail_fraction is not None and figures.second_order_checked:
         fraction = figures.second_order_failed / figures.second_order_checked
         if fraction > thresholds.fail_fraction:
-            named = tuple(c for c in figures.culprits if c.endswith(", second-order)"))
+            named = _of_kind(figures.culprits, CulpritKind.SECOND_ORDER)
             why = f": not twice differentiable ({figures.second_order_finding})" if figures.second_order_finding else ""
             message = (
                 f"{figures.second_order_failed} of {figures.second_order_checked} probed samples fail the "
                 f"second-order check: the double backward through the input disagrees with finite differences of "
                 f"first-order gradients (worst margin {figures.worst_second_order_margin:.3g}){why}"
-                + (f"; culprit: {', '.join(named)}" if named else "")
+                + (f"; culprit: {_labels(named)}" if named else "")
             )
             condition = AlertCondition.SECOND_ORDER_CHECKS
             alerts.append(Alert(condition, fraction, thresholds.fail_fraction, step, (), message, named))
@@ -282,3 +283,11 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
             condition = AlertCondition.VANISHING_SALIENCY
             alerts.append(Alert(condition, fraction, thresholds.vanishing_fraction, step, (), message))
     return alerts
+
+
+def _of_kind(culprits: tuple[Culprit, ...], kind: CulpritKind) -> tuple[Culprit, ...]:
+    return tuple(c for c in culprits if c.kind is kind)
+
+
+def _labels(culprits: tuple[Culprit, ...]) -> str:
+    return ", ".join(c.label for c in culprits)

@@ -1,8 +1,9 @@
 """``GradProbe``: a Lightning callback that probes input gradients during validation and alerts.
 
-A thin shell: it draws the probe set, calls :func:`~lightning_gradprobe.probe`, gathers figures
-across processes, judges them with :mod:`~lightning_gradprobe.alerts`, acts, and hands rendering to
-:mod:`~lightning_gradprobe.render`. Training is never touched: the probe runs in eval mode on
+A thin shell that wires Lightning's hooks to small units: :class:`~._schedule.ProbeSchedule` decides when to
+probe, :class:`~._probe_set.ProbeSet` keeps the probed samples, :func:`~lightning_gradprobe.probe` checks
+them, :mod:`~lightning_gradprobe.alerts` judges the figures gathered across processes, and
+:mod:`~lightning_gradprobe.render` draws them. Training is never touched: the probe runs in eval mode on
 detached copies of the parameters, with every RNG state restored.
 """
 
@@ -10,24 +11,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from ._batches import BatchKey, Reservoir, extract, leaves, rebuild, take_rows
-from ._errors import GradientCheckError
+from ._arguments import check_arguments
+from ._batches import BatchKey, extract, leaves, rebuild
+from ._errors import GradientCheckError, GradProbeSetupError
+from ._probe_set import ProbeSet
+from ._schedule import Moment, Plan, ProbeSchedule
 from .alerts import Alert, AlertThresholds, ProbeFigures, evaluate_alerts, figures_from_report
 from .core import ProbeReport, probe
+from .render import Panels
+from .render.metrics import probe_metrics
 
-__all__ = ["GradProbe"]
+__all__ = ["GradProbe", "GradProbeStoppingReason"]
 
 OnAlert = Literal["warn", "stop", "raise"] | Callable[[Alert], None]
 _SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+_KEPT_ALERTS = 1000  # a long run keeps the recent alerts in memory, and the last 50 in checkpoints
+
+
+class GradProbeStoppingReason(Enum):
+    """Why ``GradProbe(on_alert="stop")`` stopped training, as Lightning's ``EarlyStoppingReason``."""
+
+    NOT_STOPPED = 0
+    ALERT = 1
+    """An alert fired on this process (``stopping_reason_message`` quotes it)."""
+    ALERT_ON_ANOTHER_PROCESS = 2
+    """An alert fired on another process; every process stops together."""
 
 
 class GradProbe(Callback):
@@ -90,6 +109,12 @@ class GradProbe(Callback):
         seed: Seed of the callback's own generator (probe set, directions).
         verbose: Report alerts and probe problems through rank-zero warnings.
 
+    Attributes:
+        stopping_reason: Why the callback stopped training (a :class:`GradProbeStoppingReason`), as
+            ``EarlyStopping.stopping_reason``; ``stopping_reason_message`` says it in words.
+        last_report: The last :class:`~lightning_gradprobe.ProbeReport` of this process.
+        alerts: Every :class:`~lightning_gradprobe.alerts.Alert` so far (the last 1000).
+
     Example:
         >>> from lightning_gradprobe import GradProbe
         >>> callback = GradProbe(num_samples=4, on_alert="stop", fail_threshold=0.25)
@@ -131,33 +156,7 @@ class GradProbe(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        _positive_int("num_samples", num_samples)
-        _positive_int("n_directions", n_directions)
-        if every_n_epochs not in (None, 1) and every_n_train_steps is not None:
-            raise ValueError(
-                f"GradProbe: `every_n_epochs`={every_n_epochs} and `every_n_train_steps`={every_n_train_steps} are "
-                "mutually exclusive; set one of them."
-            )
-        if every_n_epochs is not None:
-            _positive_int("every_n_epochs", every_n_epochs)
-        if every_n_train_steps is not None:
-            _positive_int("every_n_train_steps", every_n_train_steps)
-        if isinstance(target, str) and target not in ("argmax", "label"):
-            raise ValueError(
-                f"GradProbe: `target` must be 'argmax', 'label', an int, a callable or None; got {target!r}."
-            )
-        if isinstance(target, bool) or not (target is None or isinstance(target, (str, int)) or callable(target)):
-            raise TypeError(
-                f"GradProbe: `target` must be 'argmax', 'label', an int, a callable or None; got {target!r}."
-            )
-        if layer is not None and not isinstance(layer, str):
-            raise TypeError(f"GradProbe: `layer` must be a submodule's dotted name (a str) or None; got {layer!r}.")
-        if not callable(on_alert) and on_alert not in ("warn", "stop", "raise"):
-            raise ValueError(f"GradProbe: `on_alert` must be 'warn', 'stop', 'raise' or a callable; got {on_alert!r}.")
-        if time_budget is not None and not time_budget > 0:
-            raise ValueError(f"GradProbe: `time_budget` must be None or > 0 seconds, got {time_budget!r}.")
-        if max_overhead is not None and not 0 < max_overhead <= 1:
-            raise ValueError(f"GradProbe: `max_overhead` must be None or in (0, 1], got {max_overhead!r}.")
+        check_arguments(locals())
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs if every_n_train_steps is None and every_n_epochs is not None else 1
         self.every_n_train_steps = every_n_train_steps
@@ -184,33 +183,27 @@ class GradProbe(Callback):
         self.feature_names = feature_names
         self.seed = seed
         self.verbose = verbose
-        # State (checkpointed).
-        self.probe_inputs: Tensor | None = None
-        self.probe_labels: Tensor | None = None
+        self.schedule = ProbeSchedule(self.every_n_epochs, every_n_train_steps, max_overhead)
+        self.samples = ProbeSet(num_samples, seed, redraw)
         self.probes_done = 0
-        self.last_probe_step: int | None = None
-        self.last_probe_epoch: int | None = None
         self.alerts: list[Alert] = []
-        self.failures = 0
-        self.active_samples = num_samples
-        self._skip = 0
         self.saliency_scale: float | None = None
-        # Per-run scratch.
         self.last_report: ProbeReport | None = None
-        self.stopping_reason: str | None = None
-        self._reservoir: Reservoir | None = None
-        self._due = False
-        self._disabled_reason: str | None = None
-        self._warned: set[str] = set()
-        self._panels: Any = None  # render.Panels, created on first use (rendering imports matplotlib)
-        self._fit_started: float | None = None
-        self._probing_seconds = 0.0
-        self._probes_this_fit = 0
-        self.postponed = 0
-        self.nonfinite_inputs = 0
-        self._paused_reason: str | None = None
-        self._probe_costs: list[float] = []
-        self._pictures = True
+        self.stopping_reason = GradProbeStoppingReason.NOT_STOPPED
+        self.stopping_reason_message: str | None = None
+        self._plan = Plan.NOT_DUE
+        self._said: set[str] = set()  # one-time messages already given
+        self._panels: Panels | None = None
+
+    # Read-only views of the units' state, under the names earlier versions used.
+    probe_inputs = property(lambda self: self.samples.inputs, doc="The probed samples' inputs (all processes').")
+    probe_labels = property(lambda self: self.samples.labels, doc="Their labels, when the batches hold them.")
+    active_samples = property(lambda self: self.samples.size, doc="Samples probed now (halved by `time_budget`).")
+    nonfinite_inputs = property(lambda self: self.samples.nonfinite_inputs, doc="Rows left out for NaN/Inf.")
+    last_probe_step = property(lambda self: self.schedule.last_probe_step, doc="Global step of the last probe.")
+    last_probe_epoch = property(lambda self: self.schedule.last_probe_epoch, doc="Epoch of the last probe.")
+    failures = property(lambda self: self.schedule.failures, doc="Probes that failed to run.")
+    postponed = property(lambda self: self.schedule.postponed, doc="Due probes postponed by `max_overhead`.")
 
     @property
     @override
@@ -222,18 +215,16 @@ class GradProbe(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
         if any(kind in name for kind in _SHARDED):
-            self._disabled_reason = (
+            reason = (
                 f"GradProbe: skipped under {name}: parameters are sharded across processes and the probe does not "
                 "gather them. Probe a checkpoint with trainer.validate() on a single device instead."
             )
-            rank_zero_warn(self._disabled_reason)
+            self.schedule.pause(reason)
+            rank_zero_warn(reason)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._fit_started = time.perf_counter()
-        self._probing_seconds = 0.0
-        self._probes_this_fit = 0
-        self._probe_costs = []
+        self.schedule.start_fit()
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -281,119 +272,65 @@ class GradProbe(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "probe_inputs": self.probe_inputs,
-            "probe_labels": self.probe_labels,
+            **self.samples.state_dict(),
+            **self.schedule.state_dict(),
             "probes_done": self.probes_done,
-            "last_probe_step": self.last_probe_step,
-            "last_probe_epoch": self.last_probe_epoch,
             "alerts": [alert.to_dict() for alert in self.alerts[-50:]],
-            "failures": self.failures,
-            "skip": self._skip,
-            "active_samples": self.active_samples,
             "saliency_scale": self.saliency_scale,
+            "stopping_reason": self.stopping_reason.value,
+            "stopping_reason_message": self.stopping_reason_message,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probe_inputs = state_dict.get("probe_inputs")
-        self.probe_labels = state_dict.get("probe_labels")
+        self.samples.load_state_dict(state_dict)
+        self.schedule.load_state_dict(state_dict)
         self.probes_done = state_dict.get("probes_done", 0)
-        self.last_probe_step = state_dict.get("last_probe_step")
-        self.last_probe_epoch = state_dict.get("last_probe_epoch")
         self.alerts = [Alert.from_dict(a) for a in state_dict.get("alerts", [])]
-        self.failures = state_dict.get("failures", 0)
-        self._skip = state_dict.get("skip", 0)
-        self.active_samples = state_dict.get("active_samples", self.num_samples)
         self.saliency_scale = state_dict.get("saliency_scale")
+        self.stopping_reason = GradProbeStoppingReason(state_dict.get("stopping_reason", 0))
+        self.stopping_reason_message = state_dict.get("stopping_reason_message")
 
     # ----------------------------------------------------------------- schedule and probe set
-    def _is_due(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking or self._disabled_reason is not None or self._paused_reason is not None:
-            return False
-        if trainer.state.fn != "fit":
-            return True  # an explicit trainer.validate() / trainer.test(): always probe
-        if self.every_n_train_steps is not None:
-            last = self.last_probe_step
-            return last is None or trainer.global_step - last >= self.every_n_train_steps
-        epoch = trainer.current_epoch
-        return (epoch + 1) % self.every_n_epochs == 0 and epoch != self.last_probe_epoch
-
     def _start(self, trainer: pl.Trainer) -> None:
-        if trainer.world_size > 1:  # every process decides alike: one that paused pauses all (no collective hangs)
-            anywhere = trainer.strategy.reduce_boolean_decision(self._paused_reason is not None, all=False)
-            if anywhere and self._paused_reason is None:
-                self._paused_reason = "probing paused on another process"
-        self._due = self._is_due(trainer)
-        if self._due and self._skip > 0:  # backing off after a probe failure
-            self._skip -= 1
-            self._due = False
-        self._pictures = True
-        if self._due and self._over_budget(trainer):
-            if self._milestone(trainer):  # probed regardless, at the cost of its checks: no pictures this time
-                self._pictures = False
-            else:
-                self._due = False
-                self.postponed += 1
-        needs_samples = self.redraw or self.probe_inputs is None
-        share = -(-self.active_samples // trainer.world_size)
-        seed = self.seed + 7919 * trainer.global_rank + (self.probes_done if self.redraw else 0)
-        self._reservoir = Reservoir(share, seed) if self._due and needs_samples else None
+        distributed = trainer.world_size > 1
+        if distributed:  # every process decides alike: one that paused pauses all (no collective hangs)
+            paused = trainer.strategy.reduce_boolean_decision(self.schedule.paused is not None, all=False)
+            if paused:
+                self.schedule.pause("probing paused on another process")
 
-    def _over_budget(self, trainer: pl.Trainer) -> bool:
-        if self.max_overhead is None or trainer.state.fn != "fit" or self._fit_started is None:
-            return False
-        if self._probes_this_fit == 0:
-            return False
-        elapsed = time.perf_counter() - self._fit_started
-        # Steady-state cost: the first probe pays one-time costs (imports, writers, the first figure) that later
-        # probes do not; they are not held against later probes.
-        expected = min(self._probe_costs) if self._probe_costs else 0.0
-        one_time = self._probe_costs[0] - expected if self._probe_costs else 0.0
-        spent = self._probing_seconds - one_time
-        over = spent + expected > self.max_overhead * (elapsed + expected)
-        if trainer.world_size > 1:  # timings differ per process: rank zero decides for all
-            over = bool(trainer.strategy.broadcast(over, src=0))
-        if over and self.verbose and "budget" not in self._warned:
-            self._warned.add("budget")
-            rank_zero_info(
-                f"GradProbe: probing has used {spent:.2f}s of {elapsed:.1f}s, and one more probe (~{expected:.2f}s) "
-                f"would take it over `max_overhead`={self.max_overhead}; "
-                "postponing probes until it is back under (the last validation, and five spread over a fit of "
-                "known length, are still checked, without pictures, while the fit is under a minute). Reported once."
-            )
-        return over
+        def agree(decision: bool) -> bool:  # timings differ per process: rank zero decides for all
+            return bool(trainer.strategy.broadcast(decision, src=0)) if distributed else decision
 
-    def _milestone(self, trainer: pl.Trainer) -> bool:
-        """Whether this validation must be probed whatever the budget.
-
-        The fit's last validation, and five spread evenly over a fit of known length, while the fit is short
-        (under a minute, where probes cost little in absolute terms).
-        """
-        epochs = trainer.max_epochs
-        if self._fit_started is None or epochs is None or epochs < 1 or self.every_n_train_steps is not None:
-            return False
-        epoch = trainer.current_epoch
-        short = time.perf_counter() - self._fit_started <= 60.0  # in a long fit the budget alone decides
-        # The first, three at quarters of the fit, and the last: five, spread.
-        spread = self._probes_this_fit < 4 and epoch + 1 >= self._probes_this_fit * epochs / 4
-        milestone = short and (epoch == epochs - 1 or spread)
-        if trainer.world_size > 1:  # clocks differ per process: rank zero decides for all
-            milestone = bool(trainer.strategy.broadcast(milestone, src=0))
-        return milestone
+        moment = _moment(trainer)
+        self._plan = self.schedule.plan(moment, agree=agree)
+        if self._plan in (Plan.POSTPONED, Plan.PROBE_WITHOUT_PICTURES):
+            budget = self.schedule.budget(moment, time.perf_counter())
+            if budget is not None:
+                self._say(
+                    "budget",
+                    f"GradProbe: probing has used {budget.spent:.2f}s of {budget.elapsed:.1f}s, and one more probe "
+                    f"(~{budget.expected:.2f}s) would take it over `max_overhead`={self.max_overhead}; postponing "
+                    "probes until it is back under (the last validation, and five spread over a fit of known length, "
+                    "are still checked, without pictures, while the fit is under a minute). Reported once.",
+                    warning=False,
+                )
+        self.samples.begin(
+            due=self._plan.probes, world_size=trainer.world_size, rank=trainer.global_rank, probes_done=self.probes_done
+        )
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        if self._reservoir is None and not (trainer.sanity_checking and not self._warned & {"layout-checked"}):
+        if not self.samples.drawing and not (trainer.sanity_checking and not self.samples.layout_checked):
             return
         started = time.perf_counter()
         try:
             inputs, labels = self._read(pl_module, batch)
-            self._warned.add("layout-checked")
-            if self._reservoir is not None:
-                self._reservoir.offer(inputs, labels)
+            self.samples.layout_checked = True
+            self.samples.offer(inputs, labels)
         except Exception as error:  # the callback's own problem: say it once, pause probing, train on
             self._pause(f"cannot read the validation batch ({type(error).__name__}: {error})")
         finally:
-            self._probing_seconds += time.perf_counter() - started
+            self.schedule.add_time(time.perf_counter() - started)
 
     def _read(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Tensor | None]:
         """The inputs (a tensor, or a tuple/dict of tensors) and the labels of a batch."""
@@ -421,48 +358,37 @@ class GradProbe(Callback):
         """Stop probing for this run (training goes on), or raise under ``strict=True``."""
         if self.strict:
             raise GradProbeSetupError(f"GradProbe (strict=True): {reason}")
-        self._reservoir = None
-        self._due = False
-        if self._paused_reason is None:
-            self._paused_reason = reason
-            if self.verbose:
-                rank_zero_warn(
-                    f"GradProbe: {reason}. Probing is paused; training goes on. Fix it with `input_key=` (a key, a "
-                    "tuple of keys, or a callable returning the model's inputs), or pass `strict=True` to fail fast."
-                )
+        self.samples.stop_drawing()
+        self._plan = Plan.PAUSED
+        if self.schedule.pause(reason) and self.verbose:
+            rank_zero_warn(
+                f"GradProbe: {reason}. Probing is paused; training goes on. Fix it with `input_key=` (a key, a "
+                "tuple of keys, or a callable returning the model's inputs), or pass `strict=True` to fail fast."
+            )
 
     # ----------------------------------------------------------------- probing
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._due:
+        if not self._plan.probes:
             return
         started = time.perf_counter()
         try:
             self._probe_and_report(trainer, pl_module)
         finally:
-            cost = time.perf_counter() - started
-            self._probing_seconds += cost
-            self._probe_costs.append(cost)
-            self._probes_this_fit += 1
+            self.schedule.record_probe(_moment(trainer), time.perf_counter() - started)
 
     def _probe_and_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._reservoir is not None:
-            drawn = self._reservoir.result()
-            self.nonfinite_inputs += self._reservoir.nonfinite
-            if self._reservoir.mismatched and self.verbose and "mismatched" not in self._warned:
-                self._warned.add("mismatched")
-                rank_zero_info(
-                    f"GradProbe: {self._reservoir.mismatched} validation rows were not drawn: their batches are "
-                    "padded to another length than the first one. Pad to a fixed length to draw from every batch."
-                )
-            self._reservoir = None
-            if drawn is not None:
-                self.probe_inputs, self.probe_labels = drawn
+        self.samples.finish()
+        if self.samples.mismatched:
+            self._say(
+                "mismatched",
+                f"GradProbe: {self.samples.mismatched} validation rows were not drawn: their batches are padded to "
+                "another length than the first one. Pad to a fixed length to draw from every batch.",
+                warning=False,
+            )
         report, error, elapsed = self._probe_locally(trainer, pl_module)
         figures = figures_from_report(report) if report is not None else ProbeFigures()
         figures, any_error = self._gather(trainer, pl_module, figures, error is not None)
         self.probes_done += 1
-        self.last_probe_step = trainer.global_step
-        self.last_probe_epoch = trainer.current_epoch
         if any_error and self.strict and self.probes_done == 1:
             raise GradProbeSetupError(
                 f"GradProbe (strict=True): the first probe failed ({type(error).__name__}: {error})"
@@ -472,52 +398,47 @@ class GradProbe(Callback):
         if figures.probed == 0:
             return
         self.last_report = report
-        if report is not None and self.verbose and "dtypes" not in self._warned:
-            self._warned.add("dtypes")
-            rank_zero_info(
+        if report is not None:
+            self._say(
+                "dtypes",
                 f"GradProbe: probing {_count(len(report.verdicts), 'sample')} per process; backward in "
-                f"{report.model_dtype}, finite differences in {report.fd_dtype}, engine {report.engine}."
+                f"{report.model_dtype}, finite differences in {report.fd_dtype}, engine {report.engine}.",
+                warning=False,
             )
         self._log(trainer, pl_module, figures, report)
         self._shrink_if_slow(elapsed)
-        alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if trainer.state.fn == "fit" else -1)
-        self.alerts = (self.alerts + alerts)[-1000:]  # a long run keeps the recent ones
+        alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if _fitting(trainer) else -1)
+        self.alerts = (self.alerts + alerts)[-_KEPT_ALERTS:]
         if report is not None and trainer.is_global_zero:
             self._render(trainer, report, alerts)
         self._act(trainer, alerts, report)
 
     def _render(self, trainer: pl.Trainer, report: ProbeReport, alerts: list[Alert]) -> None:
         try:
-            from .render import Panels
-
             if self._panels is None:
                 self._panels = Panels(self.log_images, self.shared_scale, self.feature_names, self.saliency_scale)
-            assert self.probe_inputs is not None
-            n = len(report.verdicts)
-            labels = self.probe_labels[:n] if self.probe_labels is not None else None
+            inputs, labels = self.samples.rows(len(report.verdicts))
             self._panels.tokens = self.tokens
-            self._panels.log_images = self.log_images and self._pictures
-            self._panels.write(trainer, report, alerts, take_rows(self.probe_inputs, slice(0, n)), labels)
+            self._panels.log_images = self.log_images and self._plan is Plan.PROBE
+            self._panels.write(trainer, report, alerts, inputs, labels)
             self.saliency_scale = self._panels.scale
         except Exception as error:  # a picture is never worth a training run
-            if self.verbose and "render" not in self._warned:
-                self._warned.add("render")
-                rank_zero_warn(f"GradProbe: could not write the TensorBoard panels ({type(error).__name__}: {error}).")
+            self._say("render", f"GradProbe: could not write the TensorBoard panels ({type(error).__name__}: {error}).")
 
     def _probe_locally(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[ProbeReport | None, BaseException | None, float]:
-        if self.probe_inputs is None:
+        if self.samples.inputs is None:
             return None, None, 0.0
         start = time.perf_counter()
         try:
-            share = -(-self.active_samples // trainer.world_size)
-            rows = take_rows(self.probe_inputs, slice(0, share))
+            rows, labels = self.samples.share(trainer.world_size)
             x = trainer.precision_plugin.convert_input(rebuild(rows, [t.to(pl_module.device) for t in leaves(rows)]))
             target: Any = self.target
             if target == "label":
-                assert self.probe_labels is not None
-                target = self.probe_labels[:share].to(pl_module.device).long().reshape(-1)
+                if labels is None:
+                    raise ValueError("GradProbe: target='label' but no labels were drawn with the samples.")
+                target = labels.to(pl_module.device).long().reshape(-1)
             report = probe(
                 pl_module,
                 x,
@@ -543,70 +464,57 @@ class GradProbe(Callback):
             return figures, failed
         row = torch.cat([figures.to_tensor(), torch.tensor([float(failed)], dtype=torch.float64)])
         stacked = pl_module.all_gather(row.to(pl_module.device))
-        assert isinstance(stacked, Tensor)
+        if not isinstance(stacked, Tensor):
+            raise TypeError(f"GradProbe: all_gather returned {type(stacked).__name__}, not a tensor.")
         rows = stacked.reshape(-1, row.numel())
         combined = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
         return combined, bool(rows[:, -1].sum() > 0)
 
     def _back_off(self, error: BaseException | None) -> None:
-        self.failures += 1
-        self._skip = 2 ** min(self.failures, 6) - 1
+        skip = self.schedule.back_off()
         reason = f"{type(error).__name__}: {error}" if error is not None else "on another process"
-        key = type(error).__name__ if error is not None else "remote"
-        if self.verbose and key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(
-                f"GradProbe: the probe failed ({reason}); training goes on. Skipping the next "
-                f"{_count(self._skip, 'probe')} (doubling after each further failure). This is reported once per kind "
-                "of error."
-            )
+        self._say(
+            type(error).__name__ if error is not None else "remote",
+            f"GradProbe: the probe failed ({reason}); training goes on. Skipping the next {_count(skip, 'probe')} "
+            "(doubling after each further failure). This is reported once per kind of error.",
+        )
 
     def _shrink_if_slow(self, elapsed: float) -> None:
-        if self.time_budget is None or elapsed <= self.time_budget or self.active_samples == 1:
+        if self.time_budget is None or elapsed <= self.time_budget or not self.samples.shrink():
             return
-        self.active_samples = max(1, self.active_samples // 2)
         if self.verbose:
             rank_zero_warn(
                 f"GradProbe: a probe took {elapsed:.1f}s, over `time_budget`={self.time_budget}s; probing "
-                f"{self.active_samples} samples from now on."
+                f"{self.samples.size} samples from now on."
             )
 
     def _log(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: ProbeFigures, report: ProbeReport | None
     ) -> None:
-        metrics = {
-            "gradprobe/checks/fail_fraction": figures.failed / max(figures.checked, 1),
-            "gradprobe/checks/inconclusive_fraction": figures.inconclusive / max(figures.checked, 1),
-            "gradprobe/checks/margin_max": figures.worst_margin,
-            "gradprobe/checks/relative_error_max": figures.worst_relative_error,
-            "gradprobe/health/nonfinite_samples": float(figures.nonfinite),
-            "gradprobe/health/vanishing_samples": float(figures.vanishing),
-            "gradprobe/health/leaking_pairs": float(figures.leaking_pairs),
-            "gradprobe/health/nonfinite_inputs": float(self.nonfinite_inputs),
-        }
-        if self.thresholds.fail_fraction is not None:
-            metrics["gradprobe/checks/fail_threshold"] = self.thresholds.fail_fraction
-        if self.second_order:
-            checked = max(figures.second_order_checked, 1)
-            metrics["gradprobe/second_order/fail_fraction"] = figures.second_order_failed / checked
-            metrics["gradprobe/second_order/margin_max"] = figures.worst_second_order_margin
-        # The same keys on every process, whether or not its own probe ran (sync_dist reduces them together).
-        summary = report.summary() if report is not None else {}
-        metrics["gradprobe/checks/margin_limit"] = 1.0
-        metrics["gradprobe/checks/relative_error_median"] = summary.get("relative_error_median", float("nan"))
-        for key in ("grad_norm_p10", "grad_norm_p50", "grad_norm_p90"):
-            metrics[f"gradprobe/health/{key}"] = summary.get(key, float("nan"))
-        sync = trainer.world_size > 1
+        metrics = probe_metrics(
+            figures,
+            report,
+            fail_threshold=self.thresholds.fail_fraction,
+            second_order=self.second_order,
+            nonfinite_inputs=self.samples.nonfinite_inputs,
+        )
+        sync = trainer.world_size > 1  # the same keys on every process: sync_dist reduces them together
         for name, value in metrics.items():
             pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=sync, batch_size=1)
 
     def _act(self, trainer: pl.Trainer, alerts: list[Alert], report: ProbeReport | None) -> None:
         if self.on_alert == "stop":
             should_stop = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
-            if should_stop and trainer.state.fn == "fit":
+            if should_stop and _fitting(trainer):
                 trainer.should_stop = True
-                self.stopping_reason = "; ".join(a.message for a in alerts) or "an alert on another process"
-                rank_zero_info(f"GradProbe: stopping training at step {trainer.global_step}: {self.stopping_reason}")
+                here = bool(alerts)
+                self.stopping_reason = (
+                    GradProbeStoppingReason.ALERT if here else GradProbeStoppingReason.ALERT_ON_ANOTHER_PROCESS
+                )
+                self.stopping_reason_message = "; ".join(a.message for a in alerts) or "an alert on another process"
+                rank_zero_info(
+                    f"GradProbe: stopping training at step {trainer.global_step}: {self.stopping_reason_message}"
+                )
         if not alerts:
             return
         if callable(self.on_alert):
@@ -619,15 +527,23 @@ class GradProbe(Callback):
         if self.verbose and self.on_alert == "warn":
             rank_zero_warn(f"GradProbe at step {trainer.global_step}: {text}")
 
+    def _say(self, key: str, message: str, *, warning: bool = True) -> None:
+        """Give a message once per run (a rank-zero warning, or info), when ``verbose``."""
+        if not self.verbose or key in self._said:
+            return
+        self._said.add(key)
+        (rank_zero_warn if warning else rank_zero_info)(message)
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"GradProbe: `{name}` must be an int >= 1, got {value!r}.")
+
+def _fitting(trainer: pl.Trainer) -> bool:
+    return trainer.state.fn == TrainerFn.FITTING
+
+
+def _moment(trainer: pl.Trainer) -> Moment:
+    return Moment(
+        _fitting(trainer), trainer.sanity_checking, trainer.current_epoch, trainer.global_step, trainer.max_epochs
+    )
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-class GradProbeSetupError(RuntimeError):
-    """Raised under ``GradProbe(strict=True)`` when the callback cannot read the batch or run the probe."""

@@ -26,9 +26,14 @@ def test_public_surface_is_declared():
     import lightning_gradprobe
 
     assert set(lightning_gradprobe.__all__) == {
+        "Culprit",
+        "CulpritKind",
         "GradProbe",
+        "GradProbeSetupError",
+        "GradProbeStoppingReason",
         "GradientCheckError",
         "ProbeReport",
+        "SecondOrderReport",
         "Verdict",
         "__version__",
         "default_rtol",
@@ -41,3 +46,81 @@ def test_public_surface_is_declared():
         obj = getattr(lightning_gradprobe, name)
         if name != "__version__":
             assert (obj.__doc__ or "").strip(), f"{name} has no docstring"
+
+
+def test_every_exception_and_every_type_a_report_hands_out_is_exported():
+    import dataclasses
+    import typing
+
+    import lightning_gradprobe
+    from lightning_gradprobe import _errors
+    from lightning_gradprobe.core import report
+
+    exceptions = {n for n, v in vars(_errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    assert exceptions <= set(lightning_gradprobe.__all__)
+    # The types of the report's fields, and of the second-order report's, one level down.
+    handed_out = set()
+    for cls in (report.ProbeReport, report.SecondOrderReport, report.Culprit):
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            handed_out |= {t.__name__ for t in _types_in(hints[field.name]) if t.__module__.startswith("lightning_")}
+    assert handed_out == {"Verdict", "Culprit", "CulpritKind", "SecondOrderReport"}
+    assert handed_out <= set(lightning_gradprobe.__all__)
+
+
+def _types_in(hint):
+    import typing
+
+    if isinstance(hint, type):
+        return {hint}
+    return {t for arg in typing.get_args(hint) for t in _types_in(arg)}
+
+
+def _imports(path, package_root):
+    """Modules of the package that ``path`` imports, at any depth (imports inside functions too)."""
+    import ast
+
+    module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts).removesuffix(".__init__")
+    here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    tree = ast.parse(path.read_text())
+    # Imports for type checkers only (``if TYPE_CHECKING:``) never run.
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(here[: len(here) - node.level + 1] + ([base] if base else []))
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return module, found
+
+
+def test_no_import_circles_deferred_imports_counted():
+    import graphlib
+    from pathlib import Path
+
+    import lightning_gradprobe
+
+    root = Path(lightning_gradprobe.__file__).parent
+    modules = dict(_imports(path, root) for path in root.rglob("*.py"))
+    graph = {
+        module: {
+            target
+            for target in imported
+            if target in modules
+            and target != module
+            and not module.startswith(target + ".")
+            and target != "lightning_gradprobe"
+        }
+        for module, imported in modules.items()
+    }
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lit_models import DigitsModule, TensorBatchModule, trainer
 
-from lightning_gradprobe import GradientCheckError, GradProbe
+from lightning_gradprobe import GradientCheckError, GradProbe, GradProbeStoppingReason
 from lightning_gradprobe.alerts import Alert, AlertCondition
 
 
@@ -48,7 +48,8 @@ def test_on_alert_stop_ends_training_like_early_stopping(tmp_path):
     callback = GradProbe(max_overhead=None, on_alert="stop")
     run, _ = _fit(tmp_path, DigitsModule(bug="scale"), callback, max_epochs=5)
     assert run.should_stop and run.current_epoch == 1 and callback.probes_done == 1
-    assert "fail the gradient check" in callback.stopping_reason
+    assert callback.stopping_reason is GradProbeStoppingReason.ALERT
+    assert "fail the gradient check" in callback.stopping_reason_message
 
 
 def test_on_alert_raise_carries_report_and_alerts(tmp_path):

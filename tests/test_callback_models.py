@@ -12,8 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from zoo import Act
 
-from lightning_gradprobe import GradProbe, Verdict
-from lightning_gradprobe.callback import GradProbeSetupError
+from lightning_gradprobe import GradProbe, GradProbeSetupError, GradProbeStoppingReason, Verdict
 
 
 class Rows(Dataset):
@@ -155,7 +154,7 @@ def test_each_kind_of_model_is_probed_at_least_five_times_in_a_ten_epoch_fit(tmp
     torch.manual_seed(0)
     callback = GradProbe()  # no configuration, the default overhead budget
     run, events = _fit(tmp_path, module_type(), module_type.loaders(), callback, max_epochs=10)
-    assert run.current_epoch == 10 and callback._paused_reason is None
+    assert run.current_epoch == 10 and callback.schedule.paused is None
     fails = _fail_fractions(events)
     assert len(fails) >= 5 and fails == [0.0] * len(fails)
     assert callback.last_report is not None and callback.last_report.ok
@@ -165,7 +164,7 @@ def test_two_inputs_zero_config_catch_a_bug_in_the_small_scale_branch(tmp_path):
     torch.manual_seed(0)
     callback = GradProbe(max_overhead=None, on_alert="stop")
     run, _ = _fit(tmp_path, ImageAndMetadataModule("scale"), ImageAndMetadataModule.loaders(), callback, max_epochs=3)
-    assert callback.stopping_reason and run.current_epoch == 1
+    assert callback.stopping_reason is not GradProbeStoppingReason.NOT_STOPPED and run.current_epoch == 1
     saliency = callback.last_report.saliency
     assert isinstance(saliency, tuple) and saliency[0].shape == (8, 1, 8, 8) and saliency[1].shape == (8, 2)
     assert callback.last_report.culprits[0].module == "meta.1"
@@ -177,7 +176,7 @@ def test_token_model_zero_config_names_a_wrong_encoder_backward_and_draws_a_toke
     run, events = _fit(tmp_path, TokenModule("scale"), TokenModule.loaders(), callback, max_epochs=3)
     report = callback.last_report
     assert report.layer == "embed" and report.verdicts == (Verdict.FAIL,) * 8
-    assert callback.alerts[0].culprits[0] == "encoder.1 (Act, input)" and run.current_epoch == 1
+    assert callback.alerts[0].culprits[0].label == "encoder.1 (Act, input)" and run.current_epoch == 1
     (picture,) = events.Images("gradprobe/saliency")
     import io
 

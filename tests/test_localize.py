@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from zoo import Act, correct_models
 
-from lightning_gradprobe import Verdict, probe
+from lightning_gradprobe import CulpritKind, Verdict, probe
 from lightning_gradprobe.core.localize import localize
 
 
@@ -109,7 +109,7 @@ def test_correct_models_name_no_culprit(name):
         model, x = correct_models(seed)[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            found = localize(model, x[:1], parameters=True, seed=seed)
+            found = localize(model, x[:1], check=probe, parameters=True, seed=seed)
         assert found.culprits == (), [str(c) for c in found.culprits]
         assert len(found.checked) >= 3
 
@@ -220,7 +220,8 @@ def test_callback_alert_names_the_culprit(tmp_path):
     trainer(tmp_path, [callback], max_epochs=1).fit(LitWrapper(Encoder("scale")))
     (alert,) = received
     assert alert.condition is AlertCondition.FAILED_CHECKS
-    assert alert.culprits == ("net.blocks.2.act (Act, input)",)
+    assert [c.label for c in alert.culprits] == ["net.blocks.2.act (Act, input)"]
+    assert alert.culprits[0].kind is CulpritKind.INPUT
     assert "culprit: net.blocks.2.act (Act, input)" in alert.message
 
 
@@ -237,7 +238,7 @@ def test_callback_parameter_gradient_alert(tmp_path):
         warnings.simplefilter("ignore", RuntimeWarning)
         trainer(tmp_path, [callback], max_epochs=1).fit(LitWrapper(body))
     assert [a.condition for a in received] == [AlertCondition.PARAMETER_GRADIENTS]
-    assert received[0].culprits == ("net.1 (CustomLinear, parameter)",)
+    assert [c.label for c in received[0].culprits] == ["net.1 (CustomLinear, parameter)"]
 
 
 def test_localization_failure_keeps_the_verdicts():

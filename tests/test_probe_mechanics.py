@@ -10,7 +10,6 @@ from torch import nn
 from zoo import Act, SmallCNN, TanhFunction
 
 from lightning_gradprobe import Verdict, jacobians, probe, saliency
-from lightning_gradprobe.core import _jacobian
 
 
 def _loop_jacobians(model, x):
@@ -34,7 +33,6 @@ def test_func_engine_matches_loop_oracle_and_fallback():
 
 
 def test_torch_func_engine_falls_back_with_one_warning():
-    _jacobian._WARNED.clear()
     model = nn.Sequential(nn.Linear(10, 16), Act("classic"), nn.Linear(16, 3))
     x = torch.randn(6, 10)
     with pytest.warns(RuntimeWarning, match="cannot run under torch.func"):
@@ -270,20 +268,20 @@ def test_outputs_without_batch_dimension():
 
 
 def test_memory_budget_switches_to_projections(monkeypatch):
-    import lightning_gradprobe.core._probe as probe_module
+    import lightning_gradprobe.core._forward as forward_module
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
     x = torch.randn(4, 3, 4, 4)
     assert not probe(model, x).projected  # 4 x 10 x 48 floats: well within the budget
-    monkeypatch.setattr(probe_module, "_MAX_JACOBIAN_BYTES", 4 * 48 * 4 * 5)  # room for 5 output rows
+    monkeypatch.setattr(forward_module, "MAX_JACOBIAN_BYTES", 4 * 48 * 4 * 5)  # room for 5 output rows
     report = probe(model, x)
     assert report.projected and report.n_outputs == 5 and report.ok
 
 
 def test_jacobians_stay_full_whatever_the_budget(monkeypatch):
-    import lightning_gradprobe.core._probe as probe_module
+    import lightning_gradprobe.core._forward as forward_module
 
-    monkeypatch.setattr(probe_module, "_MAX_JACOBIAN_BYTES", 16)
+    monkeypatch.setattr(forward_module, "MAX_JACOBIAN_BYTES", 16)
     model = nn.Linear(6, 3)
     x = torch.randn(4, 6)
     torch.testing.assert_close(jacobians(model, x), model.weight.detach().expand(4, 3, 6))

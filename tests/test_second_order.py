@@ -121,7 +121,7 @@ def test_callback_logs_second_order_and_names_the_culprit(tmp_path):
         trainer.fit(Poisson1D(correct=False), train, val)
     (alert,) = probe_callback.alerts
     assert alert.condition is AlertCondition.SECOND_ORDER_CHECKS and trainer.current_epoch == 1
-    assert alert.culprits[0] == "net.1 (Tanh, second-order)"
+    assert alert.culprits[0].label == "net.1 (Tanh, second-order)"
     events = EventAccumulator(str(tmp_path / "pinn" / "version_0"))
     events.Reload()
     fail = events.Scalars("gradprobe/second_order/fail_fraction")

@@ -2,6 +2,16 @@
 
 from ._probe import jacobians, probe, saliency
 from ._verdicts import default_rtol
-from .report import ProbeReport, Verdict
+from .report import Culprit, CulpritKind, ProbeReport, SecondOrderReport, Verdict
 
-__all__ = ["ProbeReport", "Verdict", "default_rtol", "jacobians", "probe", "saliency"]
+__all__ = [
+    "Culprit",
+    "CulpritKind",
+    "ProbeReport",
+    "SecondOrderReport",
+    "Verdict",
+    "default_rtol",
+    "jacobians",
+    "probe",
+    "saliency",
+]

@@ -20,15 +20,17 @@ with :func:`leaking_pairs`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
+from ._finite_differences import Stencil, compare, default_step
 from ._functions import BatchFunction
+from ._notes import subject_name, warn_once
 
 Selector = Callable[[Tensor, Tensor], Tensor]
 """Maps a batch of outputs and per-sample indices to the rows to differentiate, ``(N, M)``."""
@@ -47,7 +49,6 @@ __all__ = [
 
 ENGINE_FUNC = "torch.func"
 ENGINE_AUTOGRAD = "autograd"
-_WARNED: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def compute_gradients(
     check_batch: bool,
     generator: torch.Generator,
     chunk_size: int | None = None,
-    owner: str = "model",
+    owner: Any = None,
     cotangents: Tensor | None = None,
 ) -> Gradients:
     """Per-sample Jacobians of ``selection(outputs)`` with respect to ``leaf``.
@@ -86,7 +87,7 @@ def compute_gradients(
         check_batch: Whether to verify that samples are independent.
         generator: The probe's own generator.
         chunk_size: Samples per ``vmap`` chunk for the ``torch.func`` engine.
-        owner: A name for the model, for the one-time fallback warning.
+        owner: The model, for the fallback warning (said once per model).
         cotangents: ``(P, N, M)`` per-sample output combinations whose rows to compute instead of all ``M``
             (row ``p`` of sample ``i`` is ``cotangents[p, i] @ J_i``); ``None`` for the full Jacobians.
 
@@ -116,7 +117,13 @@ def compute_gradients(
             rows = rows[1:]
         except Exception as error:  # any failure under the transforms: fall back, warn once
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-            _warn_once(owner, type(error).__name__, reason)
+            warn_once(
+                owner,
+                f"torch.func fallback: {type(error).__name__}",
+                f"gradprobe: {subject_name(owner)} cannot run under torch.func ({reason}); probing it with plain "
+                "autograd and batched cotangents instead (same verdicts). This warning is shown once.",
+                stacklevel=3,
+            )
     grads = _batched_grad(selected, leaf, torch.cat(rows)) if rows else None
     if used == ENGINE_AUTOGRAD:
         assert grads is not None
@@ -135,18 +142,6 @@ def compute_gradients(
 def leak_tolerance(dtype: torch.dtype) -> float:
     """Relative size of a cross-sample gradient that counts as a leak: 1000 eps of the dtype, at most 1%."""
     return min(1e3 * torch.finfo(dtype).eps, 1e-2)
-
-
-def _warn_once(owner: str, kind: str, reason: str) -> None:
-    if (owner, kind) in _WARNED:
-        return
-    _WARNED.add((owner, kind))
-    warnings.warn(
-        f"gradprobe: {owner} cannot run under torch.func ({reason}); probing it with plain autograd and "
-        "batched cotangents instead (same verdicts). This warning is shown once.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
 
 
 def _jacobians_func(
@@ -319,8 +314,6 @@ def check_cross_sample(
         free: ``(D,)`` the differentiated coordinates of packed inputs (``None``: all).
 
     """
-    from ._finite_differences import Stencil, compare, default_step
-
     sources = sorted({j for _, j in pairs})
     if len(sources) > max_sources:
         pick = torch.randperm(len(sources), generator=generator)[:max_sources].sort().values.tolist()

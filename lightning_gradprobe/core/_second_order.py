@@ -14,7 +14,6 @@ bounds, re-checks, margins, the float64 formula check and the model-dtype check)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -24,9 +23,9 @@ from ._functions import ParameterFunction
 from ._inputs import free_only
 from ._jacobian import compute_gradients
 from ._verdicts import Judgement, Problem, consistent, default_rtol, judge_samples, sample_verdicts, unit_rms
-from .report import Verdict
+from .report import SecondOrderReport, Verdict
 
-__all__ = ["SecondOrderReport", "check_second_order"]
+__all__ = ["check_second_order"]
 
 _PROJECTIONS = 2  # double backwards per sample
 # Hessian-vector products below this fraction of the problem's own scale (|grad| / |x|) are round-off: a
@@ -36,63 +35,6 @@ _FLOOR = 1e-6
 # The mixed term is a property of the weights, not of a sample: a few samples carry it (each of its finite
 # differences is a forward and a backward of these samples in float64).
 _MIXED_SAMPLES = 2
-
-
-@dataclass(frozen=True, eq=False)
-class SecondOrderReport:
-    """Second-order check of one probe: the double backward through the input, per sample.
-
-    Attributes:
-        verdicts: One :class:`~lightning_gradprobe.Verdict` per sample (``unchecked`` where not checked).
-        margin: ``(N, k)`` error over allowed error per direction (``<= 1`` passes; NaN: unchecked).
-        relative_error: ``(N, k)`` relative error of the Hessian-vector products (float64 formula).
-        resolution: ``(N, k)`` what a pass certifies, relative to the scale of ``H v``.
-        finding: Why the model cannot be differentiated twice, when it cannot (then every checked sample fails).
-        culprits: Submodules whose own double backward is wrong or missing, deepest first (``localize=True``).
-        mixed_term: Verdict on the mixed term a gradient penalty sends to the weights, ``d/dtheta (u . grad_x s)``,
-            along random parameter directions in float64 (``None``: no parameters, e.g. a plain callable).
-        mixed_margin: Its worst margin (error / allowed error).
-
-    """
-
-    verdicts: tuple[Verdict, ...]
-    margin: Tensor
-    relative_error: Tensor
-    resolution: Tensor
-    finding: str | None = None
-    culprits: tuple[object, ...] = ()
-    mixed_term: Verdict | None = None
-    mixed_margin: float = float("nan")
-
-    @property
-    def failed(self) -> list[int]:
-        """Indices of samples whose second-order check failed."""
-        return [i for i, v in enumerate(self.verdicts) if v is Verdict.FAIL]
-
-    @property
-    def ok(self) -> bool:
-        """Whether no sample failed, the mixed term did not fail, and the model can be differentiated twice."""
-        return not self.failed and self.finding is None and self.mixed_term is not Verdict.FAIL
-
-    def headline(self) -> str:
-        """Verdict counts, and the mixed term's verdict: ``"fail 8, mixed term fail"``."""
-        counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
-        return counts + (f", mixed term {self.mixed_term}" if self.mixed_term is not None else "")
-
-    def __str__(self) -> str:
-        counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
-        margins = self.margin[~self.margin.isnan()]
-        worst = f"{float(margins.max()):.2g}" if margins.numel() else "n/a"
-        lines = [f"second order (double backward through the input): {counts}; margin max {worst}"]
-        if self.mixed_term is not None:
-            lines.append(
-                f"  mixed term d/dtheta (u . grad_x s), what a gradient penalty sends to the weights: "
-                f"{self.mixed_term} (margin {self.mixed_margin:.2g})"
-            )
-        if self.finding:
-            lines.append(f"  finding: {self.finding}")
-        lines += [f"  culprit: {culprit}" for culprit in self.culprits]
-        return "\n".join(lines)
 
 
 class _GradientRows:

@@ -62,11 +62,28 @@ __all__ = [
 ]
 
 _DEFAULT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
-_RETRY_STEP_DIVISOR = 8.0
+_RETRY_STEP_DIVISOR = 8.0  # the better check at the same point, and the one at a nearby point, use step / 8
 _MAX_REFINEMENTS = 3  # an error that keeps shrinking with the step is followed down to step / 8^4
 _MIN_GROWTH, _MAX_GROWTH = 64.0, 16384.0  # step growth when round-off limited the first check (<= 0.1 x scale)
+_GROWTH_TARGET = RESOLUTION / 4  # the step grows until round-off is a quarter of the 1% a pass certifies
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
 _MAX_ROWS = 2  # output projections compared in the reference dtype (one reference backward each)
+# A second difference carries up to this many eps of |f(x)| from round-off alone, curvature or not.
+_CURVATURE_ROUNDOFF_EPS = 32.0
+# Step / 8 divides a second difference by 8 at a kink (it falls as h) and by 64 where the function is smooth
+# (h^2): falling by more than 16 is smooth.
+_SMOOTH_CURVATURE_DROP = 16.0
+# Step / 8 divides a central difference's truncation error by 64 (by 8 at an odd non-smoothness such as x|x|),
+# while a wrong backward's error stays put: an error that falls by more than 4 is truncation.
+_TRUNCATION_DROP = 4.0
+# The tie test looks just either side of the point, this far (in eps of the input's scale, and at least the
+# minimum), and calls Jacobians that differ beyond the gap (relative, likewise) a tie: float64 gives 1e-9, 1e-6.
+_TIE_OFFSET_EPS, _TIE_OFFSET_MIN = 100.0, 1e-9
+_TIE_GAP_EPS, _TIE_GAP_MIN = 1e3, 1e-6
+# Two stencils measure the same derivative when they differ by at most this many times their summed error bounds.
+_AGREEMENT_BOUNDS = 2.0
+# D(h) and D(2h) (or D(h/8)) of a differentiable function agree to 1%; a jump inside the stencil does not.
+_SELF_CONSISTENCY = 1e-2
 # A model-dtype Jacobian within ROUNDOFF eps of the problem's own scale matches its float64 twin as closely as the
 # dtype allows; beyond FAIL eps (at the sample and nearby) it is a kernel wrong in that dtype. Between the two it
 # is precision-limited: backwards whose terms cancel (x/|x| over a size-1 dimension: terms of 1/|x_i|) leave a
@@ -177,6 +194,10 @@ def judge_samples(
 ) -> Judgement:
     """Judge each sample of ``x`` (the checked ones) along ``n_directions`` random directions.
 
+    The rules of the module docstring, as stages: the first check; non-finite gradients at smooth points; a
+    reliable failure re-checked at the same point; round-off-limited passes re-checked with a grown step; the
+    rest re-checked at a nearby point; then the model dtype's Jacobian against the reference one.
+
     Args:
         problem: The functions, dtypes, tolerance and output projection.
         jac: ``(n, q, ...)`` the model-dtype Jacobian rows of these samples, seen through ``problem.projection``.
@@ -186,257 +207,347 @@ def judge_samples(
         n_directions: Random directions per sample.
 
     """
-    judge = _Judge(problem, jac, x, index, generator, n_directions)
-    first = judge.first
-    codes = torch.full(first.passed.shape, INCONCLUSIVE, device=x.device)
-    clean = first.passed & first.reliable & first.resolved
+    setting = _Setting.draw(problem, x, index, generator, n_directions)
+    first = first_check(setting, jac)
+    comparison = first.comparison
+    clean = comparison.passed & comparison.reliable & comparison.resolved
     # Non-finite gradients where the function is finite and smooth are wrong, whatever happens nearby.
-    broken = judge.smooth_but_nonfinite()
-    failed = first.reliable & ~first.passed & ~broken
-    roundoff = first.passed & first.reliable & ~first.resolved & first.roundoff_limited
-    codes[clean] = PASS
-    codes[broken] = FAIL
-    at_kink = judge.failures_at_the_point(failed, codes)
-    judge.grow_step(roundoff, codes)
-    judge.nearby(~(clean | broken | failed | roundoff) | at_kink, codes)
-    return judge.judgement(codes)
+    broken = smooth_but_nonfinite(setting, first)
+    failed = comparison.reliable & ~comparison.passed & ~broken
+    roundoff = comparison.passed & comparison.reliable & ~comparison.resolved & comparison.roundoff_limited
+    ledger = _Ledger.start(setting, first)
+    ledger.codes[clean] = PASS
+    ledger.codes[broken] = FAIL
+    at_the_point, at_kink = recheck_at_the_point(setting, first, failed)
+    ledger.apply(at_the_point)
+    ledger.apply(recheck_with_grown_step(setting, first, roundoff))
+    ledger.apply(recheck_nearby(setting, first, ~(clean | broken | failed | roundoff) | at_kink))
+    return ledger.judgement(setting, first)
 
 
-class _Judge:
-    """The context shared by the checks of one batch of samples: directions, steps, projections, scales."""
+@dataclass(frozen=True)
+class _Setting:
+    """What every check of one batch of samples shares: the problem, the points, directions and first steps."""
 
-    def __init__(
-        self, problem: Problem, jac: Tensor, x: Tensor, index: Tensor, generator: torch.Generator, k: int
-    ) -> None:
-        self.problem, self.x, self.index, self.generator = problem, x, index, generator
+    problem: Problem
+    x: Tensor  # (n, ...) the samples, in the inputs' dtype
+    x_reference: Tensor  # the same, in the reference dtype
+    index: Tensor  # (n,) per-sample output indices
+    directions: Tensor  # (n, k, ...) unit-RMS random directions
+    step: Tensor  # (n,) the first step
+    generator: torch.Generator
+
+    @classmethod
+    def draw(cls, problem: Problem, x: Tensor, index: Tensor, generator: torch.Generator, k: int) -> _Setting:
+        """Draw the directions (in float32, 5x cheaper; normalised in float64) and size the first steps."""
         ref = problem.reference_dtype
-        n = x.shape[0]
-        self.notes: list[str] = []
-        self.xr = x.to(ref)
-        # Directions need no precision: drawn in float32 (5x cheaper), normalised in float64.
-        self.free = problem.free
-        directions = torch.randn((n, k, *x.shape[1:]), generator=generator).double()
-        self.directions = unit_rms(directions, 2, self.free).to(x.device)
-        self.step = default_step(self.xr, ref, free=self.free).to(x.device)
-        self.projection = problem.projection
-        self.model_rows = jac.reshape(jac.shape[0], jac.shape[1], -1)
-        self.reference_rows, self.rtol = self.model_rows, problem.rtol
-        self.separate = problem.separate_reference
-        f0 = None  # the reference forward with a graph also gives f(x) for the stencil
-        if self.separate:
-            try:
-                self.reference_rows, f0 = _reference_rows(problem, self.xr, index, self.projection, with_values=True)
-                self.rtol = default_rtol(ref)
-            except Exception as error:  # a float64 backward the model cannot run: judge its own dtype's
-                self.separate = False
-                self.notes.append(
-                    f"the backward was judged in {dtype_name(problem.model_dtype)} against {dtype_name(ref)} finite "
-                    f"differences: the {dtype_name(ref)} backward failed ({type(error).__name__}: "
-                    f"{str(error).splitlines()[0][:120]})"
-                )
-        self.raw = self.stencil(self.xr, torch.arange(n, device=x.device), self.step, f0)
-        self.first_stencil = project(self.raw, self.projection)
-        self.gain = _gain(self.first_stencil.f0, self.xr, self.reference_rows, self.free)
-        if problem.gain is not None:
-            self.gain = torch.maximum(self.gain, problem.gain.to(self.gain))
-        self.floor = noise_floor(ref) if problem.floor is None else problem.floor
-        self.first = compare(self.reference_rows, self.first_stencil, self.rtol, gain=self.gain, floor=self.floor)
-        self.evidence = _Evidence.of(self.first)
-        self.steps = self.step.clone()
-        self.moved = torch.zeros(n, dtype=torch.bool)
+        x_reference = x.to(ref)
+        directions = torch.randn((x.shape[0], k, *x.shape[1:]), generator=generator).double()
+        directions = unit_rms(directions, 2, problem.free).to(x.device)
+        step = default_step(x_reference, ref, free=problem.free).to(x.device)
+        return cls(problem, x, x_reference, index, directions, step, generator)
 
     def stencil(self, points: Tensor, rows: Tensor, steps: Tensor, f0: Tensor | None = None) -> Stencil:
         """The unprojected stencil of the reference function at ``points`` (samples ``rows``)."""
         p = self.problem
         return evaluate_stencil(p.reference, p.selection, points, self.index[rows], self.directions[rows], steps, f0=f0)
 
-    def rows_at(self, points: Tensor, rows: Tensor | None = None) -> Tensor:
+    def nearby(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """A point near each of the samples ``rows`` (draws from the generator), in the inputs' and reference dtype."""
+        p = self.problem
+        return _nearby(self.x[rows], self.step[rows], p.reference_dtype, self.generator, p.free)
+
+    def reference_rows_at(self, points: Tensor, rows: Tensor) -> Tensor:
         """Projected Jacobian rows of the reference model at ``points`` (reference dtype)."""
-        index = self.index if rows is None else self.index[rows]
-        return _reference_rows(self.problem, points, index, self.projection)[0]
+        return _reference_rows(self.problem, points, self.index[rows], self.problem.projection)[0]
 
-    def trusted_rows_at(self, points: Tensor, rows: Tensor) -> Tensor:
-        """The rows the formula is judged on: the reference model's, or the model's own when it has no reference."""
+    def model_rows_at(self, points: Tensor, rows: Tensor) -> Tensor:
+        """Projected Jacobian rows of the model in its own dtype at ``points``."""
+        jac = _jacobians(self.problem.function, self.problem, points, self.index[rows])
+        return _project_rows(jac, self.problem.projection)
+
+
+@dataclass(frozen=True)
+class FirstCheck:
+    """The first comparison of autograd with finite differences, at the sample, with the first step.
+
+    Attributes:
+        model_rows: ``(n, q, D)`` the model-dtype Jacobian rows.
+        reference_rows: The rows the formula is judged on: the reference copy's, or the model's own when it has
+            no separate reference (or its reference backward failed).
+        separate: Whether ``reference_rows`` come from the separate reference copy.
+        rtol: The tolerance ``reference_rows`` are judged with.
+        raw: The unprojected first stencil; ``stencil`` is its projection.
+        gain: ``(n,)`` the problem's own output change per unit input displacement: the scale of round-off.
+        floor: ``|J v|`` below ``floor`` times the problem's own scale is round-off.
+        comparison: The first check's per-direction outcome.
+
+    """
+
+    model_rows: Tensor
+    reference_rows: Tensor
+    separate: bool
+    rtol: float
+    raw: Stencil
+    stencil: Stencil
+    gain: Tensor
+    floor: float
+    comparison: Comparison
+    notes: tuple[str, ...] = ()
+
+    def check(self, setting: _Setting, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
+        """Compare ``jac_rows`` (of samples ``rows``) with an unprojected ``stencil``, as the first check did."""
+        projected = project(stencil, setting.problem.projection)
+        return compare(jac_rows, projected, self.rtol, gain=self.gain[rows], floor=self.floor)
+
+    def trusted_rows_at(self, setting: _Setting, points: Tensor, rows: Tensor) -> Tensor:
+        """The rows the formula is judged on, at other ``points`` (reference dtype)."""
         if self.separate:
-            return self.rows_at(points, rows)
-        jac = _jacobians(self.problem.function, self.problem, points.to(self.x.dtype), self.index[rows])
-        return _project_rows(jac, self.projection).to(points.dtype)
+            return setting.reference_rows_at(points, rows)
+        return setting.model_rows_at(points.to(setting.x.dtype), rows).to(points.dtype)
 
-    def check(self, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
-        return compare(jac_rows, project(stencil, self.projection), self.rtol, gain=self.gain[rows], floor=self.floor)
 
-    def smooth_but_nonfinite(self) -> Tensor:
-        """Directions of samples whose Jacobian is NaN/Inf where the function is finite and smooth.
+def first_check(setting: _Setting, jac: Tensor) -> FirstCheck:
+    """The first check: the reference Jacobian rows, the first stencil, and their comparison.
 
-        Smooth: no kink in the first stencil, or a second difference that falls faster than the step (``h^2``
-        for a smooth function whose slope vanishes at the point, ``h`` at a kink).
-        """
-        first = self.first
-        candidates = ~self.reference_rows.isfinite().all(2).all(1)[:, None] & self.raw.f_plus.isfinite().all(-1)
-        candidates &= self.raw.f_minus.isfinite().all(-1) & self.raw.f0.isfinite().all(-1)[:, None]
-        smooth = candidates & first.reliable
-        rows = (candidates & ~first.reliable).any(1).nonzero().flatten()
-        if len(rows):
-            finer = project(
-                self.stencil(self.xr[rows], rows, self.step[rows] / _RETRY_STEP_DIVISOR, self.raw.f0[rows]),
-                self.projection,
+    One reference backward per output projection, whose forward also gives the stencil's ``f(x)``.
+    """
+    problem = setting.problem
+    n = setting.x.shape[0]
+    model_rows = jac.reshape(jac.shape[0], jac.shape[1], -1)
+    reference_rows, rtol, separate, f0 = model_rows, problem.rtol, problem.separate_reference, None
+    notes: tuple[str, ...] = ()
+    if separate:
+        try:
+            reference_rows, f0 = _reference_rows(
+                problem, setting.x_reference, setting.index, problem.projection, with_values=True
             )
-            coarse = _subset(self.first_stencil, rows)
-
-            def curvature(stencil: Stencil) -> Tensor:
-                return (stencil.f_plus - 2 * stencil.f0.unsqueeze(1) + stencil.f_minus).norm(dim=-1)
-
-            roundoff = 32 * coarse.eps * coarse.f0.norm(dim=-1, keepdim=True)
-            smooth[rows] |= candidates[rows] & (curvature(finer) <= curvature(coarse) / 16 + roundoff)
-        return smooth
-
-    def failures_at_the_point(self, failed: Tensor, codes: Tensor) -> Tensor:
-        """A reliable failure stands, unless a better check at the same point contradicts it (see module).
-
-        Returns the directions of samples that sit on a tie or kink of the function itself (the Jacobian jumps
-        across the point): their finite differences at the point cannot judge, so they go to a nearby point.
-        """
-        at_kink = torch.zeros_like(failed)
-        rows = failed.any(1).nonzero().flatten()
-        if not len(rows):
-            return at_kink
-        finer_step = self.step[rows] / _RETRY_STEP_DIVISOR
-        finer_raw = self.stencil(self.xr[rows], rows, finer_step, self.raw.f0[rows])
-        finer = self.check(self.reference_rows[rows], finer_raw, rows)
-        mask = failed[rows]
-        overturned = mask & finer.reliable & finer.passed & (finer.fd_error < self.first.fd_error[rows])
-        # An error that shrinks with the step is the difference's own truncation (odd non-smoothness such as
-        # x|x| hides from the second difference), not the backward's: a wrong backward's error stays put. Follow
-        # it down one more step.
-        shrinking = mask & ~overturned & (finer.relative_error <= self.first.relative_error[rows] / 4)
-        level_step, previous = finer_step, finer
-        for _ in range(_MAX_REFINEMENTS):
-            if not shrinking.any():
-                break
-            level_step = level_step / _RETRY_STEP_DIVISOR
-            level = self.check(
-                self.reference_rows[rows], self.stencil(self.xr[rows], rows, level_step, self.raw.f0[rows]), rows
+            rtol = default_rtol(problem.reference_dtype)
+        except Exception as error:  # a float64 backward the model cannot run: judge its own dtype's
+            separate = False
+            reference_rows = model_rows
+            notes = (
+                f"the backward was judged in {dtype_name(problem.model_dtype)} against "
+                f"{dtype_name(problem.reference_dtype)} finite differences: the {dtype_name(problem.reference_dtype)} "
+                f"backward failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})",
             )
-            converged = shrinking & level.reliable & level.passed
-            finer = _merge(finer, level, converged)
-            finer_step = torch.where(converged.any(1), level_step, finer_step)
-            overturned |= converged
-            shrinking &= ~converged & (level.relative_error <= previous.relative_error / 4)
-            previous = level
-        # Finite differences that measure a derivative agree with themselves across steps (D(h) = D(h/8));
-        # noise at the step's scale (features far finer than any step) does not, and cannot judge.
-        measured = consistent(_subset(self.first_stencil, rows), project(finer_raw, self.projection))
-        # Ties (max-pool over a flat region, several ReLUs at exactly 0) make the one-sided derivatives differ:
-        # the Jacobian just either side of the point differs, and their errors can cancel in the second
-        # difference. A backward wrong at exactly this point (a 0/0 patched to 0) is continuous either side.
-        unjudged = mask & ~overturned & (~measured | _jumps(self, rows)[:, None])
-        stands = mask & ~overturned & ~unjudged
-        verdict = torch.where(overturned, torch.where(finer.resolved, PASS, INCONCLUSIVE), FAIL)
-        codes[rows] = torch.where(stands | overturned, verdict, codes[rows])
-        self.evidence.take(rows, overturned, finer)
-        self.steps[rows] = torch.where(overturned.any(1), finer_step, self.steps[rows])
-        at_kink[rows] = unjudged
-        return at_kink
+    raw = setting.stencil(setting.x_reference, torch.arange(n, device=setting.x.device), setting.step, f0)
+    stencil = project(raw, problem.projection)
+    gain = _gain(stencil.f0, setting.x_reference, reference_rows, problem.free)
+    if problem.gain is not None:
+        gain = torch.maximum(gain, problem.gain.to(gain))
+    floor = noise_floor(problem.reference_dtype) if problem.floor is None else problem.floor
+    comparison = compare(reference_rows, stencil, rtol, gain=gain, floor=floor)
+    return FirstCheck(model_rows, reference_rows, separate, rtol, raw, stencil, gain, floor, comparison, notes)
 
-    def grow_step(self, roundoff: Tensor, codes: Tensor) -> None:
-        """Round-off hid a 1% error (a gradient tiny next to its output): grow the step at the same point."""
-        rows = roundoff.any(1).nonzero().flatten()
-        if not len(rows):
-            return
-        mask = roundoff[rows]
-        worst = torch.where(mask, self.first.fd_error[rows], 0.0).amax(1).nan_to_num(nan=1.0, posinf=1e12)
-        grown_step = self.step[rows] * (worst / (RESOLUTION / 4)).clamp(_MIN_GROWTH, _MAX_GROWTH)
-        grown_raw = self.stencil(self.xr[rows], rows, grown_step, self.raw.f0[rows])
-        grown = self.check(self.reference_rows[rows], grown_raw, rows)
-        better = grown.fd_error < self.first.fd_error[rows]
-        verdict = torch.where(
-            grown.passed & grown.reliable & grown.resolved,
-            PASS,
-            torch.where(grown.reliable & ~grown.passed & better, FAIL, INCONCLUSIVE),
+
+def smooth_but_nonfinite(setting: _Setting, first: FirstCheck) -> Tensor:
+    """Directions of samples whose Jacobian is NaN/Inf where the function is finite and smooth, ``(n, k)``.
+
+    Smooth: no kink in the first stencil, or a second difference that falls faster than the step (``h^2``
+    for a smooth function whose slope vanishes at the point, ``h`` at a kink).
+    """
+    comparison, raw = first.comparison, first.raw
+    candidates = ~first.reference_rows.isfinite().all(2).all(1)[:, None] & raw.f_plus.isfinite().all(-1)
+    candidates &= raw.f_minus.isfinite().all(-1) & raw.f0.isfinite().all(-1)[:, None]
+    smooth = candidates & comparison.reliable
+    rows = (candidates & ~comparison.reliable).any(1).nonzero().flatten()
+    if len(rows):
+        finer_step = setting.step[rows] / _RETRY_STEP_DIVISOR
+        finer_raw = setting.stencil(setting.x_reference[rows], rows, finer_step, raw.f0[rows])
+        finer = project(finer_raw, setting.problem.projection)
+        coarse = _subset(first.stencil, rows)
+
+        def curvature(stencil: Stencil) -> Tensor:
+            return (stencil.f_plus - 2 * stencil.f0.unsqueeze(1) + stencil.f_minus).norm(dim=-1)
+
+        roundoff = _CURVATURE_ROUNDOFF_EPS * coarse.eps * coarse.f0.norm(dim=-1, keepdim=True)
+        smooth[rows] |= candidates[rows] & (curvature(finer) <= curvature(coarse) / _SMOOTH_CURVATURE_DROP + roundoff)
+    return smooth
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """What one re-check decided, for the samples ``rows`` it re-checked; every ``(r, k)`` field is per direction.
+
+    Attributes:
+        rows: ``(r,)`` the samples re-checked.
+        decided: ``(r, k)`` the directions whose code this re-check sets.
+        codes: ``(r, k)`` their codes.
+        evidence: ``(rows, mask, comparison)`` triples: the comparison whose figures now stand for those directions.
+        steps: ``(r,)`` the step that now stands for each sample.
+        moved: Whether the samples were re-checked at a nearby point.
+
+    """
+
+    rows: Tensor
+    decided: Tensor
+    codes: Tensor
+    evidence: tuple[tuple[Tensor, Tensor, Comparison], ...]
+    steps: Tensor
+    moved: bool = False
+
+
+def recheck_at_the_point(setting: _Setting, first: FirstCheck, failed: Tensor) -> tuple[Recheck | None, Tensor]:
+    """A reliable failure stands, unless a better check at the same point contradicts it (see module).
+
+    Returns the re-check, and ``(n, k)`` the directions of samples that sit on a tie or kink of the function
+    itself (the Jacobian jumps across the point), left undecided: their finite differences at the point cannot
+    judge, so they go to a nearby point.
+    """
+    at_kink = torch.zeros_like(failed)
+    rows = failed.any(1).nonzero().flatten()
+    if not len(rows):
+        return None, at_kink
+    f0 = first.raw.f0[rows]
+    points = setting.x_reference[rows]
+    finer_step = setting.step[rows] / _RETRY_STEP_DIVISOR
+    finer_raw = setting.stencil(points, rows, finer_step, f0)
+    finer = first.check(setting, first.reference_rows[rows], finer_raw, rows)
+    mask = failed[rows]
+    previous_error = first.comparison.relative_error[rows]
+    overturned = mask & finer.reliable & finer.passed & (finer.fd_error < first.comparison.fd_error[rows])
+    # An error that shrinks with the step is the difference's own truncation (odd non-smoothness such as
+    # x|x| hides from the second difference), not the backward's: a wrong backward's error stays put. Follow
+    # it down one more step.
+    shrinking = mask & ~overturned & (finer.relative_error <= previous_error / _TRUNCATION_DROP)
+    level_step, previous = finer_step, finer
+    for _ in range(_MAX_REFINEMENTS):
+        if not shrinking.any():
+            break
+        level_step = level_step / _RETRY_STEP_DIVISOR
+        level = first.check(setting, first.reference_rows[rows], setting.stencil(points, rows, level_step, f0), rows)
+        converged = shrinking & level.reliable & level.passed
+        finer = _merge(finer, level, converged)
+        finer_step = torch.where(converged.any(1), level_step, finer_step)
+        overturned |= converged
+        shrinking &= ~converged & (level.relative_error <= previous.relative_error / _TRUNCATION_DROP)
+        previous = level
+    # Finite differences that measure a derivative agree with themselves across steps (D(h) = D(h/8));
+    # noise at the step's scale (features far finer than any step) does not, and cannot judge.
+    measured = consistent(_subset(first.stencil, rows), project(finer_raw, setting.problem.projection))
+    # Ties (max-pool over a flat region, several ReLUs at exactly 0) make the one-sided derivatives differ:
+    # the Jacobian just either side of the point differs, and their errors can cancel in the second
+    # difference. A backward wrong at exactly this point (a 0/0 patched to 0) is continuous either side.
+    unjudged = mask & ~overturned & (~measured | _jumps(setting, first, rows)[:, None])
+    stands = mask & ~overturned & ~unjudged
+    at_kink[rows] = unjudged
+    recheck = Recheck(
+        rows,
+        stands | overturned,
+        torch.where(overturned, torch.where(finer.resolved, PASS, INCONCLUSIVE), FAIL),
+        ((rows, overturned, finer),),
+        torch.where(overturned.any(1), finer_step, setting.step[rows]),
+    )
+    return recheck, at_kink
+
+
+def recheck_with_grown_step(setting: _Setting, first: FirstCheck, roundoff: Tensor) -> Recheck | None:
+    """Round-off hid a 1% error (a gradient tiny next to its output): grow the step at the same point."""
+    rows = roundoff.any(1).nonzero().flatten()
+    if not len(rows):
+        return None
+    mask = roundoff[rows]
+    worst = torch.where(mask, first.comparison.fd_error[rows], 0.0).amax(1).nan_to_num(nan=1.0, posinf=1e12)
+    grown_step = setting.step[rows] * (worst / _GROWTH_TARGET).clamp(_MIN_GROWTH, _MAX_GROWTH)
+    grown_raw = setting.stencil(setting.x_reference[rows], rows, grown_step, first.raw.f0[rows])
+    grown = first.check(setting, first.reference_rows[rows], grown_raw, rows)
+    better = grown.fd_error < first.comparison.fd_error[rows]
+    verdict = torch.where(
+        grown.passed & grown.reliable & grown.resolved,
+        PASS,
+        torch.where(grown.reliable & ~grown.passed & better, FAIL, INCONCLUSIVE),
+    )
+    # A large step can cross jumps (a staircase such as round(x, 3) has slope 1 at any scale above its
+    # treads, and 0 below): a failure there must see the derivative the first step saw, within both bounds.
+    grown_stencil = project(grown_raw, setting.problem.projection)
+    agree = _agree(_subset(first.stencil, rows), first.comparison, rows, grown_stencil, grown)
+    verdict = torch.where((verdict == FAIL) & ~agree, INCONCLUSIVE, verdict)
+    return Recheck(rows, mask, verdict, ((rows, mask, grown),), grown_step)
+
+
+def recheck_nearby(setting: _Setting, first: FirstCheck, shaky: Tensor) -> Recheck | None:
+    """Check kinks and ties again at a nearby point, where a wrong backward stays wrong.
+
+    Kinks sit on sets of measure zero. A failure there must satisfy ``D(h) = D(2h)`` and repeat at a second
+    nearby point (two kinks inside one stencil can cancel in its second difference).
+    """
+    rows = shaky.any(1).nonzero().flatten()
+    if not len(rows):
+        return None
+    small = setting.step[rows] / _RETRY_STEP_DIVISOR
+    mask = shaky[rows]
+    verdict, near = _at_nearby_point(setting, first, rows, small)
+    suspects = ((verdict == FAIL) & mask).any(1)
+    if not suspects.any():
+        return Recheck(rows, mask, verdict, ((rows, mask, near),), small, moved=True)
+    sub = rows[suspects]
+    again, near2 = _at_nearby_point(setting, first, sub, small[suspects])
+    confirmed = (verdict[suspects] == FAIL) & (again == FAIL)
+    retracted = (verdict[suspects] == FAIL) & ~confirmed
+    verdict[suspects] = torch.where(retracted, again, verdict[suspects])
+    mask_first = mask.clone()
+    mask_first[suspects] &= ~retracted
+    evidence = ((sub, retracted & mask[suspects], near2), (rows, mask_first, near))
+    return Recheck(rows, mask, verdict, evidence, small, moved=True)
+
+
+def _at_nearby_point(setting: _Setting, first: FirstCheck, rows: Tensor, small: Tensor) -> tuple[Tensor, Comparison]:
+    problem = setting.problem
+    near_x, near_r = setting.nearby(rows)
+    near_rows = setting.reference_rows_at(near_r, rows) if first.separate else setting.model_rows_at(near_x, rows)
+    raw = setting.stencil(near_r, rows, small)
+    near = first.check(setting, near_rows, raw, rows)
+    verdict = torch.where(
+        near.passed & near.reliable & near.resolved,
+        PASS,
+        torch.where(near.reliable & ~near.passed, FAIL, INCONCLUSIVE),
+    )
+    suspects = (verdict == FAIL).any(1)
+    if suspects.any():
+        # A "fail" here needs finite differences that agree with themselves: D(h) = D(2h) for a
+        # differentiable function, while a jump inside the stencil does not scale with the step.
+        coarse = setting.stencil(near_r[suspects], rows[suspects], 2 * small[suspects], raw.f0[suspects])
+        fine = _subset(project(raw, problem.projection), suspects)
+        agreeing = consistent(fine, project(coarse, problem.projection))
+        verdict[suspects] = torch.where(
+            verdict[suspects] == FAIL, torch.where(agreeing, FAIL, INCONCLUSIVE), verdict[suspects]
         )
-        # A large step can cross jumps (a staircase such as round(x, 3) has slope 1 at any scale above its
-        # treads, and 0 below): a failure there must see the derivative the first step saw, within both bounds.
-        grown_stencil = project(grown_raw, self.projection)
-        agree = _agree(_subset(self.first_stencil, rows), self.first, rows, grown_stencil, grown)
-        verdict = torch.where((verdict == FAIL) & ~agree, INCONCLUSIVE, verdict)
-        codes[rows] = torch.where(mask, verdict, codes[rows])
-        self.evidence.take(rows, mask, grown)
-        self.steps[rows] = grown_step
+    return verdict, near
 
-    def nearby(self, shaky: Tensor, codes: Tensor) -> None:
-        """Check kinks and ties again at a nearby point, where a wrong backward stays wrong.
 
-        Kinks sit on sets of measure zero. A failure there must satisfy ``D(h) = D(2h)`` and repeat at a second
-        nearby point (two kinks inside one stencil can cancel in its second difference).
-        """
-        rows = shaky.any(1).nonzero().flatten()
-        if not len(rows):
+class _Ledger:
+    """The codes, figures and steps of one batch as the checks decide them, in the order they decide."""
+
+    def __init__(self, codes: Tensor, evidence: _Evidence, steps: Tensor, moved: Tensor) -> None:
+        self.codes, self.evidence, self.steps, self.moved = codes, evidence, steps, moved
+
+    @classmethod
+    def start(cls, setting: _Setting, first: FirstCheck) -> _Ledger:
+        """Every direction inconclusive until a check decides it; the first check's figures."""
+        codes = torch.full(first.comparison.passed.shape, INCONCLUSIVE, device=setting.x.device)
+        moved = torch.zeros(setting.x.shape[0], dtype=torch.bool)
+        return cls(codes, _Evidence.of(first.comparison), setting.step.clone(), moved)
+
+    def apply(self, recheck: Recheck | None) -> None:
+        """Take what a re-check decided."""
+        if recheck is None:
             return
-        small = self.step[rows] / _RETRY_STEP_DIVISOR
-        mask = shaky[rows]
-        verdict, near = self._at_nearby_point(rows, small)
-        suspects = ((verdict == FAIL) & mask).any(1)
-        if suspects.any():
-            sub = rows[suspects]
-            again, near2 = self._at_nearby_point(sub, small[suspects])
-            confirmed = (verdict[suspects] == FAIL) & (again == FAIL)
-            retracted = (verdict[suspects] == FAIL) & ~confirmed
-            verdict[suspects] = torch.where(retracted, again, verdict[suspects])
-            self.evidence.take(sub, retracted & mask[suspects], near2)
-            mask_first = mask.clone()
-            mask_first[suspects] &= ~retracted
-            self.evidence.take(rows, mask_first, near)
-        else:
-            self.evidence.take(rows, mask, near)
-        codes[rows] = torch.where(mask, verdict, codes[rows])
-        self.steps[rows] = small
-        self.moved[rows.cpu()] = True
+        rows = recheck.rows
+        self.codes[rows] = torch.where(recheck.decided, recheck.codes, self.codes[rows])
+        for evidence_rows, mask, comparison in recheck.evidence:
+            self.evidence.take(evidence_rows, mask, comparison)
+        self.steps[rows] = recheck.steps
+        if recheck.moved:
+            self.moved[rows.cpu()] = True
 
-    def _at_nearby_point(self, rows: Tensor, small: Tensor) -> tuple[Tensor, Comparison]:
-        near_x, near_r = _nearby(self.x[rows], self.step[rows], self.problem.reference_dtype, self.generator, self.free)
-        if self.separate:
-            near_rows = self.rows_at(near_r, rows)
-        else:
-            jac = _jacobians(self.problem.function, self.problem, near_x, self.index[rows])
-            near_rows = _project_rows(jac, self.projection)
-        raw = self.stencil(near_r, rows, small)
-        near = self.check(near_rows, raw, rows)
-        verdict = torch.where(
-            near.passed & near.reliable & near.resolved,
-            PASS,
-            torch.where(near.reliable & ~near.passed, FAIL, INCONCLUSIVE),
-        )
-        suspects = (verdict == FAIL).any(1)
-        if suspects.any():
-            # A "fail" here needs finite differences that agree with themselves: D(h) = D(2h) for a
-            # differentiable function, while a jump inside the stencil does not scale with the step.
-            coarse = self.stencil(near_r[suspects], rows[suspects], 2 * small[suspects], raw.f0[suspects])
-            fine = _subset(project(raw, self.projection), suspects)
-            agreeing = consistent(fine, project(coarse, self.projection))
-            verdict[suspects] = torch.where(
-                verdict[suspects] == FAIL, torch.where(agreeing, FAIL, INCONCLUSIVE), verdict[suspects]
-            )
-        return verdict, near
-
-    def judgement(self, codes: Tensor) -> Judgement:
-        evidence = self.evidence
+    def judgement(self, setting: _Setting, first: FirstCheck) -> Judgement:
+        """The judgement, after question 2 (the model dtype's Jacobian against the reference one)."""
+        codes, evidence = self.codes, self.evidence
         dtype_error = torch.full(codes.shape, float("nan"), dtype=torch.float64, device=codes.device)
         margin = evidence.margin
-        if self.separate:
-            codes, dtype_error, dtype_margin = _judge_model_dtype(
-                self.problem,
-                codes,
-                self.model_rows,
-                self.reference_rows,
-                self.first_stencil,
-                self.first,
-                self.x,
-                self.index,
-                self.step,
-                self.projection,
-                self.generator,
-                self.floor,
-            )
+        if first.separate:
+            codes, dtype_error, dtype_margin = _judge_model_dtype(setting, first, codes)
             margin = torch.maximum(margin, dtype_margin)
         return Judgement(
             codes=codes.cpu(),
@@ -447,44 +558,34 @@ class _Judge:
             dtype_error=dtype_error.cpu(),
             steps=self.steps.double().cpu(),
             moved=self.moved,
-            notes=self.notes,
+            notes=list(first.notes),
         )
 
 
-def _jumps(judge: _Judge, rows: Tensor) -> Tensor:
+def _jumps(setting: _Setting, first: FirstCheck, rows: Tensor) -> Tensor:
     """Whether the trusted Jacobian differs just either side of each sample (a tie or kink at the point)."""
-    xr = judge.xr[rows]
+    xr = setting.x_reference[rows]
     eps = torch.finfo(xr.dtype).eps
-    distance, tolerance = max(1e-9, 100 * eps), max(1e-6, 1e3 * eps)  # float64: 1e-9 and 1e-6
-    offset = unit_rms(torch.randn(xr.shape, generator=judge.generator, dtype=torch.float64), 1, judge.free).to(xr)
-    scale = (judge.step[rows] / torch.finfo(judge.problem.reference_dtype).eps ** (1 / 3)).to(xr)
+    distance, tolerance = max(_TIE_OFFSET_MIN, _TIE_OFFSET_EPS * eps), max(_TIE_GAP_MIN, _TIE_GAP_EPS * eps)
+    offset = unit_rms(
+        torch.randn(xr.shape, generator=setting.generator, dtype=torch.float64), 1, setting.problem.free
+    ).to(xr)
+    scale = (setting.step[rows] / torch.finfo(setting.problem.reference_dtype).eps ** (1 / 3)).to(xr)
     offset = offset * (distance * scale).reshape(-1, *[1] * (xr.ndim - 1))
-    both = judge.trusted_rows_at(torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
+    both = first.trusted_rows_at(setting, torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
     plus, minus = both[: len(rows)], both[len(rows) :]
     gap = (plus - minus).norm(dim=(1, 2))
     size = torch.maximum(plus.norm(dim=(1, 2)), minus.norm(dim=(1, 2)))
     return ~(gap <= tolerance * size)
 
 
-def _judge_model_dtype(
-    problem: Problem,
-    codes: Tensor,
-    model_rows: Tensor,
-    reference_rows: Tensor,
-    stencil: Stencil,
-    evidence: Comparison,
-    x: Tensor,
-    index: Tensor,
-    step: Tensor,
-    projection: Tensor | None,
-    generator: torch.Generator,
-    floor: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+def _judge_model_dtype(setting: _Setting, first: FirstCheck, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Question 2: the model-dtype Jacobian against the reference one (see the module docstring)."""
+    problem, evidence, stencil = setting.problem, first.comparison, first.stencil
     displacement = stencil.d_plus + stencil.d_minus
-    rtol, dtype = problem.rtol, problem.model_dtype
+    rtol, dtype, floor = problem.rtol, problem.model_dtype, first.floor
     gap, ok, limit = _dtype_gap(
-        model_rows, reference_rows, displacement, evidence.scale, evidence.natural, rtol, dtype, floor
+        first.model_rows, first.reference_rows, displacement, evidence.scale, evidence.natural, rtol, dtype, floor
     )
     dtype_error = gap / evidence.scale.clamp_min(torch.finfo(torch.float64).tiny)
     margin = gap / limit
@@ -496,9 +597,9 @@ def _judge_model_dtype(
         return codes, dtype_error, torch.zeros_like(margin) if half else margin
     # Confirm at a nearby point: a float32 near-tie (max-pool, ReLU at round-off distance from 0) routes the
     # gradient differently from float64 at the sample only; a kernel wrong in float32 is wrong nearby too.
-    near_x, near_r = _nearby(x[rows], step[rows], problem.reference_dtype, generator, problem.free)
-    near_model = _project_rows(_jacobians(problem.function, problem, near_x, index[rows]), projection)
-    near_reference = _reference_rows(problem, near_r, index[rows], projection)[0]
+    near_x, near_r = setting.nearby(rows)
+    near_model = setting.model_rows_at(near_x, rows)
+    near_reference = setting.reference_rows_at(near_r, rows)
     near_displacement = displacement[rows]
     predicted = torch.einsum("nqd,nkd->nkq", near_reference.double(), near_displacement).norm(dim=-1)
     typical = near_reference.double().norm(dim=(1, 2))[:, None] * near_displacement.norm(dim=-1)
@@ -632,7 +733,7 @@ def _derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
     return (stencil.f_plus - stencil.f_minus) / length.unsqueeze(-1), length
 
 
-def consistent(fine: Stencil, coarse: Stencil, tolerance: float = 1e-2) -> Tensor:
+def consistent(fine: Stencil, coarse: Stencil, tolerance: float = _SELF_CONSISTENCY) -> Tensor:
     """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
     (a, _), (b, _) = _derivative(fine), _derivative(coarse)
     gap = (a - b).norm(dim=-1)
@@ -655,7 +756,7 @@ def _agree(first: Stencil, first_check: Comparison, rows: Tensor, second: Stenci
     (a, length_a), (b, length_b) = _derivative(first), _derivative(second)
     bound_a = first_check.fd_error[rows] * first_check.scale[rows] / length_a
     bound_b = second_check.fd_error * second_check.scale / length_b
-    return (a - b).norm(dim=-1) <= 2 * (bound_a + bound_b)
+    return (a - b).norm(dim=-1) <= _AGREEMENT_BOUNDS * (bound_a + bound_b)
 
 
 def _merge(first: Comparison, second: Comparison, take_second: Tensor) -> Comparison:

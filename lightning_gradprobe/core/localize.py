@@ -2,9 +2,10 @@
 
 When a sample fails, the inputs every submodule sees on that sample are recorded (forward pre-hooks),
 then each submodule is probed on its own as a function of its (first floating) input, with the same
-finite-difference machinery as :func:`~lightning_gradprobe.probe`. The deepest submodules are checked
-first, within a module and a time budget. Parameter gradients are checked per submodule against
-central differences along random directions in the space of its own parameters, in float64.
+finite-difference machinery as :func:`~lightning_gradprobe.probe` (handed in as ``check``, so that this
+module does not import the probe that calls it). The deepest submodules are checked first, within a
+module and a time budget. Parameter gradients are checked per submodule against central differences
+along random directions in the space of its own parameters, in float64.
 """
 
 from __future__ import annotations
@@ -22,46 +23,12 @@ from torch.func import functional_call
 from ._finite_differences import Stencil, compare
 from ._isolation import isolated
 from ._layers import first_floating
-from .report import Verdict
+from .report import Culprit, CulpritKind, ProbeReport, Verdict
 
-__all__ = ["Culprit", "Localization", "check_parameters", "localize"]
+__all__ = ["Check", "Culprit", "CulpritKind", "Localization", "check_parameters", "localize"]
 
-
-@dataclass(frozen=True)
-class Culprit:
-    """A submodule whose own backward disagrees with finite differences.
-
-    Attributes:
-        module: Its qualified name in the model (``""`` for the model itself).
-        module_type: Its class name.
-        kind: ``"input"`` (gradient with respect to its input), ``"parameter"`` (its own weights) or
-            ``"second-order"`` (its double backward through its input).
-        relative_error: The worst relative error of its own check.
-        verdict: The verdict of its own check.
-        explained_by: For a container, the failing descendants that explain its failure.
-        finding: Why it cannot be differentiated twice, when that is the failure.
-
-    """
-
-    module: str
-    module_type: str
-    kind: str
-    relative_error: float
-    verdict: Verdict = Verdict.FAIL
-    explained_by: tuple[str, ...] = ()
-    finding: str | None = None
-
-    def __str__(self) -> str:
-        name = self.module or "<model>"
-        tail = f" (explained by {', '.join(self.explained_by)})" if self.explained_by else ""
-        if self.finding:
-            reason = f"explained by {', '.join(self.explained_by)}" if self.explained_by else self.finding
-            return f"not twice differentiable: {name} ({self.module_type}; {reason})"
-        what = {"input": "input gradient", "parameter": "parameter gradient"}.get(self.kind, "double backward")
-        return (
-            f"{name} ({self.module_type}): {what} disagrees with finite differences, "
-            f"relative error {self.relative_error:.3g}{tail}"
-        )
+Check = Callable[..., ProbeReport]
+"""The check localization runs on each submodule: :func:`~lightning_gradprobe.probe`'s signature."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +94,7 @@ def localize(
     model: nn.Module,
     sample: Tensor,
     *,
+    check: Check,
     forward: Callable[[Any, Tensor], Any] | None = None,
     n_directions: int = 4,
     seed: int = 0,
@@ -140,6 +108,7 @@ def localize(
     Args:
         model: The model (an ``nn.Module``).
         sample: One sample with its batch dimension, ``(1, ...)``.
+        check: The check run on each submodule, :func:`~lightning_gradprobe.probe`.
         forward: ``forward(model, x)`` if ``model(x)`` is not how to run it.
         n_directions: Finite-difference directions per submodule check.
         seed: Seed of the probes' own generators.
@@ -152,10 +121,8 @@ def localize(
         A :class:`Localization`: culprits deepest first (a container after the children that explain it).
 
     """
-    from ._probe import probe
-
     started = time.perf_counter()
-    failing: dict[str, tuple[str, float]] = {}
+    failing: dict[tuple[str, CulpritKind], float] = {}
     findings: dict[str, str] = {}
     checked: list[str] = []
     skipped: dict[str, str] = {}
@@ -180,7 +147,7 @@ def localize(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    report = probe(
+                    report = check(
                         _Call(module, args, kwargs, position),
                         args[position],
                         target=None,
@@ -195,11 +162,11 @@ def localize(
             checked.append(name)
             if second_order:
                 if report.second_order is not None and not report.second_order.ok:
-                    failing[name] = ("second-order", _worst(report.second_order.relative_error))
+                    failing[(name, CulpritKind.SECOND_ORDER)] = _worst(report.second_order.relative_error)
                     if report.second_order.finding:
                         findings[name] = report.second_order.finding
             elif Verdict.FAIL in report.verdicts:
-                failing[name] = ("input", _worst(report.relative_error))
+                failing[(name, CulpritKind.INPUT)] = _worst(report.relative_error)
             if parameters:
                 try:
                     weight_error = check_parameters(
@@ -209,21 +176,21 @@ def localize(
                     skipped[f"{name} (parameters)"] = f"{type(problem).__name__}: {str(problem).splitlines()[0][:120]}"
                     continue
                 if weight_error is not None:
-                    failing[name + "\0param"] = ("parameter", weight_error)
+                    failing[(name, CulpritKind.PARAMETER)] = weight_error
     return Localization(_culprits(failing, modules, findings), tuple(checked), skipped, cut_short)
 
 
 def _culprits(
-    failing: dict[str, tuple[str, float]], modules: dict[str, nn.Module], findings: dict[str, str]
+    failing: dict[tuple[str, CulpritKind], float], modules: dict[str, nn.Module], findings: dict[str, str]
 ) -> tuple[Culprit, ...]:
+    """Culprits deepest first; a container's input or double-backward failure is explained by its descendants'."""
     out = []
-    for key, (kind, error) in failing.items():
-        name = key.split("\0")[0]
-        same_kind = [k for k, (other_kind, _) in failing.items() if other_kind == kind and kind != "parameter"]
+    for (name, kind), error in failing.items():
+        same_kind = [other for other, other_kind in failing if other_kind is kind and kind is not CulpritKind.PARAMETER]
         children = tuple(o for o in same_kind if o != name and (name == "" or o.startswith(name + ".")))
         culprit = Culprit(name, type(modules[name]).__name__, kind, error, Verdict.FAIL, children, findings.get(name))
         out.append(culprit)
-    out.sort(key=lambda c: (len(c.explained_by) > 0, -_depth(c.module), c.module, c.kind))
+    out.sort(key=lambda c: (len(c.explained_by) > 0, -_depth(c.module), c.module, c.kind.value))
     return tuple(out)
 
 

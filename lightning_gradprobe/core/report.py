@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._errors import GradientCheckError
 
-__all__ = ["ProbeReport", "Verdict"]
+__all__ = ["Culprit", "CulpritKind", "ProbeReport", "SecondOrderReport", "Verdict", "dtype_name"]
 
 
 class Verdict(str, Enum):
@@ -30,6 +30,152 @@ class Verdict(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+class CulpritKind(str, Enum):
+    """Which of a submodule's own derivatives is wrong. Compares equal to its value (``"input"``)."""
+
+    INPUT = "input"
+    """The gradient with respect to its input."""
+    PARAMETER = "parameter"
+    """The gradient with respect to its own parameters (what training consumes)."""
+    SECOND_ORDER = "second-order"
+    """Its double backward through its input."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Culprit:
+    """A submodule whose own backward disagrees with finite differences.
+
+    Attributes:
+        module: Its qualified name in the model (``""`` for the model itself).
+        module_type: Its class name.
+        kind: Which of its derivatives is wrong (a :class:`CulpritKind`).
+        relative_error: The worst relative error of its own check.
+        verdict: The verdict of its own check.
+        explained_by: For a container, the failing descendants that explain its failure.
+        finding: Why it cannot be differentiated twice, when that is the failure.
+
+    Example:
+        >>> culprit = Culprit("encoder.1", "Swish", CulpritKind.INPUT, 0.1)
+        >>> culprit.label
+        'encoder.1 (Swish, input)'
+        >>> Culprit.from_dict(culprit.to_dict()) == culprit
+        True
+
+    """
+
+    module: str
+    module_type: str
+    kind: CulpritKind
+    relative_error: float
+    verdict: Verdict = Verdict.FAIL
+    explained_by: tuple[str, ...] = ()
+    finding: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``"name (Type, kind)"``: the short form alerts and panels quote."""
+        return f"{self.module or '<model>'} ({self.module_type}, {self.kind})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (checkpoints, loggers)."""
+        return {
+            "module": self.module,
+            "module_type": self.module_type,
+            "kind": self.kind.value,
+            "relative_error": self.relative_error,
+            "verdict": self.verdict.value,
+            "explained_by": list(self.explained_by),
+            "finding": self.finding,
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Culprit:
+        """Inverse of :meth:`to_dict`."""
+        return Culprit(
+            str(data["module"]),
+            str(data["module_type"]),
+            CulpritKind(data["kind"]),
+            float(data["relative_error"]),
+            Verdict(data.get("verdict", Verdict.FAIL.value)),
+            tuple(data.get("explained_by", ())),
+            data.get("finding"),
+        )
+
+    def __str__(self) -> str:
+        name = self.module or "<model>"
+        tail = f" (explained by {', '.join(self.explained_by)})" if self.explained_by else ""
+        if self.finding:
+            reason = f"explained by {', '.join(self.explained_by)}" if self.explained_by else self.finding
+            return f"not twice differentiable: {name} ({self.module_type}; {reason})"
+        what = {CulpritKind.INPUT: "input gradient", CulpritKind.PARAMETER: "parameter gradient"}.get(
+            self.kind, "double backward"
+        )
+        return (
+            f"{name} ({self.module_type}): {what} disagrees with finite differences, "
+            f"relative error {self.relative_error:.3g}{tail}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SecondOrderReport:
+    """Second-order check of one probe: the double backward through the input, per sample.
+
+    Attributes:
+        verdicts: One :class:`~lightning_gradprobe.Verdict` per sample (``unchecked`` where not checked).
+        margin: ``(N, k)`` error over allowed error per direction (``<= 1`` passes; NaN: unchecked).
+        relative_error: ``(N, k)`` relative error of the Hessian-vector products (float64 formula).
+        resolution: ``(N, k)`` what a pass certifies, relative to the scale of ``H v``.
+        finding: Why the model cannot be differentiated twice, when it cannot (then every checked sample fails).
+        culprits: Submodules whose own double backward is wrong or missing, deepest first (``localize=True``).
+        mixed_term: Verdict on the mixed term a gradient penalty sends to the weights, ``d/dtheta (u . grad_x s)``,
+            along random parameter directions in float64 (``None``: no parameters, e.g. a plain callable).
+        mixed_margin: Its worst margin (error / allowed error).
+
+    """
+
+    verdicts: tuple[Verdict, ...]
+    margin: Tensor
+    relative_error: Tensor
+    resolution: Tensor
+    finding: str | None = None
+    culprits: tuple[Culprit, ...] = ()
+    mixed_term: Verdict | None = None
+    mixed_margin: float = float("nan")
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of samples whose second-order check failed."""
+        return [i for i, v in enumerate(self.verdicts) if v is Verdict.FAIL]
+
+    @property
+    def ok(self) -> bool:
+        """Whether no sample failed, the mixed term did not fail, and the model can be differentiated twice."""
+        return not self.failed and self.finding is None and self.mixed_term is not Verdict.FAIL
+
+    def headline(self) -> str:
+        """Verdict counts, and the mixed term's verdict: ``"fail 8, mixed term fail"``."""
+        counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
+        return counts + (f", mixed term {self.mixed_term}" if self.mixed_term is not None else "")
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{v} {c}" for v in Verdict if (c := sum(1 for w in self.verdicts if w is v)))
+        margins = self.margin[~self.margin.isnan()]
+        worst = f"{float(margins.max()):.2g}" if margins.numel() else "n/a"
+        lines = [f"second order (double backward through the input): {counts}; margin max {worst}"]
+        if self.mixed_term is not None:
+            lines.append(
+                f"  mixed term d/dtheta (u . grad_x s), what a gradient penalty sends to the weights: "
+                f"{self.mixed_term} (margin {self.mixed_margin:.2g})"
+            )
+        if self.finding:
+            lines.append(f"  finding: {self.finding}")
+        lines += [f"  culprit: {culprit}" for culprit in self.culprits]
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,11 +249,11 @@ class ProbeReport:
     rtol: float
     notes: tuple[str, ...] = field(default=())
     outputs: Tensor | None = None
-    culprits: tuple[Any, ...] = ()
+    culprits: tuple[Culprit, ...] = ()
     localization_note: str | None = None
     forward_mode_mismatch: tuple[int, ...] | None = None
     mixing_pairs: tuple[tuple[int, int], ...] = ()
-    second_order: Any = None
+    second_order: SecondOrderReport | None = None
     layer: str | None = None
     token_scores: dict[str, Tensor] | None = None
 

@@ -72,7 +72,7 @@ def alert_markdown(alerts: Sequence[Alert]) -> str:
     ]
     for alert in alerts:
         samples = ", ".join(str(s) for s in alert.samples[:16]) or "-"
-        culprits = ", ".join(f"`{c}`" for c in alert.culprits) or "-"
+        culprits = ", ".join(f"`{c.label}`" for c in alert.culprits) or "-"
         rows.append(
             f"| {alert.step} | {alert.condition} | {alert.value:.3g} | {alert.threshold:.3g} | {samples} | "
             f"{culprits} | {alert.message.replace('|', '/')} |"

@@ -1,0 +1,212 @@
+"""When ``GradProbe`` probes: the schedule, the overhead budget, milestones and back-off, as plain state.
+
+No Lightning here: the callback hands in where the trainer stands (a :class:`Moment`) and a function that makes
+every process agree on a decision (rank zero's broadcast under DDP), and gets back a :class:`Plan`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = ["Budget", "Moment", "Plan", "ProbeSchedule"]
+
+# A long fit is governed by the budget alone; one shorter than this still gets its milestone probes (first,
+# quarters, last), whose cost is small in absolute terms.
+SHORT_FIT_SECONDS = 60.0
+MILESTONES = 4  # the first probe and three at quarters of the fit; the last validation is one more
+MAX_BACK_OFF_DOUBLINGS = 6  # after a failed probe skip 1, 3, 7, ... probes, at most 63
+
+
+class Plan(Enum):
+    """What one validation does about probing."""
+
+    PAUSED = "paused"
+    """Probing is paused for this run (the callback could not read the batch, or was switched off)."""
+    NOT_DUE = "not due"
+    """The schedule has no probe here (sanity check, or between ``every_n_*``)."""
+    BACKING_OFF = "backing off"
+    """Due, but skipped: an earlier probe failed."""
+    POSTPONED = "postponed"
+    """Due, but probing is over its ``max_overhead`` budget."""
+    PROBE = "probe"
+    """Probe, with pictures."""
+    PROBE_WITHOUT_PICTURES = "probe without pictures"
+    """A milestone over budget: probe, but skip the pictures."""
+
+    @property
+    def probes(self) -> bool:
+        """Whether a probe runs."""
+        return self in (Plan.PROBE, Plan.PROBE_WITHOUT_PICTURES)
+
+
+@dataclass(frozen=True)
+class Moment:
+    """Where the trainer stands when a validation starts.
+
+    Attributes:
+        fitting: Inside ``trainer.fit`` (an explicit ``validate()``/``test()`` always probes).
+        sanity_checking: During Lightning's sanity check (never probed).
+        epoch: The current epoch.
+        global_step: The optimizer steps taken.
+        max_epochs: The fit's planned epochs, if known.
+
+    """
+
+    fitting: bool
+    sanity_checking: bool = False
+    epoch: int = 0
+    global_step: int = 0
+    max_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Probing time in a fit: spent so far (one-time costs left out), the fit's time, one more probe's cost."""
+
+    spent: float
+    elapsed: float
+    expected: float
+    limit: float
+
+    @property
+    def over(self) -> bool:
+        """Whether one more probe would take probing over ``limit`` of the fit's time."""
+        return self.spent + self.expected > self.limit * (self.elapsed + self.expected)
+
+
+def _same_everywhere(decision: bool) -> bool:
+    return decision
+
+
+class ProbeSchedule:
+    """Decides, at the start of each validation, whether to probe.
+
+    Args:
+        every_n_epochs: Probe at the first validation of every n-th epoch.
+        every_n_train_steps: Probe at the first validation after every n training steps instead.
+        max_overhead: Fraction of the fit's wall time probing may use (``None``: follow the schedule).
+
+    Example:
+        >>> schedule = ProbeSchedule(every_n_epochs=2, every_n_train_steps=None, max_overhead=None)
+        >>> [schedule.plan(Moment(fitting=True, epoch=e)) for e in (0, 1)]
+        [<Plan.NOT_DUE: 'not due'>, <Plan.PROBE: 'probe'>]
+
+    """
+
+    def __init__(self, every_n_epochs: int, every_n_train_steps: int | None, max_overhead: float | None) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self.max_overhead = max_overhead
+        self.last_probe_step: int | None = None
+        self.last_probe_epoch: int | None = None
+        self.failures = 0
+        self.skip = 0
+        self.postponed = 0
+        self.paused: str | None = None
+        self.fit_started: float | None = None
+        self.probing_seconds = 0.0
+        self.probe_costs: list[float] = []
+
+    def start_fit(self, now: float | None = None) -> None:
+        """A fit starts: its clock and its probing time start from zero."""
+        self.fit_started = time.perf_counter() if now is None else now
+        self.probing_seconds = 0.0
+        self.probe_costs = []
+
+    def pause(self, reason: str) -> bool:
+        """Pause probing for this run; whether this is the first pause (the one to report)."""
+        first = self.paused is None
+        self.paused = self.paused or reason
+        return first
+
+    def is_due(self, moment: Moment) -> bool:
+        """Whether the schedule asks for a probe at this validation (budget and back-off aside)."""
+        if moment.sanity_checking or self.paused is not None:
+            return False
+        if not moment.fitting:
+            return True  # an explicit trainer.validate() / trainer.test(): always probe
+        if self.every_n_train_steps is not None:
+            last = self.last_probe_step
+            return last is None or moment.global_step - last >= self.every_n_train_steps
+        return (moment.epoch + 1) % self.every_n_epochs == 0 and moment.epoch != self.last_probe_epoch
+
+    def plan(self, moment: Moment, now: float | None = None, agree: Callable[[bool], bool] = _same_everywhere) -> Plan:
+        """Decide this validation; ``agree`` makes every process take rank zero's timing-based decisions."""
+        now = time.perf_counter() if now is None else now
+        if self.paused is not None:
+            return Plan.PAUSED
+        if not self.is_due(moment):
+            return Plan.NOT_DUE
+        if self.skip > 0:
+            self.skip -= 1
+            return Plan.BACKING_OFF
+        budget = self.budget(moment, now)
+        if budget is None or not agree(budget.over):
+            return Plan.PROBE
+        if agree(self.is_milestone(moment, now)):
+            return Plan.PROBE_WITHOUT_PICTURES
+        self.postponed += 1
+        return Plan.POSTPONED
+
+    def budget(self, moment: Moment, now: float) -> Budget | None:
+        """The probing budget of this fit (``None``: unlimited, not fitting, or no probe yet to learn a cost from).
+
+        The first probe pays one-time costs (imports, writers, the first figure) that later probes do not: they
+        are not held against later probes.
+        """
+        if self.max_overhead is None or not moment.fitting or self.fit_started is None or not self.probe_costs:
+            return None
+        expected = min(self.probe_costs)
+        one_time = self.probe_costs[0] - expected
+        return Budget(self.probing_seconds - one_time, now - self.fit_started, expected, self.max_overhead)
+
+    def is_milestone(self, moment: Moment, now: float) -> bool:
+        """Whether this validation is probed whatever the budget.
+
+        The fit's last validation, and the first and three at quarters of a fit of known length, while the fit
+        is short (:data:`SHORT_FIT_SECONDS`).
+        """
+        epochs = moment.max_epochs
+        if self.fit_started is None or epochs is None or epochs < 1 or self.every_n_train_steps is not None:
+            return False
+        probes = len(self.probe_costs)
+        short = now - self.fit_started <= SHORT_FIT_SECONDS
+        spread = probes < MILESTONES and moment.epoch + 1 >= probes * epochs / MILESTONES
+        return short and (moment.epoch == epochs - 1 or spread)
+
+    def add_time(self, seconds: float) -> None:
+        """Count time spent on probing outside a probe (reading batches)."""
+        self.probing_seconds += seconds
+
+    def record_probe(self, moment: Moment, cost: float) -> None:
+        """A probe ran at ``moment`` and took ``cost`` seconds."""
+        self.last_probe_step = moment.global_step
+        self.last_probe_epoch = moment.epoch
+        self.probing_seconds += cost
+        self.probe_costs.append(cost)
+
+    def back_off(self) -> int:
+        """A probe failed: skip the next probes, twice as many after each further failure; how many."""
+        self.failures += 1
+        self.skip = 2 ** min(self.failures, MAX_BACK_OFF_DOUBLINGS) - 1
+        return self.skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state a checkpoint keeps (keys as in earlier versions)."""
+        return {
+            "last_probe_step": self.last_probe_step,
+            "last_probe_epoch": self.last_probe_epoch,
+            "failures": self.failures,
+            "skip": self.skip,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (missing keys keep their defaults)."""
+        self.last_probe_step = state.get("last_probe_step")
+        self.last_probe_epoch = state.get("last_probe_epoch")
+        self.failures = state.get("failures", 0)
+        self.skip = state.get("skip", 0)

@@ -1,0 +1,177 @@
+"""Stages 5 and 6 of a probe: whether samples are independent, and whether each checked sample's backward is right.
+
+Stage 5 checks the cross-sample gradients autograd claims against finite differences across samples: a
+dependence only the backward has is a wrong backward (both samples fail); one the forward really has makes
+per-sample gradients ill-defined (every checked sample is inconclusive). Stage 6 judges the remaining checked
+samples along random directions (:func:`~._verdicts.judge_samples`) and combines the directions into verdicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._forward import ForwardPass
+from ._jacobian import CrossSampleCheck, check_cross_sample, leak_tolerance, leaking_pairs
+from ._notes import Notes
+from ._verdicts import FAIL, INCONCLUSIVE, Judgement, Problem, judge_samples, sample_verdicts, unit_rms
+from .report import Verdict
+
+__all__ = ["FirstOrder", "check_batch_independence", "choose_samples", "compare_forward_mode", "judge_first_order"]
+
+NO_CROSS_SAMPLE_GRADIENTS = CrossSampleCheck((), (), (), 0, {}, {})
+# Forward mode and reverse mode compute the same derivative with different round-off: a gap beyond this many
+# times the backward's tolerance is a disagreement, not rounding.
+_FORWARD_MODE_TOLERANCE = 10.0
+
+
+@dataclass(frozen=True)
+class FirstOrder:
+    """The first-order judgement of a batch.
+
+    Attributes:
+        checked: Indices of the samples spot-checked against finite differences.
+        judged: Those of them judged one by one (not settled by the cross-sample check).
+        evidence: Per-direction codes and figures of every sample (NaN where unchecked).
+        verdicts: One verdict per sample (``unchecked`` outside ``checked``).
+
+    """
+
+    checked: Tensor
+    judged: Tensor
+    evidence: Judgement
+    verdicts: tuple[Verdict, ...]
+
+    @property
+    def failed(self) -> list[int]:
+        """Indices of the samples judged ``fail``."""
+        return [i for i, v in enumerate(self.verdicts) if v is Verdict.FAIL]
+
+
+def check_batch_independence(
+    forward: ForwardPass, problem: Problem, x: Tensor, generator: torch.Generator
+) -> CrossSampleCheck:
+    """Cross-sample gradients autograd claims, checked against finite differences across samples."""
+    leaking = forward.gradients.leaking_inputs
+    if leaking is None or not bool(leaking.any()):
+        return NO_CROSS_SAMPLE_GRADIENTS
+    selected = forward.selection(forward.outputs, forward.index)
+    pairs = leaking_pairs(selected, forward.leaf, generator=generator, tolerance=leak_tolerance(forward.outputs.dtype))
+    if not pairs:
+        return NO_CROSS_SAMPLE_GRADIENTS
+    return check_cross_sample(
+        pairs,
+        selected,
+        forward.leaf,
+        problem.reference,
+        problem.selection,
+        forward.index,
+        x.to(problem.reference_dtype),
+        generator=generator,
+        rtol=problem.rtol,
+        free=problem.free,
+    )
+
+
+def choose_samples(check_samples: int | Sequence[int] | None, n: int, generator: torch.Generator) -> Tensor:
+    """The samples to spot-check: all, ``check_samples`` drawn at random, or the given indices."""
+    if check_samples is None:
+        return torch.arange(n)
+    if isinstance(check_samples, int):
+        return torch.randperm(n, generator=generator)[: min(check_samples, n)].sort().values
+    chosen = torch.as_tensor(list(check_samples), dtype=torch.long)
+    if chosen.numel() and (chosen.min() < 0 or chosen.max() >= n):
+        raise ValueError(f"probe: `check_samples` indices must be in [0, {n - 1}], got {chosen.tolist()}.")
+    return chosen.unique()
+
+
+def judge_first_order(
+    problem: Problem,
+    forward: ForwardPass,
+    x: Tensor,
+    cross: CrossSampleCheck,
+    checked: Tensor,
+    n_directions: int,
+    generator: torch.Generator,
+    notes: Notes,
+) -> FirstOrder:
+    """Settle the samples the cross-sample check implicates, judge the others one by one."""
+    n = x.shape[0]
+    evidence = Judgement.empty(n, n_directions)
+    implicated = _settle_cross_sample(cross, checked, evidence, notes)
+    judged = torch.tensor([i for i in checked.tolist() if i not in implicated], dtype=torch.long)
+    if len(judged):
+        rows = judged.to(x.device)
+        judgement = judge_samples(
+            problem,
+            forward.checked_rows[rows],
+            x[rows],
+            forward.index[rows],
+            generator=generator,
+            n_directions=n_directions,
+        )
+        evidence.fill(judged, judgement)
+        notes.extend(judgement.notes)
+    verdicts = [Verdict.UNCHECKED] * n
+    for i, verdict in zip(checked.tolist(), sample_verdicts(evidence.codes[checked]), strict=True):
+        verdicts[i] = verdict
+    return FirstOrder(checked, judged, evidence, tuple(verdicts))
+
+
+def _settle_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: Judgement, notes: Notes) -> set[int]:
+    """Codes for samples the per-sample check cannot judge, which it then leaves out."""
+    chosen = set(checked.tolist())
+    if cross.forward or cross.unverified:
+        evidence.codes[checked] = INCONCLUSIVE
+        notes.add(
+            "samples leak into each other through the forward (confirmed by finite differences across samples), "
+            "so per-sample gradients are ill-defined: not checked"
+        )
+        return chosen
+    wrong = {i for pair in cross.backward_only for i in pair} & chosen
+    for i in wrong:
+        evidence.codes[i] = FAIL
+        evidence.relative_error[i] = max(cross.relative_error.values(), default=float("nan"))
+        evidence.margin[i] = max(cross.margin.values(), default=float("nan"))
+    if cross.backward_only:
+        notes.add(
+            f"the backward mixes samples that the forward keeps apart: {len(cross.backward_only)} (output, input) "
+            f"pairs {list(cross.backward_only[:6])} have autograd gradients that finite differences across samples "
+            f"do not show ({cross.sources_checked} source samples checked): a wrong backward"
+        )
+    return wrong
+
+
+def compare_forward_mode(
+    problem: Problem,
+    forward: ForwardPass,
+    x: Tensor,
+    checked: Tensor,
+    *,
+    generator: torch.Generator,
+    notes: Notes,
+) -> tuple[int, ...] | None:
+    """Samples whose jvp along a random direction disagrees with the reverse-mode rows (``None``: not checked)."""
+    sub = checked.to(x.device)
+    xc, ic = x[sub], forward.index[sub]
+    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, problem.free).to(xc)
+    try:
+        forward_mode = torch.func.jvp(lambda t: problem.selection(problem.function(t), ic), (xc,), (tangent,))[1]
+        forward_mode = forward_mode.double()
+    except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
+        notes.add(f"forward mode not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        return None
+    if forward.projection is not None:
+        forward_mode = forward_mode @ forward.projection.to(forward_mode)
+    rows = forward.checked_rows
+    rows_c = rows[sub].reshape(len(sub), rows.shape[1], -1).double()
+    flat_tangent = tangent.reshape(len(sub), -1).double()
+    reverse = torch.einsum("nmd,nd->nm", rows_c, flat_tangent)
+    typical = rows_c.norm(dim=(1, 2)) * flat_tangent.norm(dim=1) / rows_c.shape[-1] ** 0.5
+    scale = torch.maximum(reverse.norm(dim=1), typical).clamp_min(torch.finfo(torch.float64).tiny)
+    gap = (forward_mode - reverse).norm(dim=1) / scale
+    bad = (gap > _FORWARD_MODE_TOLERANCE * problem.rtol) | ~forward_mode.isfinite().all(1)
+    return tuple(int(checked[i]) for i in bad.nonzero().flatten().tolist())

@@ -1,0 +1,80 @@
+"""Stage 4 of a probe: the problem to judge, the model as a function of a batch in its own and a reference dtype.
+
+The reference is the same model code on a float64 copy of its tensors (``fd_dtype``), which both computes the
+finite differences and judges the backward's formula. A model that cannot run there is judged in its own dtype,
+with a note that says the check runs weaker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._forward import ForwardPass
+from ._functions import BatchFunction, OutputSelector, build_batch_function, model_dtype
+from ._notes import Notes
+from ._options import ProbeOptions
+from ._prepare import PreparedBatch
+from ._verdicts import Problem, default_rtol
+from .report import dtype_name
+
+__all__ = ["reference_problem"]
+
+
+def reference_problem(
+    model: Any, batch: PreparedBatch, forward: ForwardPass, options: ProbeOptions, notes: Notes
+) -> Problem:
+    """The model-dtype function of ``forward``, its reference twin, and the tolerances they are judged with."""
+    dtype = batch.model_dtype
+    reference, reference_dtype = _reference_function(
+        model, batch, forward.function, options.output, options.fd_dtype or dtype, notes
+    )
+    return Problem(
+        forward.function,
+        reference,
+        forward.selection,
+        dtype,
+        reference_dtype,
+        default_rtol(dtype) if options.rtol is None else float(options.rtol),
+        forward.gradients.engine,
+        options.chunk_size,
+        projection=forward.projection,
+        free=batch.free,
+    )
+
+
+def _reference_function(
+    model: Any,
+    batch: PreparedBatch,
+    function: BatchFunction,
+    output: OutputSelector,
+    fd_dtype: torch.dtype,
+    notes: Notes,
+) -> tuple[BatchFunction, torch.dtype]:
+    """The model in ``fd_dtype`` if it runs there, else the model as it is (with a note)."""
+    x: Tensor = batch.x
+    own = model_dtype(model, x)
+    if fd_dtype == own:
+        return function, own
+    candidate = build_batch_function(model, forward=batch.forward, output=output, dtype=fd_dtype)
+    try:
+        with torch.no_grad():
+            result = candidate(x.to(fd_dtype))
+        if result.dtype == fd_dtype:
+            return candidate, fd_dtype
+        reason = f"it returned {result.dtype}"
+    except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+    hint = (
+        "pass the nn.Module itself, with `forward=lambda m, x: ...`, so that a float64 copy can be made"
+        if not isinstance(model, nn.Module)
+        else "the formula could not be judged in float64"
+    )
+    notes.add(
+        f"finite differences ran in {dtype_name(own)}, not {dtype_name(fd_dtype)}, with a step sized for it: "
+        f"the model cannot run in {dtype_name(fd_dtype)} ({reason}); {hint}",
+        weaker=True,
+    )
+    return function, own
