@@ -35,7 +35,8 @@ def fit_seconds(with_probe: bool, epochs: int, logdir: str) -> tuple[float, int]
     seconds = time.perf_counter() - start
     if probe is not None:
         print(
-            f"  probes {probe.probes_done}, postponed {probe.postponed}, measured in-hook {probe._probing_seconds:.3f}s"
+            f"  probes {probe.probes_done}, postponed {probe.schedule.postponed}, "
+            f"measured in-hook {probe.schedule.probing_seconds:.3f}s"
         )
     return seconds, probe.probes_done if probe else 0
 

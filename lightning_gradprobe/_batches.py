@@ -13,6 +13,7 @@ __all__ = [
     "BatchKey",
     "BatchLayoutError",
     "Reservoir",
+    "read_batch",
     "extract",
     "finite_rows",
     "leaves",
@@ -80,6 +81,47 @@ def extract(batch: Any, key: BatchKey, *, what: str, argument: str, forward: Cal
             f"pass `{argument}=` (a key, a tuple of keys, or a callable)."
         )
     return value
+
+
+def read_batch(
+    batch: Any,
+    *,
+    input_key: BatchKey,
+    label_key: BatchKey,
+    labels_required: bool,
+    forward: Callable[..., Any] | None,
+) -> tuple[Any, Tensor | None]:
+    """The inputs (a tensor, or a tuple/dict of tensors) and the labels of a batch.
+
+    Labels that are not ``labels_required`` only caption pictures: they are taken when they are plainly there
+    (one per sample), and never a reason to fail.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+        >>> inputs, labels = read_batch((x, y), input_key=None, label_key=None, labels_required=False, forward=None)
+        >>> inputs.shape, labels.tolist()
+        (torch.Size([2, 3]), [0, 1])
+
+    """
+    inputs = extract(batch, input_key, what="input", argument="input_key", forward=forward)
+    if inputs is None:
+        raise ValueError("GradProbe: the batch holds no input; pass `input_key=`.")
+    if labels_required:
+        labels = extract(batch, label_key, what="label", argument="label_key", forward=forward)
+        if labels is None:
+            raise ValueError(
+                "GradProbe: target='label' but the batch has no labels; pass `label_key=` or another target."
+            )
+        return inputs, labels
+    try:
+        labels = extract(batch, label_key, what="label", argument="label_key", forward=forward)
+    except ValueError:
+        return inputs, None
+    n = leaves(inputs)[0].shape[0]
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n:
+        return inputs, None
+    return inputs, labels
 
 
 def _select(batch: Any, key: str | int, argument: str) -> Any:

@@ -79,6 +79,13 @@ class ProbeSet:
         if drawn is not None:
             self.inputs, self.labels = drawn
 
+    def mismatch_note(self) -> str:
+        """What the last draw left out because of padding, in words."""
+        return (
+            f"{self.mismatched} validation rows were not drawn: their batches are padded to another length than the "
+            "first one. Pad to a fixed length to draw from every batch."
+        )
+
     def share(self, world_size: int) -> tuple[Any, Tensor | None]:
         """The share of the samples a process probes: its inputs and labels."""
         return self.rows(self._per_process(world_size))

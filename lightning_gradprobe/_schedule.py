@@ -77,6 +77,14 @@ class Budget:
         """Whether one more probe would take probing over ``limit`` of the fit's time."""
         return self.spent + self.expected > self.limit * (self.elapsed + self.expected)
 
+    def __str__(self) -> str:
+        return (
+            f"probing has used {self.spent:.2f}s of {self.elapsed:.1f}s, and one more probe (~{self.expected:.2f}s) "
+            f"would take it over `max_overhead`={self.limit}; postponing probes until it is back under (the last "
+            "validation, and five spread over a fit of known length, are still checked, without pictures, while the "
+            "fit is under a minute)"
+        )
+
 
 def _same_everywhere(decision: bool) -> bool:
     return decision

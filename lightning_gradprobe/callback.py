@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from typing import Any, Literal
 
@@ -23,12 +24,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from ._arguments import check_arguments
-from ._batches import BatchKey, extract, leaves, rebuild
+from ._batches import BatchKey, leaves, read_batch, rebuild
 from ._errors import GradientCheckError, GradProbeSetupError
 from ._probe_set import ProbeSet
 from ._schedule import Moment, Plan, ProbeSchedule
 from .alerts import Alert, AlertThresholds, ProbeFigures, evaluate_alerts, figures_from_report
-from .core import ProbeReport, probe
+from .core import ProbeReport
+from .core._options import ProbeOptions
+from .core._probe import run_probe
 from .render import Panels
 from .render.metrics import probe_metrics
 
@@ -45,33 +48,28 @@ class GradProbeStoppingReason(Enum):
     NOT_STOPPED = 0
     ALERT = 1
     """An alert fired on this process (``stopping_reason_message`` quotes it)."""
-    ALERT_ON_ANOTHER_PROCESS = 2
+    REMOTE = 2
     """An alert fired on another process; every process stops together."""
 
 
 class GradProbe(Callback):
     r"""Probe input gradients of a few validation samples during training; alert when they can't be trusted.
 
-    At validation time (every ``every_n_epochs`` epochs, or after every ``every_n_train_steps``
-    steps; never during the sanity check), ``num_samples`` validation samples drawn uniformly by the
-    callback's own seeded generator are probed with :func:`~lightning_gradprobe.probe`: per-sample
-    input gradients, spot-checked against float64 finite differences, checked for NaN/Inf,
-    all-zero gradients and cross-sample leakage. Figures are logged under ``gradprobe/...`` (in
-    ``trainer.callback_metrics`` and every logger); alerts warn, stop, raise or call back.
-
-    Training is bit-for-bit unaffected: the probe runs in eval mode on detached copies of the
-    parameters and buffers, draws from its own generator, restores every RNG state, and never
-    writes a ``.grad``. An exception inside the probe is reported once and the probe backs off; only
-    ``on_alert="raise"`` ever stops a run by raising.
+    At validation time, ``num_samples`` validation samples drawn by the callback's own generator are probed
+    with :func:`~lightning_gradprobe.probe` (input gradients against float64 finite differences, NaN/Inf,
+    all-zero gradients, cross-sample leakage). Figures are logged under ``gradprobe/...`` in every logger;
+    alerts warn, stop, raise or call back. Training is bit-for-bit unaffected (eval mode, detached copies of
+    the parameters, RNG states restored, no ``.grad`` written); a probe's own failure is reported and backed
+    off from, and only ``on_alert="raise"`` ever ends a run by raising.
 
     Args:
         num_samples: Validation samples probed (in total, shared out across processes).
-        every_n_epochs: Probe at the first validation of every n-th epoch (ignored when ``every_n_train_steps`` is set).
+        every_n_epochs: Probe at the first validation of every n-th epoch.
         every_n_train_steps: Probe at the first validation after every n training steps instead.
-        target: ``"argmax"`` (the predicted class), ``"label"`` (the class in the batch's labels),
-            an int output index, or a callable ``outputs -> (N, ...)``; ``None`` compares every output.
-        input_key: How to take the input from a batch: a key or index, or a callable ``batch -> x``.
-            Default: the batch itself if it is a tensor, ``batch[0]`` of a tuple, a usual key of a dict.
+        target: ``"argmax"``, ``"label"`` (the batch's labels), an int output index, a callable
+            ``outputs -> (N, ...)``, or ``None`` (every output).
+        input_key: How to take the input from a batch: a key or index, a tuple of them, or a callable
+            (default: the batch, ``batch[0]``, the dict entries the module's ``forward`` takes, or a usual key).
         label_key: Likewise for labels (default ``batch[1]``, or ``"y"``/``"label"``/... in a dict).
         forward: ``forward(pl_module, x) -> outputs`` (default ``pl_module(x)``).
         output: For tuple/dict outputs: index, key or callable selecting the tensor to check.
@@ -80,29 +78,21 @@ class GradProbe(Callback):
         fail_threshold: Alert when the fraction of samples judged ``"fail"`` exceeds this (``None``: off).
         check_finite: Alert on NaN/Inf input gradients.
         check_leakage: Alert when samples leak into each other through the batch.
-        vanishing_threshold: Alert when more than this fraction of samples has an all-zero input
-            gradient (``None``: off).
+        vanishing_threshold: Alert when more than this fraction of samples has an all-zero input gradient.
         on_alert: ``"warn"``, ``"stop"`` (end training like ``EarlyStopping``), ``"raise"``
             (:class:`~lightning_gradprobe.GradientCheckError`), or a callable receiving each :class:`Alert`.
-        on_test: Also probe during ``trainer.test()``. The probe set is drawn once, from the first
-            evaluation that runs, and then kept (unless ``redraw``): after a fit, ``test()`` probes the same
-            validation samples, so their figures stay comparable.
+        on_test: Also probe during ``trainer.test()`` (on the probe set drawn first, unless ``redraw``).
         time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
-        max_overhead: Fraction of the fit's wall time that probing (with its logging) may use. The
-            first probe always runs; a later due probe is postponed while the budget is spent, so a
-            very short epoch is not slowed down by a probe every epoch (``None``: follow the schedule).
-        localize: When samples fail, check each submodule on its own on one failing sample and name the
-            culprit in the alert (bounded: 64 submodules, ``time_budget``).
-        check_parameters: Also check each submodule's gradient with respect to its own parameters (a
-            ``parameter_gradients`` alert); costs a few forwards per submodule at every probe.
-        layer: Dotted name of a submodule whose output is probed instead of the model's input, computed fresh
-            from the stored batch at every probe (token models are probed at their embedding without it).
+        max_overhead: Fraction of the fit's wall time probing may use; due probes past it are postponed
+            (milestones of a short fit still run, without pictures; ``None``: follow the schedule).
+        localize: When samples fail, name the culprit submodule in the alert.
+        check_parameters: Also check each submodule's parameter gradients (a ``parameter_gradients`` alert).
+        layer: Dotted name of a submodule whose output is probed instead of the model's input.
         tokens: ``ids -> list[str]`` (a tokenizer's ``convert_ids_to_tokens``) to label token heat maps.
-        strict: Raise during the sanity check or the first validation when the callback cannot read the
-            batch or run the probe, instead of warning once and pausing probing while training goes on.
-        second_order: Also check the double backward through the input (for losses that differentiate input
-            gradients: physics-informed networks, gradient penalties); a ``second_order_checks`` alert names
-            the culprit, and ``gradprobe/second_order/{fail_fraction, margin_max}`` are logged.
+        strict: Raise (:class:`~lightning_gradprobe.GradProbeSetupError`) when the batch cannot be read or the
+            first probe fails, instead of warning once and pausing probing while training goes on.
+        second_order: Also check the double backward through the input (physics-informed losses, gradient
+            penalties): a ``second_order_checks`` alert and ``gradprobe/second_order/...`` scalars.
         log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
         shared_scale: Keep the first probe's colour scale for all saliency pictures (default: per probe).
         feature_names: Names of tabular features, for attribution charts.
@@ -110,10 +100,11 @@ class GradProbe(Callback):
         verbose: Report alerts and probe problems through rank-zero warnings.
 
     Attributes:
-        stopping_reason: Why the callback stopped training (a :class:`GradProbeStoppingReason`), as
-            ``EarlyStopping.stopping_reason``; ``stopping_reason_message`` says it in words.
+        stopping_reason: A :class:`GradProbeStoppingReason`; ``stopping_reason_message`` says it in words.
         last_report: The last :class:`~lightning_gradprobe.ProbeReport` of this process.
-        alerts: Every :class:`~lightning_gradprobe.alerts.Alert` so far (the last 1000).
+        alerts: The :class:`~lightning_gradprobe.alerts.Alert` records so far (the last 1000).
+        schedule: When to probe (:class:`~lightning_gradprobe._schedule.ProbeSchedule`).
+        samples: The probed samples (:class:`~lightning_gradprobe._probe_set.ProbeSet`).
 
     Example:
         >>> from lightning_gradprobe import GradProbe
@@ -157,33 +148,23 @@ class GradProbe(Callback):
     ) -> None:
         super().__init__()
         check_arguments(locals())
-        self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs if every_n_train_steps is None and every_n_epochs is not None else 1
-        self.every_n_train_steps = every_n_train_steps
-        self.target = target
-        self.input_key = input_key
-        self.label_key = label_key
-        self.forward = forward
-        self.output = output
-        self.redraw = redraw
-        self.n_directions = n_directions
+        self.num_samples, self.target, self.seed = num_samples, target, seed
+        self.input_key, self.label_key, self.forward = input_key, label_key, forward
         self.thresholds = AlertThresholds(fail_threshold, check_finite, check_leakage, vanishing_threshold)
-        self.on_alert = on_alert
-        self.on_test = on_test
-        self.time_budget = time_budget
-        self.max_overhead = max_overhead
-        self.localize = localize
-        self.check_parameters = check_parameters
-        self.second_order = second_order
-        self.layer = layer
-        self.tokens = tokens
-        self.strict = strict
-        self.log_images = log_images
-        self.shared_scale = shared_scale
-        self.feature_names = feature_names
-        self.seed = seed
-        self.verbose = verbose
-        self.schedule = ProbeSchedule(self.every_n_epochs, every_n_train_steps, max_overhead)
+        self.on_alert, self.on_test, self.time_budget, self.strict, self.verbose = (
+            on_alert, on_test, time_budget, strict, verbose
+        )  # fmt: skip
+        self.log_images, self.shared_scale, self.feature_names, self.tokens = (
+            log_images, shared_scale, feature_names, tokens
+        )  # fmt: skip
+        # The units: what every probe is asked, when to probe, and which samples.
+        self.probe_options = ProbeOptions(
+            n_directions=n_directions, seed=seed, forward=forward, output=output, localize=localize,
+            check_parameters=check_parameters, localize_budget=(64, time_budget or 30.0), second_order=second_order,
+            layer=layer,
+        )  # fmt: skip
+        by_steps = every_n_train_steps is not None
+        self.schedule = ProbeSchedule(1 if by_steps else every_n_epochs or 1, every_n_train_steps, max_overhead)
         self.samples = ProbeSet(num_samples, seed, redraw)
         self.probes_done = 0
         self.alerts: list[Alert] = []
@@ -195,22 +176,11 @@ class GradProbe(Callback):
         self._said: set[str] = set()  # one-time messages already given
         self._panels: Panels | None = None
 
-    # Read-only views of the units' state, under the names earlier versions used.
-    probe_inputs = property(lambda self: self.samples.inputs, doc="The probed samples' inputs (all processes').")
-    probe_labels = property(lambda self: self.samples.labels, doc="Their labels, when the batches hold them.")
-    active_samples = property(lambda self: self.samples.size, doc="Samples probed now (halved by `time_budget`).")
-    nonfinite_inputs = property(lambda self: self.samples.nonfinite_inputs, doc="Rows left out for NaN/Inf.")
-    last_probe_step = property(lambda self: self.schedule.last_probe_step, doc="Global step of the last probe.")
-    last_probe_epoch = property(lambda self: self.schedule.last_probe_epoch, doc="Epoch of the last probe.")
-    failures = property(lambda self: self.schedule.failures, doc="Probes that failed to run.")
-    postponed = property(lambda self: self.schedule.postponed, doc="Due probes postponed by `max_overhead`.")
-
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(num_samples=self.num_samples, seed=self.seed)
 
-    # ----------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
@@ -291,7 +261,6 @@ class GradProbe(Callback):
         self.stopping_reason = GradProbeStoppingReason(state_dict.get("stopping_reason", 0))
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
 
-    # ----------------------------------------------------------------- schedule and probe set
     def _start(self, trainer: pl.Trainer) -> None:
         distributed = trainer.world_size > 1
         if distributed:  # every process decides alike: one that paused pauses all (no collective hangs)
@@ -304,17 +273,9 @@ class GradProbe(Callback):
 
         moment = _moment(trainer)
         self._plan = self.schedule.plan(moment, agree=agree)
-        if self._plan in (Plan.POSTPONED, Plan.PROBE_WITHOUT_PICTURES):
-            budget = self.schedule.budget(moment, time.perf_counter())
-            if budget is not None:
-                self._say(
-                    "budget",
-                    f"GradProbe: probing has used {budget.spent:.2f}s of {budget.elapsed:.1f}s, and one more probe "
-                    f"(~{budget.expected:.2f}s) would take it over `max_overhead`={self.max_overhead}; postponing "
-                    "probes until it is back under (the last validation, and five spread over a fit of known length, "
-                    "are still checked, without pictures, while the fit is under a minute). Reported once.",
-                    warning=False,
-                )
+        budget = self.schedule.budget(moment, time.perf_counter())
+        if self._plan in (Plan.POSTPONED, Plan.PROBE_WITHOUT_PICTURES) and budget is not None:
+            self._say("budget", f"GradProbe: {budget}. Reported once.", warning=False)
         self.samples.begin(
             due=self._plan.probes, world_size=trainer.world_size, rank=trainer.global_rank, probes_done=self.probes_done
         )
@@ -324,35 +285,19 @@ class GradProbe(Callback):
             return
         started = time.perf_counter()
         try:
-            inputs, labels = self._read(pl_module, batch)
+            inputs, labels = read_batch(
+                batch,
+                input_key=self.input_key,
+                label_key=self.label_key,
+                labels_required=self.target == "label",
+                forward=pl_module.forward if self.forward is None else None,  # whose signature tells the layout
+            )
             self.samples.layout_checked = True
             self.samples.offer(inputs, labels)
         except Exception as error:  # the callback's own problem: say it once, pause probing, train on
             self._pause(f"cannot read the validation batch ({type(error).__name__}: {error})")
         finally:
             self.schedule.add_time(time.perf_counter() - started)
-
-    def _read(self, pl_module: pl.LightningModule, batch: Any) -> tuple[Any, Tensor | None]:
-        """The inputs (a tensor, or a tuple/dict of tensors) and the labels of a batch."""
-        forward = pl_module.forward if self.forward is None else None  # whose signature tells the layout
-        inputs = extract(batch, self.input_key, what="input", argument="input_key", forward=forward)
-        if inputs is None:
-            raise ValueError("GradProbe: the batch holds no input; pass `input_key=`.")
-        n = leaves(inputs)[0].shape[0]
-        if self.target == "label":
-            labels = extract(batch, self.label_key, what="label", argument="label_key", forward=forward)
-            if labels is None:
-                raise ValueError(
-                    "GradProbe: target='label' but the batch has no labels; pass `label_key=` or another target."
-                )
-        else:  # labels only caption the pictures: take them when they are plainly there, never fail for them
-            try:
-                labels = extract(batch, self.label_key, what="label", argument="label_key", forward=forward)
-            except ValueError:
-                labels = None
-            if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n:
-                labels = None
-        return inputs, labels
 
     def _pause(self, reason: str) -> None:
         """Stop probing for this run (training goes on), or raise under ``strict=True``."""
@@ -366,7 +311,6 @@ class GradProbe(Callback):
                 "tuple of keys, or a callable returning the model's inputs), or pass `strict=True` to fail fast."
             )
 
-    # ----------------------------------------------------------------- probing
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._plan.probes:
             return
@@ -379,15 +323,11 @@ class GradProbe(Callback):
     def _probe_and_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.samples.finish()
         if self.samples.mismatched:
-            self._say(
-                "mismatched",
-                f"GradProbe: {self.samples.mismatched} validation rows were not drawn: their batches are padded to "
-                "another length than the first one. Pad to a fixed length to draw from every batch.",
-                warning=False,
-            )
-        report, error, elapsed = self._probe_locally(trainer, pl_module)
+            self._say("mismatched", f"GradProbe: {self.samples.mismatch_note()}", warning=False)
+        options = replace(self.probe_options, seed=self.seed + self.probes_done)
+        report, error, elapsed = _probe_share(trainer, pl_module, self.samples, options, self.target)
         figures = figures_from_report(report) if report is not None else ProbeFigures()
-        figures, any_error = self._gather(trainer, pl_module, figures, error is not None)
+        figures, any_error = _gather(trainer, pl_module, figures, error is not None)
         self.probes_done += 1
         if any_error and self.strict and self.probes_done == 1:
             raise GradProbeSetupError(
@@ -399,13 +339,10 @@ class GradProbe(Callback):
             return
         self.last_report = report
         if report is not None:
-            self._say(
-                "dtypes",
-                f"GradProbe: probing {_count(len(report.verdicts), 'sample')} per process; backward in "
-                f"{report.model_dtype}, finite differences in {report.fd_dtype}, engine {report.engine}.",
-                warning=False,
-            )
-        self._log(trainer, pl_module, figures, report)
+            self._say("dtypes", f"GradProbe: probing {report.setup_summary()} (per process).", warning=False)
+        second_order, nonfinite = self.probe_options.second_order, self.samples.nonfinite_inputs
+        metrics = probe_metrics(figures, report, self.thresholds, second_order=second_order, nonfinite_inputs=nonfinite)
+        _log(trainer, pl_module, metrics)
         self._shrink_if_slow(elapsed)
         alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if _fitting(trainer) else -1)
         self.alerts = (self.alerts + alerts)[-_KEPT_ALERTS:]
@@ -425,51 +362,6 @@ class GradProbe(Callback):
         except Exception as error:  # a picture is never worth a training run
             self._say("render", f"GradProbe: could not write the TensorBoard panels ({type(error).__name__}: {error}).")
 
-    def _probe_locally(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> tuple[ProbeReport | None, BaseException | None, float]:
-        if self.samples.inputs is None:
-            return None, None, 0.0
-        start = time.perf_counter()
-        try:
-            rows, labels = self.samples.share(trainer.world_size)
-            x = trainer.precision_plugin.convert_input(rebuild(rows, [t.to(pl_module.device) for t in leaves(rows)]))
-            target: Any = self.target
-            if target == "label":
-                if labels is None:
-                    raise ValueError("GradProbe: target='label' but no labels were drawn with the samples.")
-                target = labels.to(pl_module.device).long().reshape(-1)
-            report = probe(
-                pl_module,
-                x,
-                target=target,
-                forward=self.forward,
-                output=self.output,
-                n_directions=self.n_directions,
-                seed=self.seed + self.probes_done,
-                localize=self.localize,
-                check_parameters=self.check_parameters,
-                localize_budget=(64, self.time_budget or 30.0),
-                second_order=self.second_order,
-                layer=self.layer,
-            )
-            return report, None, time.perf_counter() - start
-        except Exception as error:  # never kill the run for a probe's own failure
-            return None, error, time.perf_counter() - start
-
-    def _gather(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: ProbeFigures, failed: bool
-    ) -> tuple[ProbeFigures, bool]:
-        if trainer.world_size == 1:
-            return figures, failed
-        row = torch.cat([figures.to_tensor(), torch.tensor([float(failed)], dtype=torch.float64)])
-        stacked = pl_module.all_gather(row.to(pl_module.device))
-        if not isinstance(stacked, Tensor):
-            raise TypeError(f"GradProbe: all_gather returned {type(stacked).__name__}, not a tensor.")
-        rows = stacked.reshape(-1, row.numel())
-        combined = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
-        return combined, bool(rows[:, -1].sum() > 0)
-
     def _back_off(self, error: BaseException | None) -> None:
         skip = self.schedule.back_off()
         reason = f"{type(error).__name__}: {error}" if error is not None else "on another process"
@@ -480,41 +372,17 @@ class GradProbe(Callback):
         )
 
     def _shrink_if_slow(self, elapsed: float) -> None:
-        if self.time_budget is None or elapsed <= self.time_budget or not self.samples.shrink():
-            return
-        if self.verbose:
-            rank_zero_warn(
-                f"GradProbe: a probe took {elapsed:.1f}s, over `time_budget`={self.time_budget}s; probing "
-                f"{self.samples.size} samples from now on."
-            )
-
-    def _log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, figures: ProbeFigures, report: ProbeReport | None
-    ) -> None:
-        metrics = probe_metrics(
-            figures,
-            report,
-            fail_threshold=self.thresholds.fail_fraction,
-            second_order=self.second_order,
-            nonfinite_inputs=self.samples.nonfinite_inputs,
-        )
-        sync = trainer.world_size > 1  # the same keys on every process: sync_dist reduces them together
-        for name, value in metrics.items():
-            pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=sync, batch_size=1)
+        if self.time_budget is not None and elapsed > self.time_budget and self.samples.shrink():
+            over = f"a probe took {elapsed:.1f}s, over `time_budget`={self.time_budget}s"
+            self._say(f"shrink {self.samples.size}", f"GradProbe: {over}; probing {self.samples.size} samples now.")
 
     def _act(self, trainer: pl.Trainer, alerts: list[Alert], report: ProbeReport | None) -> None:
-        if self.on_alert == "stop":
-            should_stop = trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
-            if should_stop and _fitting(trainer):
-                trainer.should_stop = True
-                here = bool(alerts)
-                self.stopping_reason = (
-                    GradProbeStoppingReason.ALERT if here else GradProbeStoppingReason.ALERT_ON_ANOTHER_PROCESS
-                )
-                self.stopping_reason_message = "; ".join(a.message for a in alerts) or "an alert on another process"
-                rank_zero_info(
-                    f"GradProbe: stopping training at step {trainer.global_step}: {self.stopping_reason_message}"
-                )
+        stop = self.on_alert == "stop" and trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
+        if stop and _fitting(trainer):  # every process decides alike: an alert anywhere stops all
+            trainer.should_stop = True
+            self.stopping_reason = GradProbeStoppingReason.ALERT if alerts else GradProbeStoppingReason.REMOTE
+            self.stopping_reason_message = "; ".join(a.message for a in alerts) or "an alert on another process"
+            rank_zero_info(f"GradProbe: stopping at step {trainer.global_step}: {self.stopping_reason_message}")
         if not alerts:
             return
         if callable(self.on_alert):
@@ -533,6 +401,47 @@ class GradProbe(Callback):
             return
         self._said.add(key)
         (rank_zero_warn if warning else rank_zero_info)(message)
+
+
+def _probe_share(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, samples: ProbeSet, options: ProbeOptions, target: Any
+) -> tuple[ProbeReport | None, BaseException | None, float]:
+    """Probe this process's share of the samples: the report, or the error that stopped it; the seconds taken."""
+    if samples.inputs is None:
+        return None, None, 0.0
+    start = time.perf_counter()
+    try:
+        rows, labels = samples.share(trainer.world_size)
+        x = trainer.precision_plugin.convert_input(rebuild(rows, [t.to(pl_module.device) for t in leaves(rows)]))
+        if target == "label":
+            if labels is None:
+                raise ValueError("GradProbe: target='label' but no labels were drawn with the samples.")
+            target = labels.to(pl_module.device).long().reshape(-1)
+        return run_probe(pl_module, x, replace(options, target=target)), None, time.perf_counter() - start
+    except Exception as error:  # never kill the run for a probe's own failure
+        return None, error, time.perf_counter() - start
+
+
+def _log(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
+    """Log the scalars; the same keys on every process, so that ``sync_dist`` reduces them together."""
+    sync = trainer.world_size > 1
+    for name, value in metrics.items():
+        pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=sync, batch_size=1)
+
+
+def _gather(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, figures: ProbeFigures, failed: bool
+) -> tuple[ProbeFigures, bool]:
+    """Every process's figures added together, and whether a probe failed anywhere."""
+    if trainer.world_size == 1:
+        return figures, failed
+    row = torch.cat([figures.to_tensor(), torch.tensor([float(failed)], dtype=torch.float64)])
+    stacked = pl_module.all_gather(row.to(pl_module.device))
+    if not isinstance(stacked, Tensor):
+        raise TypeError(f"GradProbe: all_gather returned {type(stacked).__name__}, not a tensor.")
+    rows = stacked.reshape(-1, row.numel())
+    combined = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
+    return combined, bool(rows[:, -1].sum() > 0)
 
 
 def _fitting(trainer: pl.Trainer) -> bool:

@@ -39,7 +39,7 @@ def main() -> None:
             "fail_fraction": float(run.callback_metrics.get("gradprobe/checks/fail_fraction", -1)),
             "probes": callback.probes_done,
             "probed_here": getattr(module, "probed_here", None),
-            "postponed": callback.postponed,
+            "postponed": callback.schedule.postponed,
         }
         Path(out, f"result-{run.global_rank}.json").write_text(json.dumps(result))
 

@@ -96,7 +96,7 @@ def test_nonsense_arguments_get_clear_errors(kwargs, match):
 def test_schedule_every_n_epochs_and_sanity_check_skipped(tmp_path):
     callback = GradProbe(max_overhead=None, every_n_epochs=2)
     _fit(tmp_path, DigitsModule(), callback, max_epochs=4, num_sanity_val_steps=2)
-    assert callback.probes_done == 2 and callback.last_probe_epoch == 3
+    assert callback.probes_done == 2 and callback.schedule.last_probe_epoch == 3
 
 
 def test_schedule_every_n_train_steps_mid_epoch(tmp_path):
@@ -114,7 +114,7 @@ def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
 
     def spy(trainer_, pl_module):
         original(trainer_, pl_module)
-        seen.append(fixed.probe_inputs.clone())
+        seen.append(fixed.samples.inputs.clone())
 
     fixed._finish = spy
     run.fit(module)
@@ -125,7 +125,7 @@ def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
 
     def spy_redraw(trainer_, pl_module):
         original_redraw(trainer_, pl_module)
-        seen_redraw.append(redraw.probe_inputs.clone())
+        seen_redraw.append(redraw.samples.inputs.clone())
 
     redraw._finish = spy_redraw
     trainer(tmp_path, [redraw], max_epochs=3).fit(DigitsModule())
@@ -135,7 +135,7 @@ def test_probe_set_fixed_by_default_redrawn_on_request(tmp_path):
 def test_probe_set_spans_all_validation_loaders_and_short_last_batch(tmp_path):
     callback = GradProbe(max_overhead=None, num_samples=40)
     _fit(tmp_path, DigitsModule(val_loaders=2, n_val=30, batch_size=16), callback, max_epochs=1)
-    assert len(callback.probe_inputs) == 40  # 2 loaders x 30 samples (batches of 16, 14)
+    assert len(callback.samples.inputs) == 40  # 2 loaders x 30 samples (batches of 16, 14)
     assert len(callback.last_report.verdicts) == 40
 
 
@@ -160,13 +160,13 @@ def test_probe_failure_never_kills_training_and_backs_off(tmp_path):
     run, messages = _fit(tmp_path, DigitsModule(), callback, max_epochs=4)
     assert run.current_epoch == 4  # training completed
     assert len(messages) == 1 and "this model cannot be probed" in messages[0] and "training goes on" in messages[0]
-    assert callback.failures == 2  # epochs 0 and 2 tried; 1 skipped (back-off), 3 skipped (back-off doubles)
+    assert callback.schedule.failures == 2  # epochs 0 and 2 tried; 1 skipped (back-off), 3 skipped (back-off doubles)
 
 
 def test_time_budget_shrinks_the_probe(tmp_path):
     callback = GradProbe(max_overhead=None, time_budget=1e-6)
     _, messages = _fit(tmp_path, DigitsModule(), callback, max_epochs=2)
-    assert callback.active_samples == 2 and any("time_budget" in m for m in messages)
+    assert callback.samples.size == 2 and any("time_budget" in m for m in messages)
 
 
 def test_metrics_reach_csv_logger_and_run_without_logger(tmp_path):
@@ -186,27 +186,27 @@ def test_checkpoint_resume_keeps_probe_set_and_schedule(tmp_path):
     path = tmp_path / "resume.ckpt"
     run.save_checkpoint(path)
     state = torch.load(path, weights_only=False)["callbacks"][callback.state_key]
-    assert state["probes_done"] == 1 and torch.equal(state["probe_inputs"], callback.probe_inputs)
+    assert state["probes_done"] == 1 and torch.equal(state["probe_inputs"], callback.samples.inputs)
     assert state["skip"] == 0 and state["failures"] == 0  # the back-off resumes where it was
 
     resumed = GradProbe(max_overhead=None, every_n_epochs=2)
     run2 = trainer(tmp_path, [resumed], max_epochs=4)
     run2.fit(DigitsModule(), ckpt_path=path)
-    assert resumed.probes_done == 2 and resumed.last_probe_epoch == 3
-    assert torch.equal(resumed.probe_inputs, callback.probe_inputs)
+    assert resumed.probes_done == 2 and resumed.schedule.last_probe_epoch == 3
+    assert torch.equal(resumed.samples.inputs, callback.samples.inputs)
     old = GradProbe(max_overhead=None)
     old.load_state_dict({"probes_done": 3})  # an older, smaller state still loads
-    assert old.probes_done == 3 and old.probe_inputs is None and old.alerts == []
+    assert old.probes_done == 3 and old.samples.inputs is None and old.alerts == []
 
 
 def test_overhead_budget_postpones_probes_on_short_epochs(tmp_path):
     budgeted = GradProbe(max_overhead=0.05)
     _fit(tmp_path, DigitsModule(n_train=64), budgeted, max_epochs=8)
-    assert budgeted.probes_done >= 1 and budgeted.postponed >= 1
-    assert budgeted.probes_done + budgeted.postponed == 8
+    assert budgeted.probes_done >= 1 and budgeted.schedule.postponed >= 1
+    assert budgeted.probes_done + budgeted.schedule.postponed == 8
     everything = GradProbe(max_overhead=None)
     _fit(tmp_path, DigitsModule(n_train=64), everything, max_epochs=8)
-    assert everything.probes_done == 8 and everything.postponed == 0
+    assert everything.probes_done == 8 and everything.schedule.postponed == 0
     with pytest.raises(ValueError, match="max_overhead"):
         GradProbe(max_overhead=0)
 

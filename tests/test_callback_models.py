@@ -187,24 +187,25 @@ def test_token_model_zero_config_names_a_wrong_encoder_backward_and_draws_a_toke
     assert image.shape[1] > 400 and grey > 0.02
 
 
-def test_token_model_probed_fresh_at_every_probe(tmp_path):
+def test_token_model_probed_fresh_at_every_probe(tmp_path, monkeypatch):
     """The embedding's output is recomputed from the stored ids each time: it follows the training."""
+    import lightning_gradprobe.callback as callback_module
+
     torch.manual_seed(0)
     callback = GradProbe(max_overhead=None)
     embeddings = []
-    original = callback._probe_locally
+    real_run_probe = callback_module.run_probe
 
-    def spy(trainer_, pl_module):
-        report, error, elapsed = original(trainer_, pl_module)
-        ids = callback.probe_inputs["input_ids"][: len(report.verdicts)]
+    def run_probe_and_look(pl_module, x, options):  # the real probe, then a look at what it used
+        report = real_run_probe(pl_module, x, options)
         with torch.no_grad():
-            live = pl_module.embed(ids).double()
+            live = pl_module.embed(x["input_ids"]).double()
         # gradient x embedding was computed with the embedding of this very moment, not a stale copy
         torch.testing.assert_close(report.token_scores["grad_x_input"], (report.saliency.double() * live).sum(-1))
         embeddings.append(live)
-        return report, error, elapsed
+        return report
 
-    callback._probe_locally = spy
+    monkeypatch.setattr(callback_module, "run_probe", run_probe_and_look)
     _fit(tmp_path, TokenModule(), TokenModule.loaders(), callback, max_epochs=3)
     assert len(embeddings) == 3 and not torch.allclose(embeddings[0], embeddings[-1])  # training moved them
 
@@ -214,7 +215,7 @@ def test_nan_rows_are_left_out_counted_and_replaced(tmp_path):
     callback = GradProbe(max_overhead=None)
     _, events = _fit(tmp_path, ImageAndMetadataModule(), ImageAndMetadataModule.loaders(nan_rows=True), callback)
     assert _fail_fractions(events) == [0.0, 0.0]  # probed every time, on finite rows only
-    assert callback.probe_inputs[1].isfinite().all() and len(callback.last_report.verdicts) == 8
+    assert callback.samples.inputs[1].isfinite().all() and len(callback.last_report.verdicts) == 8
     nonfinite = [e.value for e in events.Scalars("gradprobe/health/nonfinite_inputs")]
     assert nonfinite[0] > 0
 
@@ -273,7 +274,7 @@ def test_short_fits_are_probed_first_last_and_spread(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run.fit(DigitsModule())
-    assert callback.probes_done >= 5 and callback.last_probe_epoch == 9
+    assert callback.probes_done >= 5 and callback.schedule.last_probe_epoch == 9
 
 
 def test_target_out_of_range_pauses_training_goes_on_and_strict_raises(tmp_path):

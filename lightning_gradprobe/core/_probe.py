@@ -42,7 +42,7 @@ from ._second_order import check_second_order
 from ._verdicts import Problem, default_rtol
 from .report import ProbeReport, SecondOrderReport
 
-__all__ = ["default_rtol", "jacobians", "probe", "saliency"]
+__all__ = ["default_rtol", "jacobians", "probe", "run_probe", "saliency"]
 
 
 def probe(
@@ -152,6 +152,11 @@ def probe(
         check_parameters=check_parameters, check_forward_mode=check_forward_mode, localize_budget=localize_budget,
         second_order=second_order, layer=layer,
     )  # fmt: skip
+    return run_probe(model, inputs, options)
+
+
+def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
+    """:func:`probe` with its options as one validated value: the stages, in order."""
     generator = torch.Generator().manual_seed(options.seed)
     notes = Notes(subject=model)
     with isolated(model, device_of(inputs)):
@@ -169,7 +174,7 @@ def probe(
             else None
         )
         second = _second_order(model, batch, forward_pass, problem, first, options, generator)
-    notes.say_warnings(stacklevel=3)
+    notes.say_warnings(stacklevel=4)
     culprits = find_culprits(model, batch, first, second, options, check=probe)
     if second is not None:
         second = replace(second, culprits=culprits.second_order)

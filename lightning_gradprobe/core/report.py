@@ -327,6 +327,13 @@ class ProbeReport:
             )
         return found
 
+    def setup_summary(self) -> str:
+        """How the probe ran, in words: samples, dtypes, engine."""
+        return (
+            f"{_count(len(self.verdicts), 'sample')}; backward in {self.model_dtype}, finite differences in "
+            f"{self.fd_dtype}, engine {self.engine}"
+        )
+
     def raise_if_failed(self) -> None:
         """Raise :class:`~lightning_gradprobe.GradientCheckError` (carrying this report) unless ``ok``."""
         if not self.ok:

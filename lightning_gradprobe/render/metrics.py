@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..alerts import ProbeFigures
+from ..alerts import AlertThresholds, ProbeFigures
 from ..core.report import ProbeReport
 
 __all__ = ["probe_metrics"]
@@ -11,15 +11,15 @@ __all__ = ["probe_metrics"]
 def probe_metrics(
     figures: ProbeFigures,
     report: ProbeReport | None,
+    thresholds: AlertThresholds,
     *,
-    fail_threshold: float | None,
     second_order: bool,
     nonfinite_inputs: int,
 ) -> dict[str, float]:
     """The ``gradprobe/...`` scalars of one probe: the same keys on every process, whether its own probe ran.
 
     Example:
-        >>> metrics = probe_metrics(ProbeFigures(probed=8, checked=8, failed=2), None, fail_threshold=0.0,
+        >>> metrics = probe_metrics(ProbeFigures(probed=8, checked=8, failed=2), None, AlertThresholds(),
         ...                         second_order=False, nonfinite_inputs=0)
         >>> metrics["gradprobe/checks/fail_fraction"], metrics["gradprobe/checks/margin_limit"]
         (0.25, 1.0)
@@ -36,8 +36,8 @@ def probe_metrics(
         "gradprobe/health/leaking_pairs": float(figures.leaking_pairs),
         "gradprobe/health/nonfinite_inputs": float(nonfinite_inputs),
     }
-    if fail_threshold is not None:
-        metrics["gradprobe/checks/fail_threshold"] = fail_threshold
+    if thresholds.fail_fraction is not None:
+        metrics["gradprobe/checks/fail_threshold"] = thresholds.fail_fraction
     if second_order:
         second_checked = max(figures.second_order_checked, 1)
         metrics["gradprobe/second_order/fail_fraction"] = figures.second_order_failed / second_checked
