@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 CODE = """
 import sys
 for name in ("lightning", "pytorch_lightning", "tensorboard", "matplotlib"):
@@ -17,6 +19,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_core_and_alerts_need_neither_lightning_nor_tensorboard():
     done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

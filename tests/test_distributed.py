@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two processes per test
+
 SCRIPT = Path(__file__).parent / "ddp_script.py"
 
 

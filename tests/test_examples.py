@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each example is a whole fit
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from opdb_cases import Tally, find_ops, sweep, unlock_backend_flags
 
+pytestmark = pytest.mark.slow  # builds PyTorch's operator database
+
 SLICE = (
     "abs",
     "add",

@@ -12,6 +12,7 @@ from lightning_gradprobe import GradientCheckError, Verdict, probe
 SEEDS = range(20)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(correct_models(0)))
 def test_correct_models_never_fail(name):
     verdicts = []
@@ -27,6 +28,7 @@ def test_correct_models_never_fail(name):
     assert sum(v in (Verdict.PASS, Verdict.PRECISION_LIMITED) for v in verdicts) >= 0.9 * len(verdicts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(buggy_models(0)))
 def test_wrong_backwards_are_caught(name):
     verdicts = []
@@ -244,6 +246,7 @@ REQUIRED_DETECTION = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUG_CLASSES)
 def test_kernel_bug_classes_caught_and_their_correct_twins_pass(name):
     correct, wrong = [], []
@@ -309,6 +312,7 @@ print("ok", before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("setting", "lock"),
     [

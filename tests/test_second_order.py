@@ -12,6 +12,7 @@ SEEDS = range(10)
 CORRECT, WRONG = (sorted(models) for models in second_order_models(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CORRECT)
 def test_correct_double_backwards_never_fail(name):
     verdicts = []
@@ -24,6 +25,7 @@ def test_correct_double_backwards_never_fail(name):
     assert sum(v is Verdict.INCONCLUSIVE for v in verdicts) <= 0.05 * len(verdicts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", WRONG)
 def test_wrong_double_backwards_fail_while_first_order_passes(name):
     first, second = [], []

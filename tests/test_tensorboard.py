@@ -124,6 +124,7 @@ def _rss_bytes():
         return int(statm.read().split()[1]) * 4096
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
 def test_memory_stays_flat_over_many_probes(tmp_path):
     """No figure survives a probe, and resident memory does not trend upward (1000 probes: benchmarks/)."""

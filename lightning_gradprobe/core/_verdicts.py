@@ -51,13 +51,21 @@ __all__ = [
     "INCONCLUSIVE",
     "PASS",
     "PRECISION",
+    "FirstCheck",
     "Judgement",
     "Problem",
+    "Recheck",
+    "Setting",
     "consistent",
     "default_rtol",
+    "first_check",
     "judge_samples",
     "output_projection",
+    "recheck_at_the_point",
+    "recheck_nearby",
+    "recheck_with_grown_step",
     "sample_verdicts",
+    "smooth_but_nonfinite",
     "unit_rms",
 ]
 
@@ -207,7 +215,7 @@ def judge_samples(
         n_directions: Random directions per sample.
 
     """
-    setting = _Setting.draw(problem, x, index, generator, n_directions)
+    setting = Setting.draw(problem, x, index, generator, n_directions)
     first = first_check(setting, jac)
     comparison = first.comparison
     clean = comparison.passed & comparison.reliable & comparison.resolved
@@ -226,7 +234,7 @@ def judge_samples(
 
 
 @dataclass(frozen=True)
-class _Setting:
+class Setting:
     """What every check of one batch of samples shares: the problem, the points, directions and first steps."""
 
     problem: Problem
@@ -238,7 +246,7 @@ class _Setting:
     generator: torch.Generator
 
     @classmethod
-    def draw(cls, problem: Problem, x: Tensor, index: Tensor, generator: torch.Generator, k: int) -> _Setting:
+    def draw(cls, problem: Problem, x: Tensor, index: Tensor, generator: torch.Generator, k: int) -> Setting:
         """Draw the directions (in float32, 5x cheaper; normalised in float64) and size the first steps."""
         ref = problem.reference_dtype
         x_reference = x.to(ref)
@@ -295,19 +303,19 @@ class FirstCheck:
     comparison: Comparison
     notes: tuple[str, ...] = ()
 
-    def check(self, setting: _Setting, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
+    def check(self, setting: Setting, jac_rows: Tensor, stencil: Stencil, rows: Tensor) -> Comparison:
         """Compare ``jac_rows`` (of samples ``rows``) with an unprojected ``stencil``, as the first check did."""
         projected = project(stencil, setting.problem.projection)
         return compare(jac_rows, projected, self.rtol, gain=self.gain[rows], floor=self.floor)
 
-    def trusted_rows_at(self, setting: _Setting, points: Tensor, rows: Tensor) -> Tensor:
+    def trusted_rows_at(self, setting: Setting, points: Tensor, rows: Tensor) -> Tensor:
         """The rows the formula is judged on, at other ``points`` (reference dtype)."""
         if self.separate:
             return setting.reference_rows_at(points, rows)
         return setting.model_rows_at(points.to(setting.x.dtype), rows).to(points.dtype)
 
 
-def first_check(setting: _Setting, jac: Tensor) -> FirstCheck:
+def first_check(setting: Setting, jac: Tensor) -> FirstCheck:
     """The first check: the reference Jacobian rows, the first stencil, and their comparison.
 
     One reference backward per output projection, whose forward also gives the stencil's ``f(x)``.
@@ -341,7 +349,7 @@ def first_check(setting: _Setting, jac: Tensor) -> FirstCheck:
     return FirstCheck(model_rows, reference_rows, separate, rtol, raw, stencil, gain, floor, comparison, notes)
 
 
-def smooth_but_nonfinite(setting: _Setting, first: FirstCheck) -> Tensor:
+def smooth_but_nonfinite(setting: Setting, first: FirstCheck) -> Tensor:
     """Directions of samples whose Jacobian is NaN/Inf where the function is finite and smooth, ``(n, k)``.
 
     Smooth: no kink in the first stencil, or a second difference that falls faster than the step (``h^2``
@@ -388,7 +396,7 @@ class Recheck:
     moved: bool = False
 
 
-def recheck_at_the_point(setting: _Setting, first: FirstCheck, failed: Tensor) -> tuple[Recheck | None, Tensor]:
+def recheck_at_the_point(setting: Setting, first: FirstCheck, failed: Tensor) -> tuple[Recheck | None, Tensor]:
     """A reliable failure stands, unless a better check at the same point contradicts it (see module).
 
     Returns the re-check, and ``(n, k)`` the directions of samples that sit on a tie or kink of the function
@@ -442,7 +450,7 @@ def recheck_at_the_point(setting: _Setting, first: FirstCheck, failed: Tensor) -
     return recheck, at_kink
 
 
-def recheck_with_grown_step(setting: _Setting, first: FirstCheck, roundoff: Tensor) -> Recheck | None:
+def recheck_with_grown_step(setting: Setting, first: FirstCheck, roundoff: Tensor) -> Recheck | None:
     """Round-off hid a 1% error (a gradient tiny next to its output): grow the step at the same point."""
     rows = roundoff.any(1).nonzero().flatten()
     if not len(rows):
@@ -466,7 +474,7 @@ def recheck_with_grown_step(setting: _Setting, first: FirstCheck, roundoff: Tens
     return Recheck(rows, mask, verdict, ((rows, mask, grown),), grown_step)
 
 
-def recheck_nearby(setting: _Setting, first: FirstCheck, shaky: Tensor) -> Recheck | None:
+def recheck_nearby(setting: Setting, first: FirstCheck, shaky: Tensor) -> Recheck | None:
     """Check kinks and ties again at a nearby point, where a wrong backward stays wrong.
 
     Kinks sit on sets of measure zero. A failure there must satisfy ``D(h) = D(2h)`` and repeat at a second
@@ -492,7 +500,7 @@ def recheck_nearby(setting: _Setting, first: FirstCheck, shaky: Tensor) -> Reche
     return Recheck(rows, mask, verdict, evidence, small, moved=True)
 
 
-def _at_nearby_point(setting: _Setting, first: FirstCheck, rows: Tensor, small: Tensor) -> tuple[Tensor, Comparison]:
+def _at_nearby_point(setting: Setting, first: FirstCheck, rows: Tensor, small: Tensor) -> tuple[Tensor, Comparison]:
     problem = setting.problem
     near_x, near_r = setting.nearby(rows)
     near_rows = setting.reference_rows_at(near_r, rows) if first.separate else setting.model_rows_at(near_x, rows)
@@ -523,7 +531,7 @@ class _Ledger:
         self.codes, self.evidence, self.steps, self.moved = codes, evidence, steps, moved
 
     @classmethod
-    def start(cls, setting: _Setting, first: FirstCheck) -> _Ledger:
+    def start(cls, setting: Setting, first: FirstCheck) -> _Ledger:
         """Every direction inconclusive until a check decides it; the first check's figures."""
         codes = torch.full(first.comparison.passed.shape, INCONCLUSIVE, device=setting.x.device)
         moved = torch.zeros(setting.x.shape[0], dtype=torch.bool)
@@ -541,7 +549,7 @@ class _Ledger:
         if recheck.moved:
             self.moved[rows.cpu()] = True
 
-    def judgement(self, setting: _Setting, first: FirstCheck) -> Judgement:
+    def judgement(self, setting: Setting, first: FirstCheck) -> Judgement:
         """The judgement, after question 2 (the model dtype's Jacobian against the reference one)."""
         codes, evidence = self.codes, self.evidence
         dtype_error = torch.full(codes.shape, float("nan"), dtype=torch.float64, device=codes.device)
@@ -562,7 +570,7 @@ class _Ledger:
         )
 
 
-def _jumps(setting: _Setting, first: FirstCheck, rows: Tensor) -> Tensor:
+def _jumps(setting: Setting, first: FirstCheck, rows: Tensor) -> Tensor:
     """Whether the trusted Jacobian differs just either side of each sample (a tie or kink at the point)."""
     xr = setting.x_reference[rows]
     eps = torch.finfo(xr.dtype).eps
@@ -579,7 +587,7 @@ def _jumps(setting: _Setting, first: FirstCheck, rows: Tensor) -> Tensor:
     return ~(gap <= tolerance * size)
 
 
-def _judge_model_dtype(setting: _Setting, first: FirstCheck, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _judge_model_dtype(setting: Setting, first: FirstCheck, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Question 2: the model-dtype Jacobian against the reference one (see the module docstring)."""
     problem, evidence, stencil = setting.problem, first.comparison, first.stencil
     displacement = stencil.d_plus + stencil.d_minus
