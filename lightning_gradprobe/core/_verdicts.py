@@ -88,6 +88,11 @@ _TRUNCATION_DROP = 4.0
 # minimum), and calls Jacobians that differ beyond the gap (relative, likewise) a tie: float64 gives 1e-9, 1e-6.
 _TIE_OFFSET_EPS, _TIE_OFFSET_MIN = 100.0, 1e-9
 _TIE_GAP_EPS, _TIE_GAP_MIN = 1e3, 1e-6
+# A float64 Jacobian that jumps within this many eps (of the model dtype, relative to the input's scale) of the
+# point, and within a tenth of that, by more than the model dtype's tolerance both times, sits on a tie that the
+# model dtype's rounding can flip.
+_DTYPE_TIE_EPS = 100.0
+_DTYPE_TIE_SEED = 0
 # Two stencils measure the same derivative when they differ by at most this many times their summed error bounds.
 _AGREEMENT_BOUNDS = 2.0
 # D(h) and D(2h) (or D(h/8)) of a differentiable function agree to 1%; a jump inside the stencil does not.
@@ -554,9 +559,12 @@ class _Ledger:
         codes, evidence = self.codes, self.evidence
         dtype_error = torch.full(codes.shape, float("nan"), dtype=torch.float64, device=codes.device)
         margin = evidence.margin
+        notes = list(first.notes)
         if first.separate:
             codes, dtype_error, dtype_margin = _judge_model_dtype(setting, first, codes)
             margin = torch.maximum(margin, dtype_margin)
+            codes, tie_notes = _name_dtype_ties(setting, first, codes)
+            notes += tie_notes
         return Judgement(
             codes=codes.cpu(),
             relative_error=evidence.relative_error.double().cpu(),
@@ -566,25 +574,75 @@ class _Ledger:
             dtype_error=dtype_error.cpu(),
             steps=self.steps.double().cpu(),
             moved=self.moved,
-            notes=list(first.notes),
+            notes=notes,
         )
 
 
 def _jumps(setting: Setting, first: FirstCheck, rows: Tensor) -> Tensor:
     """Whether the trusted Jacobian differs just either side of each sample (a tie or kink at the point)."""
-    xr = setting.x_reference[rows]
-    eps = torch.finfo(xr.dtype).eps
+    eps = torch.finfo(setting.x_reference.dtype).eps
     distance, tolerance = max(_TIE_OFFSET_MIN, _TIE_OFFSET_EPS * eps), max(_TIE_GAP_MIN, _TIE_GAP_EPS * eps)
-    offset = unit_rms(
-        torch.randn(xr.shape, generator=setting.generator, dtype=torch.float64), 1, setting.problem.free
-    ).to(xr)
+    return _jacobian_jumps(setting, first, rows, distance, tolerance, setting.generator)
+
+
+def _jacobian_jumps(
+    setting: Setting,
+    first: FirstCheck,
+    rows: Tensor,
+    distance: float,
+    tolerance: float,
+    generator: torch.Generator,
+    floor: Tensor | None = None,
+) -> Tensor:
+    """Whether the trusted Jacobian just either side of each sample differs beyond ``tolerance`` of its size.
+
+    The two points lie ``distance`` (relative to the input's scale) either side; ``floor`` (``(len(rows),)``) is a
+    smallest size to measure against, so that round-off on a Jacobian that is zero never reads as a jump.
+    """
+    xr = setting.x_reference[rows]
+    offset = unit_rms(torch.randn(xr.shape, generator=generator, dtype=torch.float64), 1, setting.problem.free).to(xr)
     scale = (setting.step[rows] / torch.finfo(setting.problem.reference_dtype).eps ** (1 / 3)).to(xr)
     offset = offset * (distance * scale).reshape(-1, *[1] * (xr.ndim - 1))
     both = first.trusted_rows_at(setting, torch.cat([xr + offset, xr - offset]), torch.cat([rows, rows]))
     plus, minus = both[: len(rows)], both[len(rows) :]
     gap = (plus - minus).norm(dim=(1, 2))
     size = torch.maximum(plus.norm(dim=(1, 2)), minus.norm(dim=(1, 2)))
+    if floor is not None:
+        size = torch.maximum(size, floor.to(size))
     return ~(gap <= tolerance * size)
+
+
+def _name_dtype_ties(setting: Setting, first: FirstCheck, codes: Tensor) -> tuple[Tensor, tuple[str, ...]]:
+    """A model-dtype Jacobian off the float64 one because a discrete choice flips is a tie, not precision.
+
+    Top-k, sort, argmax and max-pool pick by comparing values; at a near-tie (repeated tokens after a float32
+    layer) the model dtype and float64 can pick differently at the sample itself. Then the float64 Jacobian itself
+    jumps within the model dtype's rounding of the point, and the direction is inconclusive, with a note.
+    """
+    dtype = setting.problem.model_dtype
+    rows = (codes == PRECISION).any(1).nonzero().flatten()
+    if dtype in (torch.float16, torch.bfloat16) or not len(rows):
+        return codes, ()
+    # Measured against at least the size a Jacobian of the problem's own scale has, where the model dtype can
+    # resolve it: a float64 Jacobian that is round-off on an exact zero does not jump, it is noise.
+    width = first.reference_rows.shape[-1] ** 0.5
+    floor = noise_floor(dtype) * first.gain[rows] * width
+    jumps = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+    for distance in _DTYPE_TIE_EPS * torch.finfo(dtype).eps, _DTYPE_TIE_EPS * torch.finfo(dtype).eps / 10:
+        # A smooth Jacobian's change shrinks with the distance; a choice that flips jumps at both. The same
+        # offset direction both times, from a generator of its own (the probe's own stream stays as it was).
+        generator = torch.Generator().manual_seed(_DTYPE_TIE_SEED)
+        jumps &= _jacobian_jumps(setting, first, rows, distance, setting.problem.rtol, generator, floor)
+    tied = rows[jumps]
+    if not len(tied):
+        return codes, ()
+    codes = codes.clone()  # a tie makes the whole sample's Jacobian ill-defined in the model dtype
+    codes[tied] = torch.where(codes[tied] == FAIL, FAIL, INCONCLUSIVE)
+    name = dtype_name(dtype)
+    return codes, (
+        f"a tie, not precision: on {len(tied)} sample(s) the {name} and float64 Jacobians differ because a discrete "
+        f"choice (top-k, sort, argmax, max-pool) flips within {name}'s rounding of the point; inconclusive there",
+    )
 
 
 def _judge_model_dtype(setting: Setting, first: FirstCheck, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
