@@ -259,3 +259,56 @@ def test_localization_failure_keeps_the_verdicts():
     report = probe(HookHostile(), torch.randn(4, 8), localize=True, check_batch=False)
     assert set(report.verdicts) == {Verdict.FAIL}
     assert report.culprits == () and "localization failed" in report.localization_note
+
+
+class _MaskedFillForgetsMask(torch.autograd.Function):
+    """``x.masked_fill(~mask, 0)`` whose backward forgets the mask."""
+
+    @staticmethod
+    def forward(x, mask):
+        return x.masked_fill(~mask, 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _RootBug(nn.Module):
+    """The wrong backward sits in the root's own forward, between its submodules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, features, mask):
+        hidden = _MaskedFillForgetsMask.apply(torch.tanh(self.proj(features)), mask)
+        return self.head(hidden.mean(1))
+
+
+def _root_bug_inputs():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(6, 5, 6, generator=generator), torch.rand(6, 5, 8, generator=generator) > 0.3
+
+
+@pytest.mark.parametrize("convention", ["dict", "tuple", "keywords", "layer"])
+def test_the_root_itself_is_named_for_every_calling_convention(convention):
+    torch.manual_seed(0)
+    model = _RootBug().eval()
+    features, mask = _root_bug_inputs()
+    arguments = {
+        "dict": ({"features": features, "mask": mask}, {}),
+        "tuple": ((features, mask), {}),
+        "keywords": (
+            features,
+            {"forward": lambda m, x: m(features=x, mask=(x.sum(-1, keepdim=True) > 0).expand(-1, -1, 8))},
+        ),
+        "layer": ({"features": features, "mask": mask}, {"layer": "proj"}),
+    }[convention]
+    report = probe(model, arguments[0], localize=True, **arguments[1])
+    assert report.counts["fail"] == 6
+    assert [(c.module, c.kind) for c in report.culprits] == [("", CulpritKind.INPUT)], report.localization_note

@@ -41,21 +41,41 @@ class Localization:
     cut_short: str | None = None
 
 
+Slot = int | str
+"""Where a submodule's differentiated input sits in its call: a position, or a keyword."""
+
+
 class _Call(nn.Module):
     """A submodule as a function of one of its recorded inputs (the others held fixed)."""
 
-    def __init__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], position: int) -> None:
+    def __init__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot) -> None:
         super().__init__()
         self.module = module
         self._args = args
         self._kwargs = kwargs
-        self._position = position
+        self._slot = slot
 
     def forward(self, x: Tensor) -> Tensor:
         args = [_like(a, x) for a in self._args]
-        args[self._position] = x
         kwargs = {k: _like(v, x) for k, v in self._kwargs.items()}
+        if isinstance(self._slot, int):
+            args[self._slot] = x
+        else:
+            kwargs[self._slot] = x
         return first_floating(self.module(*args, **kwargs))
+
+
+def floating_slot(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Slot | None:
+    """The first floating tensor input of a recorded call: positional first, then keyword (``model(**inputs)``)."""
+    slots: list[tuple[Slot, Any]] = [*enumerate(args), *kwargs.items()]
+    return next((slot for slot, value in slots if isinstance(value, Tensor) and value.is_floating_point()), None)
+
+
+def _input_at(args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot) -> Tensor:
+    value = args[slot] if isinstance(slot, int) else kwargs[slot]
+    if not isinstance(value, Tensor):
+        raise TypeError(f"localize: the input at {slot!r} is a {type(value).__name__}, not a tensor.")
+    return value
 
 
 def _like(value: Any, x: Tensor) -> Any:
@@ -140,16 +160,16 @@ def localize(
                 break
             module = modules[name]
             args, kwargs = recorded[name]
-            position = next((i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()), None)
-            if position is None:
+            slot = floating_slot(args, kwargs)
+            if slot is None:
                 skipped[name] = "no floating tensor input"
                 continue
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     report = check(
-                        _Call(module, args, kwargs, position),
-                        args[position],
+                        _Call(module, args, kwargs, slot),
+                        _input_at(args, kwargs, slot),
                         target=None,
                         n_directions=n_directions,
                         seed=seed,
@@ -169,9 +189,7 @@ def localize(
                 failing[(name, CulpritKind.INPUT)] = _worst(report.relative_error)
             if parameters:
                 try:
-                    weight_error = check_parameters(
-                        module, args, kwargs, position, n_directions=n_directions, seed=seed
-                    )
+                    weight_error = check_parameters(module, args, kwargs, slot, n_directions=n_directions, seed=seed)
                 except Exception as problem:  # e.g. parameters tied in a parent: not judged, but said
                     skipped[f"{name} (parameters)"] = f"{type(problem).__name__}: {str(problem).splitlines()[0][:120]}"
                     continue
@@ -206,7 +224,7 @@ def check_parameters(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    position: int,
+    slot: Slot,
     *,
     n_directions: int = 4,
     seed: int = 0,
@@ -230,8 +248,8 @@ def check_parameters(
     }
     names = list(own)
     theta = torch.cat([tensors[n].flatten() for n in names])
-    x = args[position].detach().to(torch.float64)
-    call = _Call(module, args, kwargs, position)
+    x = _input_at(args, kwargs, slot).detach().to(torch.float64)
+    call = _Call(module, args, kwargs, slot)
 
     def evaluate(flat: Tensor) -> Tensor:
         pieces, offset = {}, 0
