@@ -31,7 +31,7 @@ class AlertCondition(str, Enum):
     VANISHING_SALIENCY = "vanishing_saliency"
     """Too many probed samples have an input gradient that is exactly zero everywhere."""
     PARAMETER_GRADIENTS = "parameter_gradients"
-    """Some submodule's gradient with respect to its own parameters disagrees with finite differences."""
+    """The gradient with respect to the parameters disagrees with finite differences (the culprit is named)."""
     SECOND_ORDER_CHECKS = "second_order_checks"
     """Too many probed samples' double backward through the input is wrong or missing (``second_order=True``)."""
 
@@ -76,7 +76,7 @@ class AlertThresholds:
                 )
 
 
-_MAXIMA = ("worst_relative_error", "worst_margin", "worst_second_order_margin")
+_MAXIMA = ("worst_relative_error", "worst_margin", "worst_second_order_margin", "worst_parameter_margin")
 _COUNTS = (
     "probed",
     "checked",
@@ -112,6 +112,7 @@ class ProbeFigures:
     worst_relative_error: float = float("nan")
     worst_margin: float = float("nan")
     worst_second_order_margin: float = float("nan")
+    worst_parameter_margin: float = float("nan")
     second_order_finding: str | None = None
     failed_samples: tuple[int, ...] = field(default=())
     culprits: tuple[Culprit, ...] = field(default=())
@@ -152,6 +153,7 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
     second = report.second_order
     second_margins = second.margin[~second.margin.isnan()] if second is not None else torch.zeros(0)
     culprits = [*report.culprits, *(second.culprits if second is not None else ())]
+    parameters = report.parameter_check
     return ProbeFigures(
         probed=len(report.verdicts),
         checked=len(report.checked),
@@ -160,7 +162,11 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         nonfinite=int((report.nonfinite_count > 0).sum()),
         leaking_pairs=len(report.leaking_pairs),
         vanishing=int((report.zero_fraction == 1).sum()),
-        wrong_parameters=sum(1 for c in report.culprits if c.kind == "parameter"),
+        wrong_parameters=max(
+            sum(1 for c in report.culprits if c.kind is CulpritKind.PARAMETER),
+            int(parameters is not None and parameters.verdict is Verdict.FAIL),
+        ),
+        worst_parameter_margin=parameters.margin if parameters is not None else float("nan"),
         worst_relative_error=float(errors.max()) if errors.numel() else float("nan"),
         worst_margin=float(margins.max()) if margins.numel() else float("nan"),
         second_order_checked=sum(v is not Verdict.UNCHECKED for v in second.verdicts) if second is not None else 0,
@@ -254,9 +260,10 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
         alerts.append(Alert(AlertCondition.BATCH_LEAKAGE, figures.leaking_pairs, 0, step, (), message))
     if figures.wrong_parameters:
         weights = _of_kind(figures.culprits, CulpritKind.PARAMETER)
+        where = _labels(weights) or "the whole-model check (not localized here)"
         message = (
-            "gradients with respect to parameters disagree with finite differences in "
-            f"{_labels(weights) or 'a submodule on another process'}: training consumes these"
+            f"gradients with respect to parameters disagree with finite differences in {where} (worst margin "
+            f"{figures.worst_parameter_margin:.3g}): training consumes these"
         )
         condition = AlertCondition.PARAMETER_GRADIENTS
         alerts.append(Alert(condition, figures.wrong_parameters, 0, step, (), message, weights))

@@ -86,7 +86,8 @@ class GradProbe(Callback):
         max_overhead: Fraction of the fit's wall time probing may use; due probes past it are postponed
             (milestones of a short fit still run, without pictures; ``None``: follow the schedule).
         localize: When samples fail, name the culprit submodule in the alert.
-        check_parameters: Also check each submodule's parameter gradients (a ``parameter_gradients`` alert).
+        check_parameters: Check the gradients with respect to the parameters too, the ones training consumes (a
+            ``parameter_gradients`` alert naming the submodule; on by default, a few forwards of two samples).
         layer: Dotted name of a submodule whose output is probed instead of the model's input.
         tokens: ``ids -> list[str]`` (a tokenizer's ``convert_ids_to_tokens``) to label token heat maps.
         strict: Raise (:class:`~lightning_gradprobe.GradProbeSetupError`) when the batch cannot be read or the
@@ -135,7 +136,7 @@ class GradProbe(Callback):
         time_budget: float | None = 60.0,
         max_overhead: float | None = 0.05,
         localize: bool = True,
-        check_parameters: bool = False,
+        check_parameters: bool = True,
         second_order: bool = False,
         layer: str | None = None,
         tokens: Callable[[list[int]], list[str]] | None = None,

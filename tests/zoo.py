@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -612,3 +614,186 @@ def second_order_models(
     }
     wrong["critic linear backward from a detached weight (mixed term)"] = (_critic(True), tabular)
     return correct, wrong
+
+
+# --- Weight-only bugs: the input gradient is right, the gradient training consumes is not ----------------------
+
+
+class WeightLinear(torch.autograd.Function):
+    """``x @ W^T + b``; ``bug`` is ``"scale"`` (``grad_W`` x 1.1), ``"transpose"`` (``grad_W`` transposed) or ``None``."""
+
+    @staticmethod
+    def forward(x, weight, bias, bug):
+        return x @ weight.T + bias
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.bug = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        if ctx.bug == "scale":
+            grad_weight = 1.1 * grad_weight
+        elif ctx.bug == "transpose":
+            grad_weight = grad_weight.T
+        return grad @ weight, grad_weight, grad.reshape(-1, grad.shape[-1]).sum(0), None
+
+
+class FusedLinear(nn.Linear):
+    def __init__(self, n_in: int, n_out: int, bug: str | None = None) -> None:
+        super().__init__(n_in, n_out)
+        self.bug = bug
+
+    def forward(self, x):
+        return WeightLinear.apply(x, self.weight, self.bias, self.bug)
+
+
+class WeightConv(torch.autograd.Function):
+    """``conv2d(x, W)`` (padding 1) with ``grad_W`` scaled by ``scale``."""
+
+    @staticmethod
+    def forward(x, weight, scale):
+        return nn.functional.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.scale = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, padding=1)
+        grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, padding=1)
+        return grad_x, ctx.scale * grad_w, None
+
+
+class FusedConv(nn.Conv2d):
+    def __init__(self, n_in: int, n_out: int, scale: float = 1.0) -> None:
+        super().__init__(n_in, n_out, 3, padding=1, bias=False)
+        self.scale = scale
+
+    def forward(self, x):
+        return WeightConv.apply(x, self.weight, self.scale)
+
+
+class WeightEmbedding(torch.autograd.Function):
+    """``W[ids]`` with a hand-written backward scattering into ``W``, scaled by ``scale``."""
+
+    @staticmethod
+    def forward(ids, weight, scale):
+        return weight[ids]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.rows, ctx.scale = inputs[1].shape[0], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w = torch.zeros((ctx.rows, flat.shape[1]), dtype=grad.dtype).index_add(0, ids.reshape(-1), flat)
+        return None, ctx.scale * grad_w, None
+
+
+class FusedEmbedding(nn.Embedding):
+    def __init__(self, rows: int, width: int, scale: float = 1.0) -> None:
+        super().__init__(rows, width)
+        self.scale = scale
+
+    def forward(self, ids):
+        return WeightEmbedding.apply(ids, self.weight, self.scale)
+
+
+class WeightLayerNorm(torch.autograd.Function):
+    """Layer norm with an affine weight whose gradient is scaled by ``scale`` (input and bias gradients right)."""
+
+    @staticmethod
+    def forward(x, weight, bias, scale):
+        return nn.functional.layer_norm(x, x.shape[-1:], weight, bias, 1e-5)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.scale = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        normed = (x - mean) / torch.sqrt(var + 1e-5)
+        g = grad * weight
+        grad_x = (g - g.mean(-1, keepdim=True) - normed * (g * normed).mean(-1, keepdim=True)) / torch.sqrt(var + 1e-5)
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w = (flat * normed.reshape(-1, normed.shape[-1])).sum(0)
+        return grad_x, ctx.scale * grad_w, flat.sum(0), None
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    def __init__(self, width: int, scale: float = 1.0) -> None:
+        super().__init__(width)
+        self.scale = scale
+
+    def forward(self, x):
+        return WeightLayerNorm.apply(x, self.weight, self.bias, self.scale)
+
+
+class TiedTokenModel(nn.Module):
+    """An embedding tied to its output head; the head is a hand-written linear (``bug`` as in ``WeightLinear``)."""
+
+    def __init__(self, bug: str | None = None, vocabulary: int = 12, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.mix = nn.Linear(width, width)
+        self.head = FusedLinear(width, vocabulary, bug)
+        self.head.weight = self.embed.weight  # tied: one parameter, two uses
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))).mean(1))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv = FusedConv(1, 4, scale)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+
+class TokenNet(nn.Module):
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.embed = FusedEmbedding(16, 8, scale)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+def weight_bug_classes(seed: int) -> dict[str, tuple[tuple[nn.Module, Any], tuple[nn.Module, Any], str]]:
+    """For each weight-only bug: (correct twin, wrong kernel, the culprit's module name), same weights and inputs."""
+    g = torch.Generator().manual_seed(seed)
+
+    def twins(make: Any, correct: Any, wrong: Any, x: Any, culprit: str) -> tuple[Any, Any, str]:
+        torch.manual_seed(seed)
+        ok, bad = make(correct).eval(), make(wrong).eval()
+        bad.load_state_dict(ok.state_dict())
+        return (ok, x), (bad, x), culprit
+
+    mlp = lambda bug: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), FusedLinear(8, 8, bug), nn.Tanh(), nn.Linear(8, 3))  # noqa: E731
+    norm = lambda scale: nn.Sequential(nn.Linear(6, 8), FusedLayerNorm(8, scale), nn.Tanh(), nn.Linear(8, 3))  # noqa: E731
+    ids = torch.randint(0, 12, (8, 5), generator=g)
+    return {
+        "linear-grad-weight-x1.1": twins(mlp, None, "scale", torch.randn(8, 6, generator=g), "2"),
+        "linear-grad-weight-transposed": twins(mlp, None, "transpose", torch.randn(8, 6, generator=g), "2"),
+        "conv-grad-weight-x1.1": twins(ConvNet, 1.0, 1.1, torch.randn(8, 1, 6, 6, generator=g), "conv"),
+        "embedding-grad-weight-x1.1": twins(TokenNet, 1.0, 1.1, torch.randint(0, 16, (8, 5), generator=g), "embed"),
+        "layernorm-grad-affine-weight-x1.1": twins(norm, 1.0, 1.1, torch.randn(8, 6, generator=g), "1"),
+        "tied-embedding-head-grad-weight-x1.1": twins(TiedTokenModel, None, "scale", ids, "head"),
+    }

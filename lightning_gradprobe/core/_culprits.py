@@ -11,7 +11,7 @@ from ._first_order import FirstOrder
 from ._options import ProbeOptions
 from ._prepare import Forward, PreparedBatch
 from .localize import Check, localize
-from .report import Culprit, CulpritKind, SecondOrderReport
+from .report import Culprit, CulpritKind, ParameterCheck, SecondOrderReport, Verdict
 
 __all__ = ["Culprits", "find_culprits"]
 
@@ -37,17 +37,24 @@ def find_culprits(
     batch: PreparedBatch,
     first: FirstOrder,
     second: SecondOrderReport | None,
+    parameters: ParameterCheck | None,
     options: ProbeOptions,
     *,
     check: Check,
 ) -> Culprits:
-    """Localize on the first failing sample (first order, then second order), with ``check`` on each submodule."""
+    """Localize with ``check`` on each submodule, on one sample.
+
+    Input gradients on the first failing sample (with ``localize``); each submodule's own parameters where the
+    whole-model parameter check failed; the double backward (with ``localize``).
+    """
     failing = first.failed
+    wanted = {CulpritKind.INPUT} if options.localize and failing else set()
+    if parameters is not None and parameters.verdict is Verdict.FAIL:
+        wanted.add(CulpritKind.PARAMETER)
     first_order: tuple[Culprit, ...] = ()
     second_order: tuple[Culprit, ...] = ()
     note = None
-    if (options.localize and failing) or options.check_parameters:
-        wanted = {CulpritKind.INPUT, CulpritKind.PARAMETER} if options.localize and failing else {CulpritKind.PARAMETER}
+    if wanted:
         first_order, note = _localize(
             model, batch, (failing or first.checked.tolist())[0], options, check, wanted, second_order=False
         )
@@ -84,7 +91,7 @@ def _localize(
             seed=options.seed,
             max_modules=options.localize_budget[0],
             time_budget=options.localize_budget[1],
-            parameters=options.check_parameters and not second_order,
+            parameters=CulpritKind.PARAMETER in wanted,
             second_order=second_order,
         )
     except Exception as error:  # localization is a help, never a reason to lose the verdicts

@@ -44,7 +44,7 @@ class ProbeOptions:
     max_full_outputs: int = 64
     check_batch: bool = True
     localize: bool = False
-    check_parameters: bool = False
+    check_parameters: bool = True
     check_forward_mode: bool = False
     localize_budget: tuple[int, float] = (64, 30.0)
     second_order: bool = False

@@ -35,6 +35,8 @@ class PreparedBatch:
         packed: How ``x`` unpacks into the model's structured inputs (``None`` for a plain tensor).
         layer: The submodule whose output is probed instead of the inputs, else ``None``.
         layer_output: That submodule's output on the inputs.
+        whole_forward: How the whole model runs on ``x`` with the layer computing its own output, not the probed
+            one (what the parameters' gradients go through); ``None``: ``forward``.
 
     """
 
@@ -44,6 +46,12 @@ class PreparedBatch:
     packed: Packed | None = None
     layer: str | None = None
     layer_output: Tensor | None = None
+    whole_forward: Forward | None = None
+
+    @property
+    def parameter_forward(self) -> Forward | None:
+        """How the model runs on ``x`` for the parameters' gradients: every layer computing its own output."""
+        return self.whole_forward or self.forward
 
     @property
     def size(self) -> int:
@@ -111,7 +119,11 @@ def prepare_batch(
         with replaced_output(module, values[LAYER]):
             return call_raw(m, _rebuild(inputs, values))
 
-    return _checked(PreparedBatch(packed.flat, at_layer, _packed_dtype(model, packed), packed, name, output))
+    def whole(m: Any, x: Tensor) -> Any:
+        return call_raw(m, _rebuild(inputs, packed.unpack(x, _compute_dtype(m, x, packed))))
+
+    dtype = _packed_dtype(model, packed)
+    return _checked(PreparedBatch(packed.flat, at_layer, dtype, packed, name, output, whole))
 
 
 def _checked(batch: PreparedBatch) -> PreparedBatch:

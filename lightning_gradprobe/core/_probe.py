@@ -9,14 +9,15 @@ A probe is a chain of stages, each a function of the values before it (see the R
 5. cross-sample: :class:`~._jacobian.CrossSampleCheck`, are samples independent?
 6. first order: :class:`~._first_order.FirstOrder`, each checked sample's verdict;
 7. second order: :class:`~.report.SecondOrderReport` (when asked for);
-8. culprits: :class:`~._culprits.Culprits`, the submodules to blame (when asked for);
-9. the :class:`~.report.ProbeReport`.
+8. parameters: :class:`~.report.ParameterCheck`, the gradient with respect to the weights (on by default);
+9. culprits: :class:`~._culprits.Culprits`, the submodules to blame (when asked for, or parameters fail);
+10. the :class:`~.report.ProbeReport`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,11 +37,12 @@ from ._isolation import isolated
 from ._jacobian import CrossSampleCheck
 from ._notes import Notes
 from ._options import ProbeOptions
+from ._parameters import check_parameter_gradients
 from ._prepare import Forward, PreparedBatch, check_finite_batch, device_of, prepare_batch
 from ._reference import reference_problem
 from ._second_order import check_second_order
 from ._verdicts import Problem, default_rtol
-from .report import ProbeReport, SecondOrderReport
+from .report import ParameterCheck, ProbeReport, SecondOrderReport
 
 __all__ = ["default_rtol", "jacobians", "probe", "run_probe", "saliency"]
 
@@ -62,7 +64,7 @@ def probe(
     max_full_outputs: int = 64,
     check_batch: bool = True,
     localize: bool = False,
-    check_parameters: bool = False,
+    check_parameters: bool = True,
     check_forward_mode: bool = False,
     localize_budget: tuple[int, float] = (64, 30.0),
     second_order: bool = False,
@@ -112,9 +114,11 @@ def probe(
         check_batch: Whether to check that samples do not leak into each other through the batch.
         localize: When a sample fails, check every submodule on its own on that sample and name the
             culprits in ``report.culprits`` (deepest first). Needs an ``nn.Module``.
-        check_parameters: Also check each submodule's gradient with respect to its own parameters
-            (on the first failing sample, else the first checked one): a wrong weight gradient corrupts
-            training even when input gradients are right.
+        check_parameters: Also check the gradient with respect to the parameters, what training consumes (on by
+            default): one float64 backward of a random combination of the checked outputs of two samples, along
+            random directions in the space of every trainable parameter, against float64 central differences
+            (``report.parameter_check``). When it fails, each submodule's own parameters are checked to name the
+            culprit (``culprit.kind == "parameter"``).
         check_forward_mode: Compare forward mode (``torch.func.jvp``) with the reverse-mode Jacobian.
         localize_budget: ``(max_modules, seconds)`` for localization.
         layer: A submodule (or its dotted name) whose *output* is differentiated instead of the model's input,
@@ -174,11 +178,13 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
             else None
         )
         second = _second_order(model, batch, forward_pass, problem, first, options, generator)
+        parameters = _parameter_check(model, batch, forward_pass, problem, first, options, generator)
     notes.say_warnings(stacklevel=4)
-    culprits = find_culprits(model, batch, first, second, options, check=probe)
+    culprits = find_culprits(model, batch, first, second, parameters, options, check=probe)
     if second is not None:
         second = replace(second, culprits=culprits.second_order)
-    return _report(batch, forward_pass, problem, cross, first, forward_mode, second, culprits, notes, options)
+    checks = _Checks(cross, first, forward_mode, second, parameters, culprits)
+    return _report(batch, forward_pass, problem, checks, notes, options)
 
 
 def _forward_pass(
@@ -232,19 +238,44 @@ def _second_order(
     return report
 
 
-def _report(
+def _parameter_check(
+    model: Any,
     batch: PreparedBatch,
     forward: ForwardPass,
     problem: Problem,
-    cross: CrossSampleCheck,
     first: FirstOrder,
-    forward_mode: tuple[int, ...] | None,
-    second: SecondOrderReport | None,
-    culprits: Culprits,
-    notes: Notes,
     options: ProbeOptions,
+    generator: torch.Generator,
+) -> ParameterCheck | None:
+    """Stage 8: the gradient with respect to every trainable parameter, on the whole model at once."""
+    if not options.check_parameters or not isinstance(model, nn.Module) or not len(first.checked):
+        return None
+    parameters = build_parameter_function(model, forward=batch.parameter_forward, output=options.output)
+    if parameters is None:
+        return None
+    rows = first.checked.to(batch.x.device)
+    return check_parameter_gradients(
+        model, parameters, problem, batch.x[rows], forward.index[rows], generator=generator
+    )
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """What the checking stages found, for the report."""
+
+    cross: CrossSampleCheck
+    first: FirstOrder
+    forward_mode: tuple[int, ...] | None
+    second: SecondOrderReport | None
+    parameters: ParameterCheck | None
+    culprits: Culprits
+
+
+def _report(
+    batch: PreparedBatch, forward: ForwardPass, problem: Problem, checks: _Checks, notes: Notes, options: ProbeOptions
 ) -> ProbeReport:
-    """Stage 9: the report, from the values the stages produced."""
+    """Stage 10: the report, from the values the stages produced."""
+    cross, first, culprits = checks.cross, checks.first, checks.culprits
     n, evidence = batch.size, first.evidence
     flat = forward.jacobians.reshape(n, -1)
     salient = forward.saliency
@@ -278,8 +309,9 @@ def _report(
         outputs=forward.outputs.detach().cpu(),
         culprits=culprits.first_order,
         localization_note=culprits.note,
-        forward_mode_mismatch=forward_mode,
-        second_order=second,
+        forward_mode_mismatch=checks.forward_mode,
+        second_order=checks.second,
+        parameter_check=checks.parameters,
     )
 
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._finite_differences import Comparison, Stencil, compare, default_step
 from ._functions import ParameterFunction
 from ._inputs import free_only
 from ._jacobian import compute_gradients
-from ._verdicts import Judgement, Problem, consistent, default_rtol, judge_samples, sample_verdicts, unit_rms
+from ._parameters import judge_directional_derivatives
+from ._verdicts import Judgement, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import SecondOrderReport, Verdict
 
 __all__ = ["check_second_order"]
@@ -235,32 +235,8 @@ def _check_mixed_term(
     directions = unit_rms(torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64), 1)
     directions = directions.to(theta)  # (device and dtype of the parameters)
     gain = (value.detach().abs() / theta.norm().clamp_min(theta.numel() ** 0.5)).reshape(1)
-
-    def check(step: Tensor) -> tuple[Stencil, Comparison]:
-        with torch.no_grad():
-            plus = torch.stack([penalty(theta + step * v, False) for v in directions])
-            minus = torch.stack([penalty(theta - step * v, False) for v in directions])
-        d_plus, d_minus = (theta + step * directions) - theta, theta - (theta - step * directions)
-        stencil = Stencil(
-            value.detach().reshape(1, 1),
-            plus.reshape(1, -1, 1),
-            minus.reshape(1, -1, 1),
-            d_plus[None],
-            d_minus[None],
-            torch.finfo(ref).eps,
-        )
-        return stencil, compare(row.reshape(1, 1, -1), stencil, default_rtol(ref), gain=gain, floor=_FLOOR)
-
-    step = default_step(theta.reshape(1, -1), ref)
-    stencil, first = check(step)
-    clean = first.passed & first.reliable & first.resolved
-    if bool(clean.all()):
-        return Verdict.PASS, float(first.margin.max())
-    finer_stencil, finer = check(step / 8)
-    same = consistent(stencil, finer_stencil)
-    failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same
-    judged = clean | (finer.passed & finer.reliable & finer.resolved)
-    margin = float(torch.where(clean, first.margin, finer.margin).max())
-    if bool(failed.any()):
-        return Verdict.FAIL, margin
-    return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin
+    verdict, margin, _ = judge_directional_derivatives(
+        lambda flat: penalty(flat, False), value.detach(), row, theta, directions, rtol=default_rtol(ref), gain=gain,
+        floor=_FLOOR,
+    )  # fmt: skip
+    return verdict, margin

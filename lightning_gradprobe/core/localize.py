@@ -48,19 +48,21 @@ Slot = int | str
 class _Call(nn.Module):
     """A submodule as a function of one of its recorded inputs (the others held fixed)."""
 
-    def __init__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot) -> None:
+    def __init__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot | None) -> None:
         super().__init__()
         self.module = module
         self._args = args
         self._kwargs = kwargs
         self._slot = slot
 
-    def forward(self, x: Tensor) -> Tensor:
-        args = [_like(a, x) for a in self._args]
-        kwargs = {k: _like(v, x) for k, v in self._kwargs.items()}
+    def forward(self, x: Tensor | None = None) -> Tensor:
+        """The submodule's output with ``x`` at the slot (``None``: the recorded inputs as they are)."""
+        dtype = x if x is not None else next((p for p in self.module.parameters() if p.is_floating_point()), None)
+        args = [_like(a, dtype) for a in self._args]
+        kwargs = {k: _like(v, dtype) for k, v in self._kwargs.items()}
         if isinstance(self._slot, int):
             args[self._slot] = x
-        else:
+        elif isinstance(self._slot, str):
             kwargs[self._slot] = x
         return first_floating(self.module(*args, **kwargs))
 
@@ -78,8 +80,8 @@ def _input_at(args: tuple[Any, ...], kwargs: dict[str, Any], slot: Slot) -> Tens
     return value
 
 
-def _like(value: Any, x: Tensor) -> Any:
-    if isinstance(value, Tensor) and value.is_floating_point():
+def _like(value: Any, x: Tensor | None) -> Any:
+    if x is not None and isinstance(value, Tensor) and value.is_floating_point():
         return value.to(x.dtype)
     return value
 
@@ -161,32 +163,18 @@ def localize(
             module = modules[name]
             args, kwargs = recorded[name]
             slot = floating_slot(args, kwargs)
-            if slot is None:
-                skipped[name] = "no floating tensor input"
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    report = check(
-                        _Call(module, args, kwargs, slot),
-                        _input_at(args, kwargs, slot),
-                        target=None,
-                        n_directions=n_directions,
-                        seed=seed,
-                        check_batch=False,
-                        second_order=second_order,
-                    )
-            except Exception as error:  # a submodule that cannot be probed alone is skipped, with its reason
-                skipped[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                continue
-            checked.append(name)
-            if second_order:
-                if report.second_order is not None and not report.second_order.ok:
-                    failing[(name, CulpritKind.SECOND_ORDER)] = _worst(report.second_order.relative_error)
-                    if report.second_order.finding:
-                        findings[name] = report.second_order.finding
-            elif Verdict.FAIL in report.verdicts:
-                failing[(name, CulpritKind.INPUT)] = _worst(report.relative_error)
+            if slot is None:  # (an embedding of token ids): only its own parameters can be checked
+                if not parameters or not _has_own_parameters(module):
+                    skipped[name] = "no floating tensor input"
+                    continue
+                checked.append(name)
+            else:
+                report = _check_alone(check, module, args, kwargs, slot, n_directions, seed, second_order)
+                if isinstance(report, str):
+                    skipped[name] = report
+                    continue
+                checked.append(name)
+                failing.update(_failures(name, report, second_order, findings))
             if parameters:
                 try:
                     weight_error = check_parameters(module, args, kwargs, slot, n_directions=n_directions, seed=seed)
@@ -196,6 +184,52 @@ def localize(
                 if weight_error is not None:
                     failing[(name, CulpritKind.PARAMETER)] = weight_error
     return Localization(_culprits(failing, modules, findings), tuple(checked), skipped, cut_short)
+
+
+def _has_own_parameters(module: nn.Module) -> bool:
+    return any(p.is_floating_point() for p in module.parameters(recurse=False))
+
+
+def _check_alone(
+    check: Check,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    slot: Slot,
+    n_directions: int,
+    seed: int,
+    second_order: bool,
+) -> ProbeReport | str:
+    """The submodule probed on its own as a function of its input at ``slot``, or why it could not be."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return check(
+                _Call(module, args, kwargs, slot),
+                _input_at(args, kwargs, slot),
+                target=None,
+                n_directions=n_directions,
+                seed=seed,
+                check_batch=False,
+                check_parameters=False,  # each submodule's own parameters are checked on their own
+                second_order=second_order,
+            )
+    except Exception as error:  # a submodule that cannot be probed alone is skipped, with its reason
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
+
+def _failures(
+    name: str, report: ProbeReport, second_order: bool, findings: dict[str, str]
+) -> dict[tuple[str, CulpritKind], float]:
+    """What a submodule's own check found (its findings noted in ``findings``)."""
+    if second_order:
+        if report.second_order is not None and not report.second_order.ok:
+            if report.second_order.finding:
+                findings[name] = report.second_order.finding
+            return {(name, CulpritKind.SECOND_ORDER): _worst(report.second_order.relative_error)}
+    elif Verdict.FAIL in report.verdicts:
+        return {(name, CulpritKind.INPUT): _worst(report.relative_error)}
+    return {}
 
 
 def _culprits(
@@ -224,7 +258,7 @@ def check_parameters(
     module: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    slot: Slot,
+    slot: Slot | None,
     *,
     n_directions: int = 4,
     seed: int = 0,
@@ -248,7 +282,7 @@ def check_parameters(
     }
     names = list(own)
     theta = torch.cat([tensors[n].flatten() for n in names])
-    x = _input_at(args, kwargs, slot).detach().to(torch.float64)
+    inputs = () if slot is None else (_input_at(args, kwargs, slot).detach().to(torch.float64),)
     call = _Call(module, args, kwargs, slot)
 
     def evaluate(flat: Tensor) -> Tensor:
@@ -258,7 +292,7 @@ def check_parameters(
             pieces["module." + n] = flat[offset : offset + size].view_as(tensors[n])
             offset += size
         merged = {"module." + k: v for k, v in tensors.items()} | pieces
-        return functional_call(call, merged, (x,)).reshape(-1)
+        return functional_call(call, merged, inputs).reshape(-1)
 
     with torch.no_grad():
         f0 = evaluate(theta)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._errors import GradientCheckError
 
-__all__ = ["Culprit", "CulpritKind", "ProbeReport", "SecondOrderReport", "Verdict", "dtype_name"]
+__all__ = ["Culprit", "CulpritKind", "ParameterCheck", "ProbeReport", "SecondOrderReport", "Verdict", "dtype_name"]
 
 
 class Verdict(str, Enum):
@@ -178,6 +178,35 @@ class SecondOrderReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ParameterCheck:
+    """The whole-model check of parameter gradients (``probe(check_parameters=True)``, the default).
+
+    Attributes:
+        verdict: ``pass``, ``fail`` or ``inconclusive``: autograd's gradient of a random combination of the checked
+            outputs with respect to every trainable parameter, along random directions, against float64 central
+            differences.
+        margin: Its worst margin (error / allowed error; ``<= 1`` passes).
+        relative_error: Its worst relative error.
+        parameters: Trainable floating parameters (scalars) the directions span.
+        frozen: Floating parameters (scalars) left out because they do not require grad.
+
+    """
+
+    verdict: Verdict
+    margin: float
+    relative_error: float
+    parameters: int
+    frozen: int = 0
+
+    def __str__(self) -> str:
+        frozen = f", {self.frozen} frozen left out" if self.frozen else ""
+        return (
+            f"parameter gradients (whole model, {self.parameters} parameters{frozen}): {self.verdict} "
+            f"(margin {self.margin:.2g})"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class ProbeReport:
     """What :func:`~lightning_gradprobe.probe` found. Per-sample tensors have the batch size ``N`` first.
@@ -222,6 +251,8 @@ class ProbeReport:
             and ``"grad_x_input"`` (gradient x embedding, summed over ``E``), each ``(N, L)``.
         second_order: The :class:`SecondOrderReport` of the double backward through the input, when asked for
             (``probe(..., second_order=True)``), else ``None``.
+        parameter_check: The :class:`ParameterCheck` of the gradients with respect to the parameters (``None``:
+            not asked for, or nothing trainable); when it fails, ``culprits`` name the submodule and ``"parameter"``.
 
     """
 
@@ -256,6 +287,7 @@ class ProbeReport:
     second_order: SecondOrderReport | None = None
     layer: str | None = None
     token_scores: dict[str, Tensor] | None = None
+    parameter_check: ParameterCheck | None = None
 
     @property
     def failed(self) -> list[int]:
@@ -294,11 +326,16 @@ class ProbeReport:
         bad = (self.nonfinite_count > 0).nonzero().flatten().tolist()
         if bad:
             found.append(f"non-finite input gradients in samples {bad[:8]}")
-        wrong_weights = [c for c in self.culprits if c.kind == "parameter"]
+        wrong_weights = [c for c in self.culprits if c.kind is CulpritKind.PARAMETER]
         if wrong_weights:
             found.append(
                 "parameter gradients disagree with finite differences in "
                 + ", ".join(f"{c.module or '<model>'} ({c.module_type})" for c in wrong_weights)
+            )
+        elif self.parameter_check is not None and self.parameter_check.verdict is Verdict.FAIL:
+            found.append(
+                "parameter gradients disagree with finite differences (whole-model check along random parameter "
+                f"directions, margin {self.parameter_check.margin:.3g}); no single submodule's own check failed"
             )
         if self.forward_mode_mismatch:
             found.append(
@@ -415,6 +452,8 @@ class ProbeReport:
                 "kink or tie inside the stencil at the sample itself (max-pool over a flat region, ReLU at 0) "
                 "cannot decide a verdict; a reliable failure is never moved"
             )
+        if self.parameter_check is not None:
+            lines.append(f"  {self.parameter_check}")
         lines += [f"  culprit: {culprit}" for culprit in self.culprits]
         if self.localization_note:
             lines.append(f"  localization: {self.localization_note}")

@@ -30,6 +30,7 @@ def probe_metrics(
         "gradprobe/checks/fail_fraction": figures.failed / checked,
         "gradprobe/checks/inconclusive_fraction": figures.inconclusive / checked,
         "gradprobe/checks/margin_max": figures.worst_margin,
+        "gradprobe/checks/parameter_margin_max": figures.worst_parameter_margin,
         "gradprobe/checks/relative_error_max": figures.worst_relative_error,
         "gradprobe/health/nonfinite_samples": float(figures.nonfinite),
         "gradprobe/health/vanishing_samples": float(figures.vanishing),

@@ -28,7 +28,12 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
         "gradprobe": {
             "margin (error / allowed) vs 1": [
                 "Multiline",
-                [f"{PREFIX}/checks/margin_max", f"{PREFIX}/second_order/margin_max", f"{PREFIX}/checks/margin_limit"],
+                [
+                    f"{PREFIX}/checks/margin_max",
+                    f"{PREFIX}/checks/parameter_margin_max",
+                    f"{PREFIX}/second_order/margin_max",
+                    f"{PREFIX}/checks/margin_limit",
+                ],
             ],
             "fail fraction vs threshold": [
                 "Multiline",
