@@ -9,6 +9,8 @@ Each method and its anchor are timed alternately; the figure is the ratio of med
                                                     + two float64 forwards per direction per checked sample
         (defaults compare all 10 outputs as one vector, so they also pay for the 10 backwards of (b);
          (c') with target="argmax" does the floor's own work: one output per sample)
+    (d) probe() defaults (parameter gradients checked)   vs probe(check_parameters=False): the parameter check's
+                                                            own cost; (d') the same on a transformer encoder
 
 Run:  python benchmarks/bench_probe.py [--repeats 15] [--threads 2]
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from zoo import SmallCNN
+from zoo import SmallCNN, _transformer
 
 from lightning_gradprobe import jacobians, probe, saliency
 
@@ -80,6 +82,8 @@ def main() -> None:
     model64 = SmallCNN(n_classes=10, side=28).double().eval()
     model64.load_state_dict(model.state_dict())
     x = torch.randn(args.batch, 1, 28, 28)
+    encoder = _transformer().eval()  # 2 layers, d_model 16, 4 heads, on 16 sequences of 10 tokens
+    tokens = torch.randn(16, 10, 16)
 
     rows = [
         ("(a) saliency, argmax", lambda: saliency(model, x), lambda: batch_sum_saliency(model, x), 1.2),
@@ -90,6 +94,18 @@ def main() -> None:
             lambda: probe(model, x, target="argmax"),
             lambda: probe_floor(model, model64, x),
             2.0,
+        ),
+        (
+            "(d) parameter check's share",
+            lambda: probe(model, x),
+            lambda: probe(model, x, check_parameters=False),
+            1.25,
+        ),
+        (
+            "(d') same, transformer encoder",
+            lambda: probe(encoder, tokens),
+            lambda: probe(encoder, tokens, check_parameters=False),
+            1.25,
         ),
     ]
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, medians of {args.repeats}")

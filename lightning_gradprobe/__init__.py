@@ -10,6 +10,7 @@ from ._errors import GradientCheckError, GradProbeSetupError
 from .core import (
     Culprit,
     CulpritKind,
+    ParameterCheck,
     ProbeReport,
     SecondOrderReport,
     Verdict,
@@ -28,6 +29,7 @@ __all__ = [
     "GradProbeSetupError",
     "GradProbeStoppingReason",
     "GradientCheckError",
+    "ParameterCheck",
     "ProbeReport",
     "SecondOrderReport",
     "Verdict",

@@ -164,7 +164,9 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         vanishing=int((report.zero_fraction == 1).sum()),
         wrong_parameters=max(
             sum(1 for c in report.culprits if c.kind is CulpritKind.PARAMETER),
-            int(parameters is not None and parameters.verdict is Verdict.FAIL),
+            # A wrong input-side backward sends wrong gradients to the weights before it: that failure is the
+            # failed_checks alert's; the parameter alert is for weight gradients wrong on their own.
+            int(parameters is not None and parameters.verdict is Verdict.FAIL and not report.failed),
         ),
         worst_parameter_margin=parameters.margin if parameters is not None else float("nan"),
         worst_relative_error=float(errors.max()) if errors.numel() else float("nan"),

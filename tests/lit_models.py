@@ -7,7 +7,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
-from zoo import TanhFunction
+from zoo import FusedLinear, TanhFunction
 
 
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,8 @@ class Stream(IterableDataset):
 
 
 class DigitsModule(pl.LightningModule):
-    """A small CNN with BatchNorm and Dropout; ``bug`` plants a wrong backward in its activation."""
+    """A small CNN with BatchNorm and Dropout; ``bug`` plants a wrong backward in its activation, ``weight_bug`` a
+    wrong weight gradient in its first linear layer."""
 
     def __init__(
         self,
@@ -49,12 +50,14 @@ class DigitsModule(pl.LightningModule):
         batch_size: int = 32,
         lr: float = 0.05,
         leak: bool = False,
+        weight_bug: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
         self.drop = nn.Dropout(0.2)
-        self.fc1 = nn.Linear(8 * 16, 32)
+        # ``weight_bug`` ("scale", "transpose"): a hand-written linear whose weight gradient alone is wrong.
+        self.fc1 = FusedLinear(8 * 16, 32, weight_bug) if weight_bug else nn.Linear(8 * 16, 32)
         self.fc2 = nn.Linear(32, 10)
         self.train_losses: list[float] = []
 

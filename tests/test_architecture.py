@@ -35,6 +35,7 @@ def test_public_surface_is_declared():
         "GradProbeSetupError",
         "GradProbeStoppingReason",
         "GradientCheckError",
+        "ParameterCheck",
         "ProbeReport",
         "SecondOrderReport",
         "Verdict",
@@ -63,11 +64,11 @@ def test_every_exception_and_every_type_a_report_hands_out_is_exported():
     assert exceptions <= set(lightning_gradprobe.__all__)
     # The types of the report's fields, and of the second-order report's, one level down.
     handed_out = set()
-    for cls in (report.ProbeReport, report.SecondOrderReport, report.Culprit):
+    for cls in (report.ProbeReport, report.SecondOrderReport, report.Culprit, report.ParameterCheck):
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             handed_out |= {t.__name__ for t in _types_in(hints[field.name]) if t.__module__.startswith("lightning_")}
-    assert handed_out == {"Verdict", "Culprit", "CulpritKind", "SecondOrderReport"}
+    assert handed_out == {"Verdict", "Culprit", "CulpritKind", "ParameterCheck", "SecondOrderReport"}
     assert handed_out <= set(lightning_gradprobe.__all__)
 
 

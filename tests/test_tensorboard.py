@@ -93,6 +93,7 @@ def test_custom_scalars_layout_in_its_own_run(run_dir):
     assert len(titles["input-gradient norm (p50, band p10-p90)"].margin.series) == 1
     assert list(titles["margin (error / allowed) vs 1"].multiline.tag) == [
         "gradprobe/checks/margin_max",
+        "gradprobe/checks/parameter_margin_max",
         "gradprobe/second_order/margin_max",
         "gradprobe/checks/margin_limit",
     ]

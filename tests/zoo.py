@@ -620,7 +620,7 @@ def second_order_models(
 
 
 class WeightLinear(torch.autograd.Function):
-    """``x @ W^T + b``; ``bug`` is ``"scale"`` (``grad_W`` x 1.1), ``"transpose"`` (``grad_W`` transposed) or ``None``."""
+    """``x @ W^T + b``; ``bug``: ``"scale"`` (``grad_W`` x 1.1), ``"transpose"`` (``grad_W`` transposed), or None."""
 
     @staticmethod
     def forward(x, weight, bias, bug):

@@ -2,11 +2,12 @@
 
 from ._probe import jacobians, probe, saliency
 from ._verdicts import default_rtol
-from .report import Culprit, CulpritKind, ProbeReport, SecondOrderReport, Verdict
+from .report import Culprit, CulpritKind, ParameterCheck, ProbeReport, SecondOrderReport, Verdict
 
 __all__ = [
     "Culprit",
     "CulpritKind",
+    "ParameterCheck",
     "ProbeReport",
     "SecondOrderReport",
     "Verdict",

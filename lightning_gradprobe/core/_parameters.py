@@ -43,6 +43,7 @@ def check_parameter_gradients(
     x: Tensor,
     index: Tensor,
     *,
+    n_outputs: int,
     generator: torch.Generator,
 ) -> ParameterCheck | None:
     """Judge the gradient of ``s(theta)`` (see the module docstring) on the first samples of ``x``.
@@ -55,8 +56,7 @@ def check_parameter_gradients(
     ref = problem.reference_dtype
     theta = parameters.theta.to(ref)
     xs, ixs = x[:PARAMETER_SAMPLES].to(ref), index[:PARAMETER_SAMPLES]
-    with torch.no_grad():
-        width = problem.selection(parameters.call(theta, xs), ixs).shape[1]
+    width = n_outputs
     combination = torch.randn((xs.shape[0], width), generator=generator, dtype=torch.float64) / width**0.5
     combination = combination.to(theta)
 
@@ -123,7 +123,7 @@ def judge_directional_derivatives(
         )
         return stencil, compare(row.reshape(1, 1, -1), stencil, rtol, gain=gain, floor=floor)
 
-    step = default_step(theta.reshape(1, -1), theta.dtype)
+    step = default_step(theta.reshape(1, -1), theta.dtype).to(theta)
     stencil, first = check(step)
     clean = first.passed & first.reliable & first.resolved
     if bool(clean.all()):

@@ -178,7 +178,7 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
             else None
         )
         second = _second_order(model, batch, forward_pass, problem, first, options, generator)
-        parameters = _parameter_check(model, batch, forward_pass, problem, first, options, generator)
+        parameters = _parameter_check(model, batch, forward_pass, problem, first, options, generator, notes)
     notes.say_warnings(stacklevel=4)
     culprits = find_culprits(model, batch, first, second, parameters, options, check=probe)
     if second is not None:
@@ -246,6 +246,7 @@ def _parameter_check(
     first: FirstOrder,
     options: ProbeOptions,
     generator: torch.Generator,
+    notes: Notes,
 ) -> ParameterCheck | None:
     """Stage 8: the gradient with respect to every trainable parameter, on the whole model at once."""
     if not options.check_parameters or not isinstance(model, nn.Module) or not len(first.checked):
@@ -254,9 +255,12 @@ def _parameter_check(
     if parameters is None:
         return None
     rows = first.checked.to(batch.x.device)
-    return check_parameter_gradients(
-        model, parameters, problem, batch.x[rows], forward.index[rows], generator=generator
-    )
+    x, index, n_outputs = batch.x[rows], forward.index[rows], forward.selection.n_outputs
+    try:
+        return check_parameter_gradients(model, parameters, problem, x, index, n_outputs=n_outputs, generator=generator)
+    except Exception as error:  # a model that cannot run on two samples alone: said, the other verdicts kept
+        notes.add(f"parameter gradients not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        return None
 
 
 @dataclass(frozen=True)

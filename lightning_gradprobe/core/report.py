@@ -332,7 +332,7 @@ class ProbeReport:
                 "parameter gradients disagree with finite differences in "
                 + ", ".join(f"{c.module or '<model>'} ({c.module_type})" for c in wrong_weights)
             )
-        elif self.parameter_check is not None and self.parameter_check.verdict is Verdict.FAIL:
+        elif self.parameter_check is not None and self.parameter_check.verdict is Verdict.FAIL and not self.failed:
             found.append(
                 "parameter gradients disagree with finite differences (whole-model check along random parameter "
                 f"directions, margin {self.parameter_check.margin:.3g}); no single submodule's own check failed"

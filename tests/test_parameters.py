@@ -1,0 +1,67 @@
+"""Parameter gradients, checked by default: weight-only bugs caught and named, correct twins never flagged."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from lit_models import DigitsModule, trainer
+from torch import nn
+from zoo import FusedLinear, correct_models, weight_bug_classes
+
+from lightning_gradprobe import CulpritKind, GradProbe, GradProbeStoppingReason, Verdict, probe
+from lightning_gradprobe.alerts import AlertCondition
+
+
+@pytest.mark.parametrize("name", sorted(weight_bug_classes(0)))
+def test_weight_only_bugs_are_caught_and_named_while_the_input_check_passes(name):
+    for seed in range(3):
+        (twin, x), (wrong, _), culprit = weight_bug_classes(seed)[name]
+        good = probe(twin, x, seed=seed, localize=True)
+        assert good.ok and good.parameter_check.verdict is Verdict.PASS, str(good)
+        bad = probe(wrong, x, seed=seed, localize=True)
+        assert Verdict.FAIL not in bad.verdicts  # the input gradient is right
+        assert bad.parameter_check.verdict is Verdict.FAIL and not bad.ok
+        assert [(c.module, c.kind) for c in bad.culprits] == [(culprit, CulpritKind.PARAMETER)], str(bad)
+
+
+@pytest.mark.parametrize("name", ["tanh-mlp", "cnn-bn-eval", "transformer-encoder", "lstm", "classic-function"])
+def test_correct_models_pass_the_parameter_check(name):
+    for seed in range(3):
+        model, x = correct_models(seed)[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = probe(model, x, seed=seed)
+        assert report.parameter_check is not None and report.parameter_check.verdict is not Verdict.FAIL
+
+
+def test_frozen_parameters_are_left_out_and_the_check_can_be_switched_off():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), FusedLinear(8, 8, "scale"), nn.Tanh(), nn.Linear(8, 3)).eval()
+    model[2].requires_grad_(False)  # the wrong weight gradient is never used by training
+    x = torch.randn(8, 6)
+    report = probe(model, x)
+    assert report.ok and report.parameter_check.frozen == 8 * 8 + 8
+    assert report.parameter_check.parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert probe(model, x, check_parameters=False).parameter_check is None
+
+
+def test_grad_probe_defaults_stop_a_fit_whose_weight_gradient_is_wrong(tmp_path):
+    callback = GradProbe(max_overhead=None, on_alert="stop")
+    run = trainer(tmp_path, [callback], max_epochs=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(DigitsModule(weight_bug="scale"))
+    assert run.current_epoch == 1 and callback.stopping_reason is GradProbeStoppingReason.ALERT
+    alert = next(a for a in callback.alerts if a.condition is AlertCondition.PARAMETER_GRADIENTS)
+    assert [c.label for c in alert.culprits] == ["fc1 (FusedLinear, parameter)"]
+    assert float(run.callback_metrics["gradprobe/checks/parameter_margin_max"]) > 1
+
+
+def test_grad_probe_defaults_train_through_a_correct_model(tmp_path):
+    callback = GradProbe(max_overhead=None, on_alert="stop")
+    run = trainer(tmp_path, [callback], max_epochs=3)
+    run.fit(DigitsModule())
+    assert run.current_epoch == 3 and callback.stopping_reason is GradProbeStoppingReason.NOT_STOPPED
+    assert 0 <= float(run.callback_metrics["gradprobe/checks/parameter_margin_max"]) <= 1
