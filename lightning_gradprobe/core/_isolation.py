@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ _PRECISION_KEYS = (
 def isolated(model: Any, device: torch.device) -> Iterator[None]:
     """Run a block with every submodule in eval mode, grad enabled, no autocast, no TF32, RNGs forked.
 
+    ``torch.compile``'d backwards inside it may be retained (see ``_retainable_compiled_backwards``).
+
     Each submodule's own ``training`` flag is recorded and restored (never a whole-model
     ``.train()``), and the torch (CPU and ``device``), ``random`` and NumPy generator states are
     put back afterwards, so code that draws random numbers inside the model leaves no trace.
@@ -51,6 +53,7 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
             if device.type in ("cpu", "cuda"):
                 stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
             stack.enter_context(ieee_float32())
+            stack.enter_context(_retainable_compiled_backwards())
             for module, _ in modes:
                 module.training = False
             yield
@@ -62,6 +65,21 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
             import numpy
 
             numpy.random.set_state(numpy_state)
+
+
+def _retainable_compiled_backwards() -> Any:
+    """``torch.compile``'d graphs whose backward may run more than once (the probe's rows share one graph).
+
+    Compiled backwards donate their buffers by default, which forbids ``retain_graph``; the probe's graphs are
+    compiled without, through functorch's own ``config.patch`` (the user's setting comes back as it was).
+    """
+    try:
+        from torch._functorch import config
+    except ImportError:  # an older torch without functorch's config: no donated buffers either
+        return nullcontext()
+    if not hasattr(config, "donated_buffer"):
+        return nullcontext()
+    return config.patch(donated_buffer=False)
 
 
 @contextmanager
