@@ -245,11 +245,9 @@ class GradProbe(Callback):
         return {
             **self.samples.state_dict(),
             **self.schedule.state_dict(),
-            "probes_done": self.probes_done,
             "alerts": [alert.to_dict() for alert in self.alerts[-50:]],
-            "saliency_scale": self.saliency_scale,
             "stopping_reason": self.stopping_reason.value,
-            "stopping_reason_message": self.stopping_reason_message,
+            **{key: getattr(self, key) for key in ("probes_done", "saliency_scale", "stopping_reason_message")},
         }
 
     @override
@@ -355,8 +353,10 @@ class GradProbe(Callback):
         try:
             if self._panels is None:
                 self._panels = Panels(self.log_images, self.shared_scale, self.feature_names, self.saliency_scale)
-            inputs, labels = self.samples.rows(len(report.verdicts))
             self._panels.tokens = self.tokens
+            inputs, labels = self.samples.rows(len(report.verdicts))
+            if mismatch := _feature_names_mismatch(self.feature_names, inputs):
+                self._say("names", mismatch)
             self._panels.log_images = self.log_images and self._plan is Plan.PROBE
             self._panels.write(trainer, report, alerts, inputs, labels)
             self.saliency_scale = self._panels.scale
@@ -374,8 +374,8 @@ class GradProbe(Callback):
 
     def _shrink_if_slow(self, elapsed: float) -> None:
         if self.time_budget is not None and elapsed > self.time_budget and self.samples.shrink():
-            over = f"a probe took {elapsed:.1f}s, over `time_budget`={self.time_budget}s"
-            self._say(f"shrink {self.samples.size}", f"GradProbe: {over}; probing {self.samples.size} samples now.")
+            size = self.samples.size
+            self._say(f"shrink {size}", f"GradProbe: a probe took {elapsed:.1f}s, over `time_budget`, probing {size}.")
 
     def _act(self, trainer: pl.Trainer, alerts: list[Alert], report: ProbeReport | None) -> None:
         stop = self.on_alert == "stop" and trainer.strategy.reduce_boolean_decision(bool(alerts), all=False)
@@ -443,6 +443,17 @@ def _gather(
     rows = stacked.reshape(-1, row.numel())
     combined = ProbeFigures.from_gathered(rows[:, :-1], figures.failed_samples, figures.culprits)
     return combined, bool(rows[:, -1].sum() > 0)
+
+
+def _feature_names_mismatch(names: list[str] | None, inputs: Any) -> str | None:
+    """What is wrong with ``feature_names`` for tabular ``inputs`` ``(N, F)``, if anything."""
+    width = inputs.shape[-1] if isinstance(inputs, Tensor) and inputs.ndim == 2 else None
+    if names is None or width is None or len(names) == width:
+        return None
+    return (
+        f"GradProbe: `feature_names` has {len(names)} names for {width} features; the pictures name them "
+        f"f0..f{width - 1}. Pass one name per feature."
+    )
 
 
 def _fitting(trainer: pl.Trainer) -> bool:

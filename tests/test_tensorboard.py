@@ -216,3 +216,52 @@ def test_shared_scale_keeps_the_first_probes_colour_scale(tmp_path):
     first_scale = watch.seen[0][1]
     assert [kept for kept, _ in watch.seen] == [first_scale] * 3  # kept from the first probe
     assert len({own for _, own in watch.seen}) > 1  # while each probe's own scale moved
+
+
+class _Tabular(__import__("lightning").pytorch.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self(batch[0]).squeeze(1), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.mse_loss(self(batch[0]).squeeze(1), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_wrong_feature_names_warn_once_and_the_pictures_are_still_written(tmp_path):
+    from sklearn.datasets import load_diabetes
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = load_diabetes()
+    x, y = torch.tensor(data.data, dtype=torch.float32) * 10, torch.tensor(data.target, dtype=torch.float32) / 100
+    loader = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    callback = GradProbe(max_overhead=None, feature_names=["age", "sex", "bmi"])  # 3 names, 10 features
+    logger = TensorBoardLogger(tmp_path, name="tabular", version=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [callback], max_epochs=2, logger=logger).fit(_Tabular(), loader, loader)
+    said = [str(w.message) for w in caught if "feature_names" in str(w.message)]
+    assert len(said) == 1 and "3 names for 10 features" in said[0]
+    images = _events(tmp_path / "tabular" / "version_0").Tags()["images"]
+    assert len(_events(tmp_path / "tabular" / "version_0").Images(next(t for t in images if "saliency" in t))) == 2
+
+
+def test_output_selector_errors_name_output():
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"`output`=3 picks one tensor out of a tuple"):
+        probe(model, torch.randn(5, 4), output=3)
+
+    def pair(x):
+        return model(x), model(x).sum(1, keepdim=True)
+
+    with pytest.raises(ValueError, match=r"`output`=2 is not in the model's tuple output"):
+        probe(pair, torch.randn(5, 4), output=2)
+    assert probe(pair, torch.randn(5, 4), output=1).ok

@@ -43,8 +43,23 @@ class _ForwardModule(nn.Module):
 
 
 def _pick_output(outputs: Any, output: OutputSelector) -> Tensor:
-    if output is not None:
-        outputs = output(outputs) if callable(output) else outputs[output]
+    if output is not None and not callable(output):
+        if isinstance(outputs, Tensor):
+            raise ValueError(
+                f"probe: `output`={output!r} picks one tensor out of a tuple/list or dict output, but the model "
+                f"returned a tensor of shape {tuple(outputs.shape)}: leave `output=None` (to choose which outputs "
+                "of each sample to check, use `target=`)."
+            )
+        try:
+            outputs = outputs[output]
+        except (IndexError, KeyError, TypeError) as error:
+            keys = list(outputs.keys()) if hasattr(outputs, "keys") else f"{len(outputs)} entries"
+            raise ValueError(
+                f"probe: `output`={output!r} is not in the model's {type(outputs).__name__} output ({keys}); pass "
+                "an index or key it has, or a callable."
+            ) from error
+    elif output is not None:
+        outputs = output(outputs)
     elif not isinstance(outputs, Tensor) and isinstance(getattr(outputs, "logits", None), Tensor):
         outputs = outputs.logits  # Hugging Face ModelOutput, and the like
     if not isinstance(outputs, Tensor):

@@ -131,7 +131,9 @@ def saliency_figure(
             axis.set_title(name, fontsize=9)
         figure.colorbar(shown, ax=axes, shrink=0.5, label=f"signed gradient / {scale:.2g}")
     elif kind == "tabular":
-        names = list(feature_names) if feature_names is not None else [f"f{j}" for j in range(inputs.shape[1])]
+        names = [f"f{j}" for j in range(inputs.shape[1])]
+        if feature_names is not None and len(feature_names) == len(names):  # (a wrong count: index names)
+            names = list(feature_names)
         figure = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 6.5))
         bars, heat = figure.subplots(2, 1, height_ratios=[1, 1.4])
         mean = saliency.mean(0).numpy()
