@@ -32,7 +32,7 @@ from .alerts import Alert, AlertThresholds, ProbeFigures, evaluate_alerts, figur
 from .core import ProbeReport
 from .core._options import ProbeOptions
 from .core._probe import run_probe
-from .render import Panels
+from .render import Panels, logging_step
 from .render.metrics import probe_metrics
 
 __all__ = ["GradProbe", "GradProbeStoppingReason"]
@@ -343,7 +343,7 @@ class GradProbe(Callback):
         metrics = probe_metrics(figures, report, self.thresholds, second_order=second_order, nonfinite_inputs=nonfinite)
         _log(trainer, pl_module, metrics)
         self._shrink_if_slow(elapsed)
-        alerts = evaluate_alerts(figures, self.thresholds, trainer.global_step if _fitting(trainer) else -1)
+        alerts = evaluate_alerts(figures, self.thresholds, logging_step(trainer) if _fitting(trainer) else -1)
         self.alerts = (self.alerts + alerts)[-_KEPT_ALERTS:]
         if report is not None and trainer.is_global_zero:
             self._render(trainer, report, alerts)
@@ -383,7 +383,7 @@ class GradProbe(Callback):
             trainer.should_stop = True
             self.stopping_reason = GradProbeStoppingReason.ALERT if alerts else GradProbeStoppingReason.REMOTE
             self.stopping_reason_message = "; ".join(a.message for a in alerts) or "an alert on another process"
-            rank_zero_info(f"GradProbe: stopping at step {trainer.global_step}: {self.stopping_reason_message}")
+            rank_zero_info(f"GradProbe: stopping at step {logging_step(trainer)}: {self.stopping_reason_message}")
         if not alerts:
             return
         if callable(self.on_alert):
@@ -392,9 +392,9 @@ class GradProbe(Callback):
             return
         text = "; ".join(f"[{a.condition}] {a.message}" for a in alerts)
         if self.on_alert == "raise":
-            raise GradientCheckError(f"GradProbe at step {trainer.global_step}: {text}", report, tuple(alerts))
+            raise GradientCheckError(f"GradProbe at step {logging_step(trainer)}: {text}", report, tuple(alerts))
         if self.verbose and self.on_alert == "warn":
-            rank_zero_warn(f"GradProbe at step {trainer.global_step}: {text}")
+            rank_zero_warn(f"GradProbe at step {logging_step(trainer)}: {text}")
 
     def _say(self, key: str, message: str, *, warning: bool = True) -> None:
         """Give a message once per run (a rank-zero warning, or info), when ``verbose``."""

@@ -13,7 +13,7 @@ __all__ = ["main", "summarize"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gradprobe`` console command."""
+    """Entry point of the ``gradprobe`` console command: 0 when it printed a table, 1 when there was none to print."""
     parser = argparse.ArgumentParser(prog="gradprobe", description="Inspect lightning-gradprobe results.")
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="print a table of probes and alerts from TensorBoard event files")
@@ -21,7 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not Path(args.logdir).exists():
         parser.error(f"logdir {args.logdir!r} does not exist")
-    print(summarize(args.logdir))
+    text = summarize(args.logdir)
+    if text.startswith("no gradprobe scalars"):  # nothing to show is an error a script should see
+        print(f"gradprobe: {text}", file=sys.stderr)
+        return 1
+    print(text)
     return 0
 
 

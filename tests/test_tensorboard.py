@@ -76,6 +76,8 @@ def test_alert_log_is_markdown_per_alert(run_dir):
     assert len(texts) == 3
     body = texts[0].tensor_proto.string_val[0].decode()
     assert "| step | condition |" in body and "failed_checks" in body and "8 of 8" in body
+    # the alert's step is the step its scalars and pictures are logged at
+    assert [t.step for t in texts] == [7, 15, 23] and "| 7 | failed_checks |" in body
     assert "`<model> (DigitsModule, input)`" in body  # the culprit: the bug sits in the module's own forward
 
 
@@ -265,3 +267,14 @@ def test_output_selector_errors_name_output():
     with pytest.raises(ValueError, match=r"`output`=2 is not in the model's tuple output"):
         probe(pair, torch.randn(5, 4), output=2)
     assert probe(pair, torch.randn(5, 4), output=1).ok
+
+
+def test_summary_of_a_run_without_gradprobe_scalars_is_an_error(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradprobe.cli import main
+
+    with SummaryWriter(tmp_path / "plain") as writer:
+        writer.add_scalar("loss", 1.0, 0)
+    assert main(["summary", str(tmp_path)]) == 1
+    assert "no gradprobe scalars" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
@@ -24,6 +25,7 @@ __all__ = [
     "alert_markdown",
     "custom_scalars_layout",
     "input_kind",
+    "logging_step",
     "Panels",
     "log_probe",
     "robust_scale",
@@ -72,7 +74,7 @@ class Panels:
             report,
             inputs,
             alerts,
-            _logging_step(trainer),
+            logging_step(trainer),
             labels=labels_for(report, report.outputs, labels),
             feature_names=self.feature_names,
             scale=self.scale if self.shared_scale else None,
@@ -83,8 +85,8 @@ class Panels:
             self.scale = used
 
 
-def _logging_step(trainer: Any) -> int:
+def logging_step(trainer: Any) -> int:
     """The step Lightning writes this hook's scalars at, so pictures line up with them on the slider."""
-    if trainer.state.fn == "fit":
+    if trainer.state.fn == TrainerFn.FITTING:
         return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
     return trainer.global_step
