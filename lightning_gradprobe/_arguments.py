@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch import nn
+
 __all__ = ["check_arguments"]
 
 _FLAGS = (
@@ -89,6 +91,13 @@ def _check_choices(arguments: Mapping[str, Any]) -> None:
                 f"GradProbe: `{name}` must be a key or index of the batch, a tuple of them, a callable "
                 f"`batch -> value`, or None; got {key!r}."
             )
+    exempt = arguments.get("exempt")
+    entries = exempt if isinstance(exempt, (list, tuple)) else [] if exempt is None else [exempt]
+    if any(not isinstance(e, (str, type, nn.Module)) for e in entries):
+        raise TypeError(
+            f"GradProbe: `exempt` must be submodule names, nn.Module types or instances (or a list of them); got "
+            f"{exempt!r}."
+        )
     output = arguments.get("output")
     if output is not None and not isinstance(output, (str, int)) and not callable(output):
         raise TypeError(f"GradProbe: `output` must be an index, a key, a callable or None; got {output!r}.")

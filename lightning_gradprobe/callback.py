@@ -30,6 +30,7 @@ from ._probe_set import ProbeSet
 from ._schedule import Moment, Plan, ProbeSchedule
 from .alerts import Alert, AlertThresholds, ProbeFigures, evaluate_alerts, figures_from_report
 from .core import ProbeReport
+from .core._exempt import ExemptSpec
 from .core._options import ProbeOptions
 from .core._probe import run_probe
 from .render import Panels, logging_step
@@ -89,6 +90,7 @@ class GradProbe(Callback):
         check_parameters: Check the gradients with respect to the parameters too, the ones training consumes (a
             ``parameter_gradients`` alert naming the submodule; on by default, a few forwards of two samples).
         layer: Dotted name of a submodule whose output is probed instead of the model's input.
+        exempt: Submodules (names, types, instances) whose backward is intentionally not the derivative.
         tokens: ``ids -> list[str]`` (a tokenizer's ``convert_ids_to_tokens``) to label token heat maps.
         strict: Raise (:class:`~lightning_gradprobe.GradProbeSetupError`) when the batch cannot be read or the
             first probe fails, instead of warning once and pausing probing while training goes on.
@@ -104,8 +106,7 @@ class GradProbe(Callback):
         stopping_reason: A :class:`GradProbeStoppingReason`; ``stopping_reason_message`` says it in words.
         last_report: The last :class:`~lightning_gradprobe.ProbeReport` of this process.
         alerts: The :class:`~lightning_gradprobe.alerts.Alert` records so far (the last 1000).
-        schedule: When to probe (:class:`~lightning_gradprobe._schedule.ProbeSchedule`).
-        samples: The probed samples (:class:`~lightning_gradprobe._probe_set.ProbeSet`).
+        schedule, samples: When to probe (a ``ProbeSchedule``) and which samples (a ``ProbeSet``).
 
     Example:
         >>> from lightning_gradprobe import GradProbe
@@ -139,6 +140,7 @@ class GradProbe(Callback):
         check_parameters: bool = True,
         second_order: bool = False,
         layer: str | None = None,
+        exempt: ExemptSpec = None,
         tokens: Callable[[list[int]], list[str]] | None = None,
         strict: bool = False,
         log_images: bool = True,
@@ -158,11 +160,10 @@ class GradProbe(Callback):
         self.log_images, self.shared_scale, self.feature_names, self.tokens = (
             log_images, shared_scale, feature_names, tokens
         )  # fmt: skip
-        # The units: what every probe is asked, when to probe, and which samples.
         self.probe_options = ProbeOptions(
             n_directions=n_directions, seed=seed, forward=forward, output=output, localize=localize,
             check_parameters=check_parameters, localize_budget=(64, time_budget or 30.0), second_order=second_order,
-            layer=layer,
+            layer=layer, exempt=exempt,
         )  # fmt: skip
         by_steps = every_n_train_steps is not None
         self.schedule = ProbeSchedule(1 if by_steps else every_n_epochs or 1, every_n_train_steps, max_overhead)

@@ -49,6 +49,7 @@ class ProbeOptions:
     localize_budget: tuple[int, float] = (64, 30.0)
     second_order: bool = False
     layer: str | nn.Module | None = None
+    exempt: Any = None  # ExemptSpec: names, types or instances of submodules whose backward is a surrogate
 
     def __post_init__(self) -> None:
         _check_int("n_directions", self.n_directions)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._culprits import Culprits, find_culprits
+from ._exempt import Exempt, ExemptSpec, resolve_exempt
 from ._first_order import (
     FirstOrder,
     check_batch_independence,
@@ -42,7 +43,8 @@ from ._prepare import Forward, PreparedBatch, check_finite_batch, device_of, pre
 from ._reference import reference_problem
 from ._second_order import check_second_order
 from ._verdicts import Problem, default_rtol
-from .report import ParameterCheck, ProbeReport, SecondOrderReport
+from .localize import Localization, localize, record_inputs
+from .report import CulpritKind, ParameterCheck, ProbeReport, SecondOrderReport, Verdict
 
 __all__ = ["default_rtol", "jacobians", "probe", "run_probe", "saliency"]
 
@@ -69,6 +71,7 @@ def probe(
     localize_budget: tuple[int, float] = (64, 30.0),
     second_order: bool = False,
     layer: str | nn.Module | None = None,
+    exempt: ExemptSpec = None,
 ) -> ProbeReport:
     """Compute per-sample input Jacobians and spot-check them against finite differences.
 
@@ -124,6 +127,11 @@ def probe(
         layer: A submodule (or its dotted name) whose *output* is differentiated instead of the model's input,
             computed fresh from ``inputs`` and fed back through a forward hook. Integer inputs (token ids)
             consumed by an ``nn.Embedding`` are probed at that embedding's output without being asked.
+        exempt: Submodules whose backward is intentionally not the derivative (a straight-through estimator, a
+            gradient-reversal layer, a surrogate gradient): dotted names, ``nn.Module`` types or instances. The
+            model after the last of them (in call order) is checked as a whole, its input being that submodule's
+            output; every other submodule (but those holding an exempt one) is checked on its own, input and
+            parameter gradients, on the first sample; ``report.exempt`` names them.
         second_order: Also check the double backward through the input (``report.second_order``): the
             Hessian-vector products of one random combination of each sample's selected outputs, from autograd's
             double backward, against finite differences of float64 first-order gradients, judged by the same
@@ -154,13 +162,15 @@ def probe(
         check_samples=check_samples, rtol=rtol, fd_dtype=fd_dtype, engine=engine, chunk_size=chunk_size,
         max_full_outputs=max_full_outputs, check_batch=check_batch, localize=localize,
         check_parameters=check_parameters, check_forward_mode=check_forward_mode, localize_budget=localize_budget,
-        second_order=second_order, layer=layer,
+        second_order=second_order, layer=layer, exempt=exempt,
     )  # fmt: skip
     return run_probe(model, inputs, options)
 
 
 def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
     """:func:`probe` with its options as one validated value: the stages, in order."""
+    if options.exempt is not None:
+        return _around_exempt(model, inputs, options)
     generator = torch.Generator().manual_seed(options.seed)
     notes = Notes(subject=model)
     with isolated(model, device_of(inputs)):
@@ -185,6 +195,48 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
         second = replace(second, culprits=culprits.second_order)
     checks = _Checks(cross, first, forward_mode, second, parameters, culprits)
     return _report(batch, forward_pass, problem, checks, notes, options)
+
+
+def _around_exempt(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
+    """Check the model around its exempt submodules (see ``probe``'s ``exempt``)."""
+    with isolated(model, device_of(inputs)):
+        batch = prepare_batch(model, inputs, forward=options.forward, layer=None, notes=Notes(subject=model))
+        order = list(record_inputs(model, batch.x[:1], batch.parameter_forward)) if isinstance(model, nn.Module) else []
+    exempt = resolve_exempt(model, options.exempt, order) if order else None
+    if exempt is None:  # the forward calls none of them: nothing on the probed path is exempt
+        report = run_probe(model, inputs, replace(options, exempt=None))
+        return replace(report, notes=(*report.notes, "exempt submodules: none is called by the forward"))
+    if options.layer is not None:
+        raise ValueError("probe: `exempt` and `layer` cannot be combined: `exempt` chooses where the probe starts.")
+    after = run_probe(model, inputs, replace(options, exempt=None, layer=exempt.boundary, check_parameters=False))
+    if bool((after.zero_fraction == 1).all()):  # the probed outputs do not depend on it: it is off their path
+        after = run_probe(model, inputs, replace(options, exempt=None))
+    alone = localize(
+        model,
+        batch.x[:1],
+        check=probe,
+        forward=batch.parameter_forward,
+        n_directions=options.n_directions,
+        seed=options.seed,
+        max_modules=options.localize_budget[0],
+        time_budget=options.localize_budget[1],
+        parameters=options.check_parameters,
+        skip=exempt.skipped,
+    )
+    return _merge_exempt_checks(after, alone, exempt)
+
+
+def _merge_exempt_checks(after: ProbeReport, alone: Localization, exempt: Exempt) -> ProbeReport:
+    """One report: the verdicts of the model after the exempt submodules, the culprits of every other one."""
+    verdicts = list(after.verdicts)
+    if any(c.kind is CulpritKind.INPUT for c in alone.culprits) and verdicts:
+        verdicts[0] = Verdict.FAIL  # the sample every other submodule was checked on
+    note = (
+        f"exempt (backward intentionally not the derivative): {', '.join(exempt.names)}; the model after "
+        f"`{exempt.boundary}` was checked as a whole, {len(alone.checked)} other submodules on their own (sample 0)"
+    )
+    culprits = tuple(dict.fromkeys((*after.culprits, *alone.culprits)))
+    return replace(after, verdicts=tuple(verdicts), culprits=culprits, exempt=exempt.names, notes=(*after.notes, note))
 
 
 def _forward_pass(

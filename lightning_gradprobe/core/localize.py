@@ -124,6 +124,7 @@ def localize(
     time_budget: float = 30.0,
     parameters: bool = False,
     second_order: bool = False,
+    skip: frozenset[str] = frozenset(),
 ) -> Localization:
     """Check every submodule of ``model`` on its own, on one sample, deepest first.
 
@@ -138,6 +139,7 @@ def localize(
         time_budget: Seconds the whole localization may take.
         parameters: Also check each submodule's gradient with respect to its own parameters.
         second_order: Check each submodule's double backward through its input instead of its first order.
+        skip: Submodules not to check (exempt ones, and the containers that hold them).
 
     Returns:
         A :class:`Localization`: culprits deepest first (a container after the children that explain it).
@@ -152,7 +154,7 @@ def localize(
     modules = dict(model.named_modules())
     with isolated(model, sample.device):  # grad on, eval mode, RNGs restored: also under Lightning's no_grad
         recorded = record_inputs(model, sample.detach().clone(), forward)
-        names = sorted(recorded, key=lambda n: (-_depth(n), n))
+        names = sorted((n for n in recorded if n not in skip), key=lambda n: (-_depth(n), n))
         for count, name in enumerate(names):
             if count >= max_modules:
                 cut_short = f"module budget reached: checked {max_modules} of {len(names)} submodules"

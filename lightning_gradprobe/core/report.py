@@ -251,6 +251,8 @@ class ProbeReport:
             and ``"grad_x_input"`` (gradient x embedding, summed over ``E``), each ``(N, L)``.
         second_order: The :class:`SecondOrderReport` of the double backward through the input, when asked for
             (``probe(..., second_order=True)``), else ``None``.
+        exempt: The submodules exempt from the check (``probe(exempt=...)``): their backward is intentionally not
+            the derivative; the model after the last of them was checked as a whole, every other submodule alone.
         parameter_check: The :class:`ParameterCheck` of the gradients with respect to the parameters (``None``:
             not asked for, or nothing trainable); when it fails, ``culprits`` name the submodule and ``"parameter"``.
 
@@ -288,6 +290,7 @@ class ProbeReport:
     layer: str | None = None
     token_scores: dict[str, Tensor] | None = None
     parameter_check: ParameterCheck | None = None
+    exempt: tuple[str, ...] = ()
 
     @property
     def failed(self) -> list[int]:

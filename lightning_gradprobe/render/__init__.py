@@ -69,6 +69,9 @@ class Panels:
         if not self.announced:
             self.announced = True
             write_layout(tensorboard.log_dir)
+            if report.exempt:  # what the check leaves out, said where the panels are
+                text = "Exempt (backward intentionally not the derivative): " + ", ".join(report.exempt)
+                tensorboard.experiment.add_text("gradprobe/exempt", text, logging_step(trainer))
         used = log_probe(
             tensorboard.experiment,
             report,
