@@ -1,8 +1,8 @@
-"""Rendering: the only place that knows TensorBoard and matplotlib.
+"""Rendering: the only place that knows TensorBoard, the other loggers' image APIs, and matplotlib.
 
-Scalars reach every logger through ``LightningModule.log``; pictures, histograms, the alert log and
-the custom-scalars layout go to a ``TensorBoardLogger`` only (rank zero), and other loggers get a
-one-time note.
+Scalars reach every logger through ``LightningModule.log``; pictures go to every logger that takes images
+(``TensorBoardLogger``, ``WandbLogger``, ``MLFlowLogger``, any with ``log_image``; rank zero), histograms, the
+alert log and the custom-scalars layout to TensorBoard; loggers without images get a one-time note.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from torch import Tensor
 from ..alerts import Alert
 from ..core.report import ProbeReport
 from .images import input_kind, robust_scale, saliency_figure
+from .sinks import ImageSink, image_sink
 from .tensorboard import alert_markdown, custom_scalars_layout, labels_for, log_probe, write_layout
 
 __all__ = [
+    "ImageSink",
     "alert_markdown",
     "custom_scalars_layout",
     "input_kind",
@@ -56,36 +58,48 @@ class Panels:
     def write(
         self, trainer: Any, report: ProbeReport, alerts: Sequence[Alert], inputs: Any, labels: Tensor | None
     ) -> None:
-        """Write one probe's panels to the trainer's TensorBoard logger, if it has one (call on rank zero)."""
-        tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if tensorboard is None:
-            if trainer.loggers and not self.announced:
-                self.announced = True
-                rank_zero_info(
-                    "GradProbe: saliency images, histograms and the alert log are written to TensorBoard only; "
-                    f"{type(trainer.loggers[0]).__name__} receives the gradprobe/ scalars."
-                )
-            return
-        if not self.announced:
-            self.announced = True
-            write_layout(tensorboard.log_dir)
-            if report.exempt:  # what the check leaves out, said where the panels are
-                text = "Exempt (backward intentionally not the derivative): " + ", ".join(report.exempt)
-                tensorboard.experiment.add_text("gradprobe/exempt", text, logging_step(trainer))
-        used = log_probe(
-            tensorboard.experiment,
-            report,
-            inputs,
-            alerts,
-            logging_step(trainer),
-            labels=labels_for(report, report.outputs, labels),
-            feature_names=self.feature_names,
-            scale=self.scale if self.shared_scale else None,
-            images=self.log_images,
-            tokens=self.tokens,
-        )
-        if self.shared_scale and self.scale is None:
-            self.scale = used
+        """Write one probe's panels to every logger of the trainer that takes pictures (call on rank zero).
+
+        TensorBoard gets everything (pictures, histograms, the alert log, the custom-scalars layout); W&B, MLflow
+        and any logger with a ``log_image`` method get the pictures. Others get the scalars only, said once.
+        """
+        writers = self._writers(trainer, report)
+        step = logging_step(trainer)
+        for writer in writers:
+            used = log_probe(
+                writer,
+                report,
+                inputs,
+                alerts,
+                step,
+                labels=labels_for(report, report.outputs, labels),
+                feature_names=self.feature_names,
+                scale=self.scale if self.shared_scale else None,
+                images=self.log_images,
+                tokens=self.tokens,
+            )
+            if self.shared_scale and self.scale is None:
+                self.scale = used
+
+    def _writers(self, trainer: Any, report: ProbeReport) -> list[Any]:
+        writers: list[Any] = []
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                if not self.announced:
+                    write_layout(logger.log_dir)
+                    if report.exempt:  # what the check leaves out, said where the panels are
+                        text = "Exempt (backward intentionally not the derivative): " + ", ".join(report.exempt)
+                        logger.experiment.add_text("gradprobe/exempt", text, logging_step(trainer))
+                writers.append(logger.experiment)
+            elif (sink := image_sink(logger)) is not None:
+                writers.append(sink)
+        if not writers and trainer.loggers and not self.announced:
+            rank_zero_info(
+                "GradProbe: saliency pictures go to loggers that take images (TensorBoard, W&B, MLflow, any with "
+                f"`log_image`); {type(trainer.loggers[0]).__name__} receives the gradprobe/ scalars."
+            )
+        self.announced = True
+        return writers
 
 
 def logging_step(trainer: Any) -> int:

@@ -52,6 +52,8 @@ def write_layout(log_dir: str) -> str:
     from torch.utils.tensorboard import SummaryWriter
 
     path = os.path.join(log_dir, LAYOUT_RUN)
+    if os.path.isdir(path) and any(name.startswith("events.out.tfevents") for name in os.listdir(path)):
+        return path  # a resumed run: the layout is there already
     writer = SummaryWriter(path)
     try:
         writer.add_custom_scalars(custom_scalars_layout())
