@@ -1,5 +1,5 @@
-"""Compiled models (``torch.compile``) are probed through their compiled graphs, without touching the user's
-functorch config."""
+"""Compiled models (``torch.compile``) are probed through their eager code, leaving training's compiled graphs,
+their recompile budget and the user's functorch config as they were."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def _net(bug: str = "ok") -> nn.Module:
 @pytest.mark.parametrize("donated", [True, False])
 def test_a_compiled_model_after_a_training_step_gets_the_eager_verdicts_and_the_config_comes_back(donated):
     import torch._functorch.config as functorch_config
+    from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     x = digits(8)[0]
@@ -42,10 +43,15 @@ def test_a_compiled_model_after_a_training_step_gets_the_eager_verdicts_and_the_
             eager = _net(bug)
             compiled = torch.compile(eager, backend="aot_eager")
             compiled(x).square().sum().backward()  # a training step compiles the graph, buffers donated
+            graphs = dict(counters["stats"])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                report = probe(compiled, x)
+                report = probe(compiled, x, localize=True)
+            assert dict(counters["stats"]) == graphs  # nothing compiled for the probe: training's budget intact
             assert report.verdicts == (expected,) * 8 == probe(eager, x).verdicts
+            assert any("torch.compile'd" in note for note in report.notes)
+            named = [c.module for c in report.culprits if not c.explained_by]
+            assert named == ([] if bug == "ok" else ["2"])  # as the user named it
             assert functorch_config.donated_buffer is donated
 
 

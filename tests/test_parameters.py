@@ -65,3 +65,38 @@ def test_grad_probe_defaults_train_through_a_correct_model(tmp_path):
     run.fit(DigitsModule())
     assert run.current_epoch == 3 and callback.stopping_reason is GradProbeStoppingReason.NOT_STOPPED
     assert 0 <= float(run.callback_metrics["gradprobe/checks/parameter_margin_max"]) <= 1
+
+
+class _SharedHead(nn.Module):
+    """An output head holding the embedding *module* itself (one module, two paths)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, h):
+        return h @ self.embedding.weight.T
+
+
+class _SharedModuleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.encode = nn.Linear(3, 4)
+        self.head = _SharedHead(self.embedding)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.encode(x)))
+
+
+def test_a_shared_submodule_is_left_exactly_as_it_was_and_checked_as_one_parameter():
+    torch.manual_seed(0)
+    model = _SharedModuleModel()
+    weight = model.embedding.weight
+    report = probe(model, torch.randn(4, 3))
+    assert model.embedding.weight is weight and model.head.embedding.weight is weight  # the same Parameter
+    assert weight.dtype == torch.float32 and weight.requires_grad
+    assert report.ok and report.parameter_check.frozen == 0
+    assert report.parameter_check.parameters == sum(p.numel() for p in model.parameters())
+    model(torch.randn(2, 3)).sum().backward()  # training goes on
+    assert weight.grad is not None

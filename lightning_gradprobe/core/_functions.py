@@ -87,14 +87,18 @@ def build_batch_function(
     if isinstance(model, nn.Module):
         root: nn.Module = model if forward is None else _ForwardModule(model, forward)
         prefix = "" if forward is None else "module."
+        # Every name a tensor is reachable by, shared modules and tied weights included, maps to one copy: the
+        # swap is then complete without functional_call's own weight tying (which can leave a shared
+        # submodule's parameter replaced after the call).
+        copies: dict[int, Tensor] = {}
         tensors: dict[str, Tensor] = {}
-        for name, param in model.named_parameters():
-            tensors[prefix + name] = _cast(param.detach(), dtype)
-        for name, buffer in model.named_buffers():
-            tensors[prefix + name] = _cast(buffer.detach(), dtype).clone()
+        for name, param in _slots(model, model.named_parameters(remove_duplicate=False)):
+            tensors[prefix + name] = copies.setdefault(id(param), _cast(param.detach(), dtype))
+        for name, buffer in _slots(model, model.named_buffers(remove_duplicate=False)):
+            tensors[prefix + name] = copies.setdefault(id(buffer), _cast(buffer.detach(), dtype).clone())
 
         def call(x: Tensor) -> Tensor:
-            return _pick_output(functional_call(root, tensors, (x,), strict=False), output)
+            return _pick_output(functional_call(root, tensors, (x,), strict=False, tie_weights=False), output)
 
         return call
 
@@ -126,21 +130,45 @@ def build_parameter_function(
     """``(theta, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``."""
     root: nn.Module = model if forward is None else _ForwardModule(model, forward)
     prefix = "" if forward is None else "module."
-    named = [(prefix + n, p) for n, p in model.named_parameters() if p.is_floating_point()]
-    if not named:
+    unique = [p for _, p in model.named_parameters() if p.is_floating_point()]  # each shared parameter once
+    if not unique:
         return None
-    buffers = {prefix + n: b.detach().clone() for n, b in model.named_buffers()}
-    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    position = {id(p): i for i, p in enumerate(unique)}
+    # Every name a parameter is reachable by (shared modules, tied weights) reads the same slice of theta.
+    aliases = [
+        (prefix + n, position[id(p)])
+        for n, p in _slots(model, model.named_parameters(remove_duplicate=False))
+        if id(p) in position
+    ]
+    buffers = {prefix + n: b.detach().clone() for n, b in _slots(model, model.named_buffers(remove_duplicate=False))}
+    theta = torch.cat([p.detach().reshape(-1) for p in unique])
+    starts = torch.tensor([0, *[p.numel() for p in unique]]).cumsum(0).tolist()
 
     def call(flat: Tensor, x: Tensor) -> Tensor:
-        tensors, offset = {}, 0
-        for name, param in named:
-            tensors[name] = flat[offset : offset + param.numel()].view(param.shape)
-            offset += param.numel()
+        pieces = [flat[starts[i] : starts[i + 1]].view(p.shape) for i, p in enumerate(unique)]
+        tensors = {name: pieces[i] for name, i in aliases}
         tensors.update({k: _cast(v, flat.dtype) for k, v in buffers.items()})
-        return _pick_output(functional_call(root, tensors, (x,), strict=False), output)
+        return _pick_output(functional_call(root, tensors, (x,), strict=False, tie_weights=False), output)
 
     return ParameterFunction(theta, call)
+
+
+def _slots(model: nn.Module, named: Any) -> list[tuple[str, Tensor]]:
+    """One name per attribute slot that holds a tensor.
+
+    Tied weights (two modules, one tensor) keep both names; a shared submodule (one module reachable by two paths)
+    keeps one, since swapping one slot twice would leave the swapped-in copy behind.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    seen: set[tuple[int, str]] = set()
+    kept = []
+    for name, tensor in named:
+        owner, _, attribute = name.rpartition(".")
+        slot = (id(modules[owner]), attribute)
+        if slot not in seen:
+            seen.add(slot)
+            kept.append((name, tensor))
+    return kept
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ieee_float32", "isolated"]
+__all__ = ["ieee_float32", "is_compiled", "isolated"]
 
 # The float32 precision settings of the current API (torch >= 2.9), parents before children: setting a
 # parent also sets its children, so they are restored in this order.
@@ -54,6 +54,7 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
                 stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
             stack.enter_context(ieee_float32())
             stack.enter_context(_retainable_compiled_backwards())
+            stack.enter_context(_eager_compiled_code())
             for module, _ in modes:
                 module.training = False
             yield
@@ -80,6 +81,23 @@ def _retainable_compiled_backwards() -> Any:
     if not hasattr(config, "donated_buffer"):
         return nullcontext()
     return config.patch(donated_buffer=False)
+
+
+def _eager_compiled_code() -> Any:
+    """``torch.compile``'d code runs its eager Python inside the block, compiling nothing.
+
+    The probe's graphs (float64, other batch sizes, grad on the input) would otherwise be compiled and cached
+    beside training's, using up dynamo's recompile limit, past which training's own model silently runs eagerly.
+    """
+    set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
+
+
+def is_compiled(model: Any) -> bool:
+    """Whether ``model`` is, holds, or runs through ``torch.compile``'d code (Lightning's compiled modules too)."""
+    if getattr(model, "_compiler_ctx", None) is not None or hasattr(model, "_orig_mod"):
+        return True
+    return isinstance(model, nn.Module) and any(hasattr(m, "_orig_mod") for m in model.modules())
 
 
 @contextmanager

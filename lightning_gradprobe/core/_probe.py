@@ -34,7 +34,7 @@ from ._first_order import (
 )
 from ._forward import ForwardPass, forward_and_jacobians, saliency_rows
 from ._functions import OutputSelector, Target, build_parameter_function
-from ._isolation import isolated
+from ._isolation import is_compiled, isolated
 from ._jacobian import CrossSampleCheck
 from ._notes import Notes
 from ._options import ProbeOptions
@@ -173,6 +173,8 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
         return _around_exempt(model, inputs, options)
     generator = torch.Generator().manual_seed(options.seed)
     notes = Notes(subject=model)
+    if is_compiled(model):
+        notes.add(_COMPILED_NOTE, weaker=True)
     with isolated(model, device_of(inputs)):
         batch = prepare_batch(model, inputs, forward=options.forward, layer=options.layer, notes=notes)
         forward_pass = _forward_pass(model, batch, options, generator, notes)
@@ -195,6 +197,12 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
         second = replace(second, culprits=culprits.second_order)
     checks = _Checks(cross, first, forward_mode, second, parameters, culprits)
     return _report(batch, forward_pass, problem, checks, notes, options)
+
+
+_COMPILED_NOTE = (
+    "the model is torch.compile'd: the probe ran its eager code, so that training's compiled graphs and their "
+    "recompile budget stay as they were; a kernel wrong only in the compiled graph is not what was checked"
+)
 
 
 def _around_exempt(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:

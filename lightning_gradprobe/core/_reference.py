@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._forward import ForwardPass
 from ._functions import BatchFunction, OutputSelector, build_batch_function, model_dtype
@@ -45,6 +46,28 @@ def reference_problem(
     )
 
 
+class _LowerPrecisionWatch(TorchDispatchMode):
+    """Notes the first operation that produces a floating tensor less precise than ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = torch.finfo(dtype).eps
+        self.found: str | None = None
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.found is None:
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if (
+                    isinstance(tensor, Tensor)
+                    and tensor.is_floating_point()
+                    and torch.finfo(tensor.dtype).eps > self.eps
+                ):
+                    self.found = f"part of it computes in {dtype_name(tensor.dtype)} ({func})"
+                    break
+        return out
+
+
 def _reference_function(
     model: Any,
     batch: PreparedBatch,
@@ -60,11 +83,14 @@ def _reference_function(
         return function, own
     candidate = build_batch_function(model, forward=batch.forward, output=output, dtype=fd_dtype)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _LowerPrecisionWatch(fd_dtype) as watch:
             result = candidate(x.to(fd_dtype))
-        if result.dtype == fd_dtype:
+        if result.dtype == fd_dtype and watch.found is None:
             return candidate, fd_dtype
-        reason = f"it returned {result.dtype}"
+        # A copy that computes part of the model in a lower precision (norms that cast to float32, as in
+        # Hugging Face's T5 and Llama) is not a float64 reference: its finite differences would be float32
+        # round-off at a float64 step.
+        reason = f"it returned {result.dtype}" if watch.found is None else watch.found
     except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
     hint = (

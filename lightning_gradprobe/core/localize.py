@@ -242,10 +242,18 @@ def _culprits(
     for (name, kind), error in failing.items():
         same_kind = [other for other, other_kind in failing if other_kind is kind and kind is not CulpritKind.PARAMETER]
         children = tuple(o for o in same_kind if o != name and (name == "" or o.startswith(name + ".")))
-        culprit = Culprit(name, type(modules[name]).__name__, kind, error, Verdict.FAIL, children, findings.get(name))
+        culprit = Culprit(
+            _shown(name), type(modules[name]).__name__, kind, error, Verdict.FAIL, tuple(map(_shown, children)),
+            findings.get(name),
+        )  # fmt: skip
         out.append(culprit)
     out.sort(key=lambda c: (len(c.explained_by) > 0, -_depth(c.module), c.module, c.kind.value))
     return tuple(out)
+
+
+def _shown(name: str) -> str:
+    """A submodule's name as the user wrote the model: without ``torch.compile``'s ``_orig_mod`` wrapper."""
+    return name.replace("_orig_mod.", "").replace("._orig_mod", "").removesuffix("_orig_mod")
 
 
 def _worst(relative_error: Tensor) -> float:
@@ -294,7 +302,7 @@ def check_parameters(
             pieces["module." + n] = flat[offset : offset + size].view_as(tensors[n])
             offset += size
         merged = {"module." + k: v for k, v in tensors.items()} | pieces
-        return functional_call(call, merged, inputs).reshape(-1)
+        return functional_call(call, merged, inputs, tie_weights=False).reshape(-1)
 
     with torch.no_grad():
         f0 = evaluate(theta)
