@@ -64,7 +64,7 @@ def test_on_alert_callable_and_thresholds(tmp_path):
     received: list[Alert] = []
     _fit(tmp_path, DigitsModule(bug="scale"), GradProbe(max_overhead=None, on_alert=received.append))
     assert len(received) == 2 and received[0].value == 1.0 and received[0].threshold == 0.0
-    assert received[0].step == 8 and len(received[0].samples) == 8
+    assert received[0].step == 7 and len(received[0].samples) == 8  # the step its scalars are logged at
     received.clear()
     _fit(tmp_path, DigitsModule(bug="ok"), GradProbe(max_overhead=None, on_alert=received.append))
     assert received == []

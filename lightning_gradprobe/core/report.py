@@ -432,7 +432,12 @@ class ProbeReport:
             f"  margin max {margin_text} (error / allowed error; <= 1 passes){resolution_text}",
             f"  outputs compared per sample: {self.n_outputs}{' (random projections)' if self.projected else ''}; "
             f"directions per sample: {self.relative_error.shape[1]}",
-            f"  batch independent: {self.batch_independent}",
+            f"  batch independent: {self.batch_independent}"
+            + (
+                f" (in the forward; the backward mixes {len(self.mixing_pairs)} (output, input) sample pairs)"
+                if self.mixing_pairs
+                else ""
+            ),
         ]
         for i in self.checked.tolist():
             if self.verdicts[i] is Verdict.PASS:
