@@ -221,7 +221,7 @@ class Alert:
             int(data["step"]),
             tuple(data.get("samples", ())),
             data.get("message", ""),
-            tuple(Culprit.from_dict(c) for c in data.get("culprits", ())),
+            tuple(Culprit.from_dict(c) for c in data.get("culprits", ()) if isinstance(c, dict)),  # (0.1: text)
         )
 
 

@@ -303,8 +303,7 @@ class GradProbe(Callback):
         """Stop probing for this run (training goes on), or raise under ``strict=True``."""
         if self.strict:
             raise GradProbeSetupError(f"GradProbe (strict=True): {reason}")
-        self.samples.stop_drawing()
-        self._plan = Plan.PAUSED
+        self.samples.stop_drawing()  # (this validation still ends with the collectives every process runs)
         if self.schedule.pause(reason) and self.verbose:
             rank_zero_warn(
                 f"GradProbe: {reason}. Probing is paused; training goes on. Fix it with `input_key=` (a key, a "

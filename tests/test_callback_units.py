@@ -188,3 +188,11 @@ def test_a_weaker_check_is_said_once_per_model_object():
 def test_bad_arguments_fail_at_construction_naming_the_argument(arguments, error, named):
     with pytest.raises(error, match=named):
         GradProbe(**arguments)
+
+
+def test_alerts_from_a_0_1_checkpoint_load_without_their_text_culprits():
+    old = {"condition": "failed_checks", "value": 1.0, "threshold": 0.0, "step": 3, "samples": [0],
+           "message": "8 of 8 fail", "culprits": ["enc.1 (Swish, input)"]}  # fmt: skip
+    callback = GradProbe()
+    callback.load_state_dict({"alerts": [old]})
+    assert callback.alerts[0].message == "8 of 8 fail" and callback.alerts[0].culprits == ()

@@ -189,3 +189,17 @@ def test_qat_fit_with_exempt_trains_through_and_a_wrong_layer_stops_it(tmp_path)
     epochs, caught, _ = outcomes["after"]
     assert epochs == 1 and caught.stopping_reason is GradProbeStoppingReason.ALERT
     assert "net.4" in caught.stopping_reason_message
+
+
+def test_an_exempt_submodule_off_the_probed_path_leaves_the_check_whole():
+    class AuxHead(nn.Module):  # a gradient-reversal head used in training_step only
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+            self.aux = nn.Sequential(GradientReversal(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            return self.body(x)
+
+    report = probe(AuxHead(), torch.randn(4, 6), exempt="aux")
+    assert report.ok and report.exempt == () and "none is called by the forward" in report.notes[-1]

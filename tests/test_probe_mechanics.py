@@ -285,3 +285,32 @@ def test_jacobians_stay_full_whatever_the_budget(monkeypatch):
     model = nn.Linear(6, 3)
     x = torch.randn(4, 6)
     torch.testing.assert_close(jacobians(model, x), model.weight.detach().expand(4, 3, 6))
+
+
+def test_an_error_without_a_message_is_said_not_raised():
+    class NeedsThree(nn.Module):  # an exception whose message is empty
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.shape[0] <= 2:
+                raise RuntimeError
+            return self.linear(x)
+
+    report = probe(NeedsThree(), torch.randn(6, 4))  # the parameter check runs on two samples: it cannot
+    assert report.ok and report.parameter_check is None
+    assert "parameter gradients not checked: RuntimeError" in report.notes
+
+
+def test_float32_constants_do_not_make_a_float64_reference_weaker():
+    class WithConstants(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            mask = torch.ones(3).bool() & (torch.arange(3).float() >= 0)  # made in float32, no data
+            return torch.tanh(self.linear(x)) * mask
+
+    assert probe(WithConstants(), torch.randn(5, 4)).fd_dtype == torch.float64

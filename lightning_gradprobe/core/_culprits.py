@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._first_order import FirstOrder
+from ._notes import describe_error
 from ._options import ProbeOptions
 from ._prepare import Forward, PreparedBatch
 from .localize import Check, localize
@@ -95,7 +96,7 @@ def _localize(
             second_order=second_order,
         )
     except Exception as error:  # localization is a help, never a reason to lose the verdicts
-        return (), f"localization failed on sample {sample}: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return (), f"localization failed on sample {sample}: {describe_error(error)}"
     culprits = tuple(c for c in result.culprits if c.kind in wanted)
     note = f"sample {sample}: {len(result.checked)} submodules checked on their own"
     if result.skipped:

@@ -33,18 +33,13 @@ class Exempt:
     names: tuple[str, ...]
     skipped: frozenset[str]
 
-    @property
-    def boundary(self) -> str:
-        """The exempt submodule the forward calls last: the model after it is checked as a whole."""
-        return self.names[-1]
-
 
 def resolve_exempt(model: Any, spec: ExemptSpec, call_order: Sequence[str]) -> Exempt | None:
-    """The exempt submodules ``spec`` names in ``model`` (``None`` when none), ordered by ``call_order``.
+    """The exempt submodules ``spec`` names in ``model``, ordered by ``call_order`` (``None``: none is called).
 
     Raises:
         TypeError: If ``spec`` is not made of names, types or modules, or the model is not an ``nn.Module``.
-        ValueError: If a name is not a submodule, or a type or instance matches no submodule the forward calls.
+        ValueError: If a name is not a submodule, or a type or instance matches no submodule.
 
     """
     if spec is None or (isinstance(spec, Sequence) and not isinstance(spec, str) and not spec):
@@ -71,7 +66,7 @@ def resolve_exempt(model: Any, spec: ExemptSpec, call_order: Sequence[str]) -> E
             raise ValueError(f"probe: `exempt` entry {item!r} matches no submodule of {type(model).__name__}.")
         chosen |= found
     called = [name for name in call_order if name in chosen]
-    if not called:
-        raise ValueError(f"probe: the forward calls none of the exempt submodules {sorted(chosen)}.")
+    if not called:  # (e.g. a gradient-reversal head used in training_step only): nothing on the probed path
+        return None
     holders = {name for name in modules for e in chosen if name == "" or e == name or e.startswith(name + ".")}
     return Exempt(tuple(called), frozenset(holders))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._forward import ForwardPass
 from ._jacobian import CrossSampleCheck, check_cross_sample, leak_tolerance, leaking_pairs
-from ._notes import Notes
+from ._notes import Notes, describe_error
 from ._verdicts import FAIL, INCONCLUSIVE, Judgement, Problem, judge_samples, sample_verdicts, unit_rms
 from .report import Verdict
 
@@ -162,7 +162,7 @@ def compare_forward_mode(
         forward_mode = torch.func.jvp(lambda t: problem.selection(problem.function(t), ic), (xc,), (tangent,))[1]
         forward_mode = forward_mode.double()
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
-        notes.add(f"forward mode not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        notes.add(f"forward mode not checked: {describe_error(error)}")
         return None
     if forward.projection is not None:
         forward_mode = forward_mode @ forward.projection.to(forward_mode)

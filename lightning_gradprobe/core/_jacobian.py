@@ -30,7 +30,7 @@ from torch.func import jacrev, vmap
 
 from ._finite_differences import Stencil, compare, default_step
 from ._functions import BatchFunction
-from ._notes import subject_name, warn_once
+from ._notes import describe_error, subject_name, warn_once
 
 Selector = Callable[[Tensor, Tensor], Tensor]
 """Maps a batch of outputs and per-sample indices to the rows to differentiate, ``(N, M)``."""
@@ -119,7 +119,7 @@ def compute_gradients(
             used = ENGINE_FUNC
             rows = rows[1:]
         except Exception as error:  # any failure under the transforms: fall back, warn once
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            reason = f"{describe_error(error, 200)}"
             warn_once(
                 owner,
                 f"torch.func fallback: {type(error).__name__}",

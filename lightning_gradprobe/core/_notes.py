@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["Note", "Notes", "subject_name", "warn_once"]
+__all__ = ["Note", "Notes", "describe_error", "subject_name", "warn_once"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,17 @@ def warn_once(subject: Any, reason: str, message: str, stacklevel: int = 3) -> N
         return
     said.add(reason)
     warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def describe_error(error: BaseException, width: int = 120) -> str:
+    r"""``"Type: first line of the message"`` (cut at ``width``), also for an empty message (a bare ``assert``).
+
+    Example:
+        >>> describe_error(AssertionError())
+        'AssertionError'
+        >>> describe_error(ValueError("bad input\nmore"))
+        'ValueError: bad input'
+
+    """
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:width]}" if lines else type(error).__name__

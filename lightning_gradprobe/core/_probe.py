@@ -36,7 +36,7 @@ from ._forward import ForwardPass, forward_and_jacobians, saliency_rows
 from ._functions import OutputSelector, Target, build_parameter_function
 from ._isolation import is_compiled, isolated
 from ._jacobian import CrossSampleCheck
-from ._notes import Notes
+from ._notes import Notes, describe_error
 from ._options import ProbeOptions
 from ._parameters import check_parameter_gradients
 from ._prepare import Forward, PreparedBatch, check_finite_batch, device_of, prepare_batch
@@ -216,9 +216,10 @@ def _around_exempt(model: Any, inputs: Any, options: ProbeOptions) -> ProbeRepor
         return replace(report, notes=(*report.notes, "exempt submodules: none is called by the forward"))
     if options.layer is not None:
         raise ValueError("probe: `exempt` and `layer` cannot be combined: `exempt` chooses where the probe starts.")
-    after = run_probe(model, inputs, replace(options, exempt=None, layer=exempt.boundary, check_parameters=False))
-    if bool((after.zero_fraction == 1).all()):  # the probed outputs do not depend on it: it is off their path
-        after = run_probe(model, inputs, replace(options, exempt=None))
+    for boundary in reversed(exempt.names):  # the last exempt submodule on the probed outputs' path
+        after = run_probe(model, inputs, replace(options, exempt=None, layer=boundary, check_parameters=False))
+        if not bool((after.zero_fraction == 1).all()):  # (all zero: the outputs do not depend on it)
+            break
     alone = localize(
         model,
         batch.x[:1],
@@ -231,17 +232,17 @@ def _around_exempt(model: Any, inputs: Any, options: ProbeOptions) -> ProbeRepor
         parameters=options.check_parameters,
         skip=exempt.skipped,
     )
-    return _merge_exempt_checks(after, alone, exempt)
+    return _merge_exempt_checks(after, alone, exempt, boundary)
 
 
-def _merge_exempt_checks(after: ProbeReport, alone: Localization, exempt: Exempt) -> ProbeReport:
+def _merge_exempt_checks(after: ProbeReport, alone: Localization, exempt: Exempt, boundary: str) -> ProbeReport:
     """One report: the verdicts of the model after the exempt submodules, the culprits of every other one."""
     verdicts = list(after.verdicts)
     if any(c.kind is CulpritKind.INPUT for c in alone.culprits) and verdicts:
         verdicts[0] = Verdict.FAIL  # the sample every other submodule was checked on
     note = (
         f"exempt (backward intentionally not the derivative): {', '.join(exempt.names)}; the model after "
-        f"`{exempt.boundary}` was checked as a whole, {len(alone.checked)} other submodules on their own (sample 0)"
+        f"`{boundary}` was checked as a whole, {len(alone.checked)} other submodules on their own (sample 0)"
     )
     culprits = tuple(dict.fromkeys((*after.culprits, *alone.culprits)))
     return replace(after, verdicts=tuple(verdicts), culprits=culprits, exempt=exempt.names, notes=(*after.notes, note))
@@ -319,7 +320,7 @@ def _parameter_check(
     try:
         return check_parameter_gradients(model, parameters, problem, x, index, n_outputs=n_outputs, generator=generator)
     except Exception as error:  # a model that cannot run on two samples alone: said, the other verdicts kept
-        notes.add(f"parameter gradients not checked: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+        notes.add(f"parameter gradients not checked: {describe_error(error)}")
         return None
 
 

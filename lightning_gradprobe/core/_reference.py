@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._forward import ForwardPass
 from ._functions import BatchFunction, OutputSelector, build_batch_function, model_dtype
-from ._notes import Notes
+from ._notes import Notes, describe_error
 from ._options import ProbeOptions
 from ._prepare import PreparedBatch
 from ._verdicts import Problem, default_rtol
@@ -47,7 +47,10 @@ def reference_problem(
 
 
 class _LowerPrecisionWatch(TorchDispatchMode):
-    """Notes the first operation that produces a floating tensor less precise than ``dtype``."""
+    """Notes the first operation that turns a ``dtype`` tensor into a less precise floating one.
+
+    A downcast of the data; constants made in float32, such as ``torch.ones(3)``, carry no data and do not count.
+    """
 
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
@@ -56,7 +59,10 @@ class _LowerPrecisionWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if self.found is None:
+        if self.found is None and any(
+            isinstance(a, Tensor) and a.is_floating_point() and torch.finfo(a.dtype).eps <= self.eps
+            for a in (*args, *(kwargs or {}).values())
+        ):
             for tensor in out if isinstance(out, (tuple, list)) else (out,):
                 if (
                     isinstance(tensor, Tensor)
@@ -92,7 +98,7 @@ def _reference_function(
         # round-off at a float64 step.
         reason = f"it returned {result.dtype}" if watch.found is None else watch.found
     except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}"
+        reason = f"{describe_error(error)}"
     hint = (
         "pass the nn.Module itself, with `forward=lambda m, x: ...`, so that a float64 copy can be made"
         if not isinstance(model, nn.Module)

@@ -21,6 +21,7 @@ from torch import Tensor
 from ._functions import ParameterFunction
 from ._inputs import free_only
 from ._jacobian import compute_gradients
+from ._notes import describe_error
 from ._parameters import judge_directional_derivatives
 from ._verdicts import Judgement, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import SecondOrderReport, Verdict
@@ -153,7 +154,7 @@ def check_second_order(
             _identity, rows_of, leaf, leaf.clone(), ic, engine="autograd", check_batch=False, generator=generator
         ).jacobians.detach()
     except Exception as error:  # once_differentiable, an op without a double backward: a finding, not a crash
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+        reason = f"{describe_error(error, 160)}"
         verdicts = [Verdict.UNCHECKED] * n
         for i in checked.tolist():
             verdicts[i] = Verdict.FAIL

@@ -44,6 +44,7 @@ from ._finite_differences import (
 )
 from ._inputs import free_only
 from ._jacobian import compute_gradients, jacobians_of
+from ._notes import describe_error
 from .report import Verdict, dtype_name
 
 __all__ = [
@@ -342,7 +343,7 @@ def first_check(setting: Setting, jac: Tensor) -> FirstCheck:
             notes = (
                 f"the backward was judged in {dtype_name(problem.model_dtype)} against "
                 f"{dtype_name(problem.reference_dtype)} finite differences: the {dtype_name(problem.reference_dtype)} "
-                f"backward failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})",
+                f"backward failed ({describe_error(error)})",
             )
     raw = setting.stencil(setting.x_reference, torch.arange(n, device=setting.x.device), setting.step, f0)
     stencil = project(raw, problem.projection)

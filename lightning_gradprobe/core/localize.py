@@ -23,6 +23,7 @@ from torch.func import functional_call
 from ._finite_differences import Stencil, compare
 from ._isolation import isolated
 from ._layers import first_floating
+from ._notes import describe_error
 from .report import Culprit, CulpritKind, ProbeReport, Verdict
 
 __all__ = ["Check", "Culprit", "CulpritKind", "Localization", "check_parameters", "localize"]
@@ -181,7 +182,7 @@ def localize(
                 try:
                     weight_error = check_parameters(module, args, kwargs, slot, n_directions=n_directions, seed=seed)
                 except Exception as problem:  # e.g. parameters tied in a parent: not judged, but said
-                    skipped[f"{name} (parameters)"] = f"{type(problem).__name__}: {str(problem).splitlines()[0][:120]}"
+                    skipped[f"{name} (parameters)"] = f"{describe_error(problem)}"
                     continue
                 if weight_error is not None:
                     failing[(name, CulpritKind.PARAMETER)] = weight_error
@@ -217,7 +218,7 @@ def _check_alone(
                 second_order=second_order,
             )
     except Exception as error:  # a submodule that cannot be probed alone is skipped, with its reason
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return f"{describe_error(error)}"
 
 
 def _failures(
@@ -308,6 +309,7 @@ def check_parameters(
         f0 = evaluate(theta)
     n_out = f0.numel()
     projections = torch.randn((n_out, n_directions), generator=generator, dtype=torch.float64) / n_out**0.5
+    projections = projections.to(theta.device)
     leaf = theta.clone().requires_grad_(True)
     projected = evaluate(leaf) @ projections
     rows = torch.stack(
@@ -316,7 +318,7 @@ def check_parameters(
             for j in range(n_directions)
         ]
     )  # (q, P): u_j^T J_theta
-    directions = torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64)
+    directions = torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64).to(theta.device)
     directions /= directions.pow(2).mean(1, keepdim=True).sqrt()
     step = torch.finfo(torch.float64).eps ** (1 / 3) * max(1.0, float(theta.pow(2).mean().sqrt()))
     with torch.no_grad():
