@@ -273,9 +273,8 @@ class GradProbe(Callback):
 
         moment = _moment(trainer)
         self._plan = self.schedule.plan(moment, agree=agree)
-        budget = self.schedule.budget(moment, time.perf_counter())
-        if self._plan in (Plan.POSTPONED, Plan.PROBE_WITHOUT_PICTURES) and budget is not None:
-            self._say("budget", f"GradProbe: {budget}. Reported once.", warning=False)
+        if self._plan in (Plan.POSTPONED, Plan.PROBE_WITHOUT_PICTURES):  # over budget: say how far, once
+            self._say("budget", f"GradProbe: {self.schedule.budget(moment, time.perf_counter())}.", warning=False)
         self.samples.begin(
             due=self._plan.probes, world_size=trainer.world_size, rank=trainer.global_rank, probes_done=self.probes_done
         )
