@@ -34,13 +34,13 @@ class Plan(Enum):
     """Due, but probing is over its ``max_overhead`` budget."""
     PROBE = "probe"
     """Probe, with pictures."""
-    PROBE_WITHOUT_PICTURES = "probe without pictures"
-    """A milestone over budget: probe, but skip the pictures."""
+    MILESTONE = "milestone"
+    """Over budget, but a milestone of a short fit: probe all the same (pictures included: they cost milliseconds)."""
 
     @property
     def probes(self) -> bool:
         """Whether a probe runs."""
-        return self in (Plan.PROBE, Plan.PROBE_WITHOUT_PICTURES)
+        return self in (Plan.PROBE, Plan.MILESTONE)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Budget:
         return (
             f"probing has used {self.spent:.2f}s of {self.elapsed:.1f}s, and one more probe (~{self.expected:.2f}s) "
             f"would take it over `max_overhead`={self.limit}; postponing probes until it is back under (the last "
-            "validation, and five spread over a fit of known length, are still checked, without pictures, while the "
+            "validation, and five spread over a fit of known length, are still checked while the "
             "fit is under a minute)"
         )
 
@@ -156,14 +156,14 @@ class ProbeSchedule:
         if budget is None or not agree(budget.over):
             return Plan.PROBE
         if agree(self.is_milestone(moment, now)):
-            return Plan.PROBE_WITHOUT_PICTURES
+            return Plan.MILESTONE
         self.postponed += 1
         return Plan.POSTPONED
 
     def budget(self, moment: Moment, now: float) -> Budget | None:
         """The probing budget of this fit (``None``: unlimited, not fitting, or no probe yet to learn a cost from).
 
-        The first probe pays one-time costs (imports, writers, the first figure) that later probes do not: they
+        The first probe pays one-time costs (imports, writers, the first picture) that later probes do not: they
         are not held against later probes.
         """
         if self.max_overhead is None or not moment.fitting or self.fit_started is None or not self.probe_costs:

@@ -85,7 +85,7 @@ class GradProbe(Callback):
         on_test: Also probe during ``trainer.test()`` (on the probe set drawn first, unless ``redraw``).
         time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
         max_overhead: Fraction of the fit's wall time probing may use; due probes past it are postponed
-            (milestones of a short fit still run, without pictures; ``None``: follow the schedule).
+            (milestones of a short fit still run; ``None``: follow the schedule).
         localize: When samples fail, name the culprit submodule in the alert.
         check_parameters: Check the gradients with respect to the parameters too, the ones training consumes (a
             ``parameter_gradients`` alert naming the submodule; on by default, a few forwards of two samples).
@@ -96,7 +96,7 @@ class GradProbe(Callback):
             first probe fails, instead of warning once and pausing probing while training goes on.
         second_order: Also check the double backward through the input (physics-informed losses, gradient
             penalties): a ``second_order_checks`` alert and ``gradprobe/second_order/...`` scalars.
-        log_images: Log saliency panels to TensorBoard (when a ``TensorBoardLogger`` is attached).
+        log_images: Log saliency pictures to every logger that takes images (TensorBoard, W&B, MLflow, ...).
         shared_scale: Keep the first probe's colour scale for all saliency pictures (default: per probe).
         feature_names: Names of tabular features, for attribution charts.
         seed: Seed of the callback's own generator (probe set, directions).
@@ -273,7 +273,7 @@ class GradProbe(Callback):
 
         moment = _moment(trainer)
         self._plan = self.schedule.plan(moment, agree=agree)
-        if self._plan in (Plan.POSTPONED, Plan.PROBE_WITHOUT_PICTURES):  # over budget: say how far, once
+        if self._plan in (Plan.POSTPONED, Plan.MILESTONE):  # over budget: say how far, once
             self._say("budget", f"GradProbe: {self.schedule.budget(moment, time.perf_counter())}.", warning=False)
         self.samples.begin(
             due=self._plan.probes, world_size=trainer.world_size, rank=trainer.global_rank, probes_done=self.probes_done
@@ -356,7 +356,6 @@ class GradProbe(Callback):
             inputs, labels = self.samples.rows(len(report.verdicts))
             if mismatch := _feature_names_mismatch(self.feature_names, inputs):
                 self._say("names", mismatch)
-            self._panels.log_images = self.log_images and self._plan is Plan.PROBE
             self._panels.write(trainer, report, alerts, inputs, labels)
             self.saliency_scale = self._panels.scale
         except Exception as error:  # a picture is never worth a training run

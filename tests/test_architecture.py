@@ -128,3 +128,25 @@ def test_no_import_circles_deferred_imports_counted():
         for module, imported in modules.items()
     }
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a circle
+
+
+def test_every_import_outside_the_standard_library_is_a_declared_dependency():
+    """Pictures are composed as arrays: no plotting library, and nothing imported that pyproject does not declare."""
+    import re
+    from pathlib import Path
+
+    import lightning_gradprobe
+
+    root = Path(lightning_gradprobe.__file__).parent
+    block = re.search(r"^dependencies = \[(.*?)^\]", (root.parent / "pyproject.toml").read_text(), re.M | re.S)
+    declared = {re.split(r"[<>=\[ ]", requirement)[0].lower() for requirement in re.findall(r'"([^"]+)"', block[1])}
+    import_names = {"pillow": "PIL", "typing_extensions": "typing_extensions"}
+    allowed = {import_names.get(name, name) for name in declared} | {"lightning_gradprobe", "numpy"}
+    third_party = set()
+    for path in root.rglob("*.py"):
+        _, imported = _imports(path, root)
+        third_party |= {
+            name.split(".")[0] for name in imported if name and name.split(".")[0] not in sys.stdlib_module_names
+        }
+    assert "matplotlib" not in third_party
+    assert third_party <= allowed, f"undeclared: {third_party - allowed}"

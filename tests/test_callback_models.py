@@ -266,15 +266,22 @@ def test_input_key_tuple_reads_it(tmp_path):
     assert callback.probes_done == 2 and callback.last_report.ok
 
 
-def test_short_fits_are_probed_first_last_and_spread(tmp_path):
+def test_a_tight_budget_still_probes_first_last_and_spread_each_with_a_picture(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
     from lit_models import DigitsModule
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    callback = GradProbe(max_overhead=0.01)  # a tight budget: the milestones still hold
-    run = trainer(tmp_path, [callback], max_epochs=10)
+    callback = GradProbe(max_overhead=0.01)  # a tight budget
+    logger = TensorBoardLogger(tmp_path, name="tight")
+    run = trainer(tmp_path, [callback], max_epochs=10, logger=logger)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run.fit(DigitsModule())
     assert callback.probes_done >= 5 and callback.schedule.last_probe_epoch == 9
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
+    probed_at = [event.step for event in events.Scalars("gradprobe/checks/fail_fraction")]
+    pictured_at = [event.step for event in events.Images("gradprobe/saliency")]
+    assert len(probed_at) == callback.probes_done and pictured_at == probed_at  # a picture at every probe
 
 
 def test_target_out_of_range_pauses_training_goes_on_and_strict_raises(tmp_path):

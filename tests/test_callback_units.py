@@ -44,7 +44,7 @@ def test_schedule_backs_off_twice_as_long_after_each_failure_and_resumes():
     assert plans == [Plan.BACKING_OFF] * 3 + [Plan.PROBE]
 
 
-def test_schedule_postpones_over_budget_except_milestones_and_lets_processes_agree():
+def test_schedule_postpones_over_budget_except_the_last_validation_and_lets_processes_agree():
     schedule = ProbeSchedule(every_n_epochs=1, every_n_train_steps=None, max_overhead=0.05)
     schedule.start_fit(now=0.0)
     assert schedule.plan(_fit_moment(0, max_epochs=20), now=0.5) is Plan.PROBE  # no cost known yet
@@ -52,7 +52,7 @@ def test_schedule_postpones_over_budget_except_milestones_and_lets_processes_agr
     budget = schedule.budget(_fit_moment(1), now=2.0)
     assert budget is not None and budget.over and "max_overhead" in str(budget)
     assert schedule.plan(_fit_moment(1, max_epochs=20), now=2.0) is Plan.POSTPONED
-    assert schedule.plan(_fit_moment(19, max_epochs=20), now=2.0) is Plan.PROBE_WITHOUT_PICTURES  # the last epoch
+    assert schedule.plan(_fit_moment(19, max_epochs=20), now=2.0) is Plan.MILESTONE  # the last epoch
     assert schedule.plan(_fit_moment(2, max_epochs=20), now=2.0, agree=lambda _: False) is Plan.PROBE
     assert schedule.postponed == 1
     assert schedule.plan(_fit_moment(3, max_epochs=20), now=100.0) is Plan.PROBE  # back under budget

@@ -1,4 +1,4 @@
-"""Rendering: the only place that knows TensorBoard, the other loggers' image APIs, and matplotlib.
+"""Rendering: the only place that knows TensorBoard, the other loggers' image APIs, and how pictures are drawn.
 
 Scalars reach every logger through ``LightningModule.log``; pictures go to every logger that takes images
 (``TensorBoardLogger``, ``WandbLogger``, ``MLFlowLogger``, any with ``log_image``; rank zero), histograms, the
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..alerts import Alert
 from ..core.report import ProbeReport
-from .images import input_kind, robust_scale, saliency_figure
+from .images import input_kind, robust_scale, saliency_picture, token_picture
 from .sinks import ImageSink, image_sink
 from .tensorboard import alert_markdown, custom_scalars_layout, labels_for, log_probe, write_layout
 
@@ -31,7 +31,8 @@ __all__ = [
     "Panels",
     "log_probe",
     "robust_scale",
-    "saliency_figure",
+    "saliency_picture",
+    "token_picture",
     "write_layout",
 ]
 

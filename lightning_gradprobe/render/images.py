@@ -1,9 +1,13 @@
-"""Saliency pictures by input kind, as matplotlib figures (pure: tensors in, a figure out).
+"""Saliency pictures by input kind, composed as RGB arrays (pure: tensors in, an ``(H, W, 3)`` uint8 array out).
+
+No plotting library: cells are coloured by lookup in a 256-entry colour table and placed with array slicing, and
+text is drawn with Pillow's default font, measured first so that no caption or feature name is clipped. A
+picture costs a few milliseconds, so the callback can log one at every probe.
 
 Normalisation follows Captum's visualiser: the scale is the attribution value below which
-``100 - outlier_percent`` percent of the total attribution mass lies, so a few extreme pixels cannot
-wash out the picture; values are then clipped to [-1, 1]. Signed maps use a diverging colormap
-centred on zero; magnitudes a sequential one.
+``100 - outlier_percent`` percent of the total attribution mass lies, so a few extreme pixels cannot wash out the
+picture; values are then clipped to [-1, 1]. Signed maps use a diverging table centred on zero (blue -, red +,
+matplotlib's ``RdBu_r``); magnitudes a sequential one (``inferno``).
 """
 
 from __future__ import annotations
@@ -16,10 +20,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["input_kind", "robust_scale", "saliency_figure", "saliency_grid", "token_figure"]
+__all__ = [
+    "colour_table",
+    "input_kind",
+    "robust_scale",
+    "saliency_grid",
+    "saliency_picture",
+    "token_picture",
+]
 
-SIGNED_CMAP = "RdBu_r"
-MAGNITUDE_CMAP = "inferno"
+# Anchors of the two colour tables, evenly spaced and interpolated linearly to 256 entries: ColorBrewer's RdBu
+# reversed (what matplotlib calls RdBu_r, exact) and 33 samples of matplotlib's inferno (within 5/255 of it).
+_ANCHORS = {
+    "signed": "053061 2065ab 4393c3 90c4dd d1e5f0 f7f6f6 fddbc7 f3a481 d6604d b1182b 67001f",
+    "magnitude": (
+        "000004 040312 0b0724 150b37 210c4a 2f0a5b 3d0965 4a0c6b 57106e 64156e 71196e 7d1e6d 8a226a 972766 a32c61 "
+        "b0315b bc3754 c73e4c d24644 db503b e45a31 eb6628 f1731d f68013 f98e09 fb9d07 fcac11 fbbc21 f9cb35 f5db4c "
+        "f2ea69 f3f68a fcffa4"
+    ),
+}
+_INK, _PAD_GREY, _MARGIN = (0, 0, 0), (217, 217, 217), 6
 
 
 def input_kind(shape: Sequence[int]) -> str:
@@ -61,28 +81,107 @@ def robust_scale(values: Tensor, outlier_percent: float = 2.0) -> float:
 
 
 @functools.cache
-def _colormap(name: str) -> Any:
-    """A matplotlib colormap, looked up once (the registry hands out fresh copies that rebuild their tables)."""
-    from matplotlib import colormaps
+def colour_table(name: str) -> np.ndarray:
+    """A ``(256, 3)`` uint8 colour table: ``"signed"`` (blue, white, red) or ``"magnitude"`` (black to yellow).
 
-    return colormaps[name]
+    Example:
+        >>> table = colour_table("signed")
+        >>> table.shape, table[0].tolist(), table[-1].tolist()
+        ((256, 3), [5, 48, 97], [103, 0, 31])
 
-
-def _to_display(image: Tensor) -> np.ndarray:
-    """(C, H, W) -> (H, W) or (H, W, 3) in [0, 1], min-max per image."""
-    array = image.detach().float().cpu()
-    low, high = float(array.min()), float(array.max())
-    array = (array - low) / (high - low) if high > low else torch.zeros_like(array)
-    if array.shape[0] == 1:
-        return array[0].numpy()
-    return array[:3].permute(1, 2, 0).numpy()
+    """
+    anchors = np.array([[int(code[i : i + 2], 16) for i in (0, 2, 4)] for code in _ANCHORS[name].split()], float)
+    positions, grid = np.linspace(0, 1, len(anchors)), np.linspace(0, 1, 256)
+    table = np.stack([np.interp(grid, positions, anchors[:, channel]) for channel in range(3)], axis=1)
+    return table.round().astype(np.uint8)
 
 
-def _grayscale(display: np.ndarray) -> np.ndarray:
-    return display if display.ndim == 2 else display @ np.array([0.299, 0.587, 0.114])
+def _colours(values: np.ndarray, name: str) -> np.ndarray:
+    """Values in [0, 1] (NaN: 0.5) -> uint8 RGB by table lookup."""
+    index = np.nan_to_num(values, nan=0.5).clip(0, 1) * 255
+    return colour_table(name)[index.round().astype(np.intp)]
 
 
-def saliency_figure(
+def _signed(values: np.ndarray, scale: float) -> np.ndarray:
+    return _colours(np.clip(values / scale, -1, 1) * 0.5 + 0.5, "signed")
+
+
+@functools.cache
+def _font() -> Any:
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def _text_width(text: str) -> int:
+    return int(np.ceil(_font().getlength(text)))
+
+
+_LINE = 14  # pixels per line of text
+
+
+class _Sheet:
+    """A white canvas: coloured blocks are placed by slicing, text is drawn once at the end (Pillow)."""
+
+    def __init__(self, height: int, width: int, title: str = "") -> None:
+        width = max(width, _text_width(title) + 2 * _MARGIN)  # a title line (reserved by the caller) never clipped
+        self.pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+        self._texts: list[tuple[int, int, str, tuple[int, int, int], bool]] = []
+        if title:
+            self.text(2, _MARGIN, title)
+
+    def place(self, top: int, left: int, block: np.ndarray, zoom: tuple[int, int] = (1, 1)) -> None:
+        """Put an ``(h, w, 3)`` uint8 block at (top, left), each pixel repeated ``zoom`` (rows, columns) times."""
+        block = np.repeat(np.repeat(block, zoom[0], axis=0), zoom[1], axis=1)
+        self.pixels[top : top + block.shape[0], left : left + block.shape[1]] = block
+
+    def text(self, top: int, left: int, text: str, fill: tuple[int, int, int] = _INK, upright: bool = False) -> None:
+        """Queue a line of text; ``upright`` turns it to read bottom to top, its top-left corner at (top, left)."""
+        self._texts.append((top, left, text, fill, upright))
+
+    def finish(self) -> np.ndarray:
+        """The picture, with its text drawn."""
+        from PIL import Image, ImageDraw
+
+        picture = Image.fromarray(self.pixels)
+        draw = ImageDraw.Draw(picture)
+        for top, left, text, fill, upright in self._texts:
+            if not upright:
+                draw.text((left, top), text, fill=fill, font=_font())
+                continue
+            stamp = Image.new("L", (_text_width(text) + 2, _LINE))
+            ImageDraw.Draw(stamp).text((1, 0), text, fill=255, font=_font())
+            stamp = stamp.rotate(90, expand=True)
+            picture.paste(Image.new("RGB", stamp.size, fill), (left, top), stamp)
+        return np.asarray(picture)
+
+
+def _caption_width(labels: Sequence[str]) -> int:
+    return max((_text_width(label) for label in labels), default=0) + 2 * _MARGIN
+
+
+def _colour_bar(sheet: _Sheet, top: int, left: int, height: int, scale: float, unit: str) -> None:
+    """A vertical signed colour bar (+scale at the top, -scale at the bottom) with its ticks and unit."""
+    height = max(height, 3 * _LINE)
+    ramp = np.linspace(1, -1, height)[:, None]
+    sheet.place(top, left, _signed(ramp, 1.0), zoom=(1, 12))
+    for row, text in ((0, f"+{scale:.2g}"), (height // 2 - _LINE // 2, "0"), (height - _LINE, f"-{scale:.2g}")):
+        sheet.text(top + row, left + 16, text)
+    if _text_width(unit) + 2 <= height:  # the unit along the bar, where it fits
+        sheet.text(top, left + 16 + _text_width(f"-{scale:.2g}") + _MARGIN, unit, upright=True)
+
+
+def _colour_bar_width(scale: float) -> int:
+    """The width :func:`_colour_bar` takes."""
+    return 16 + _text_width(f"-{scale:.2g}") + 2 * _MARGIN + _LINE
+
+
+def _prepare(saliency: Tensor, scale: float | None) -> tuple[Tensor, float]:
+    saliency = saliency.detach().float().cpu().nan_to_num(0.0, 0.0, 0.0)
+    return saliency, scale or robust_scale(saliency)
+
+
+def saliency_picture(
     inputs: Tensor,
     saliency: Tensor,
     *,
@@ -90,81 +189,103 @@ def saliency_figure(
     feature_names: Sequence[str] | None = None,
     scale: float | None = None,
     title: str = "",
-):
-    """Draw the saliency of a batch as one figure, by input kind (see :func:`input_kind`).
+) -> np.ndarray:
+    """Draw the saliency of a batch as one picture, by input kind (see :func:`input_kind`).
+
+    Images get :func:`saliency_grid`; tables a bar chart of the mean gradient per feature over a samples x
+    features heat map; sequences a feature x time heat map per sample; anything else its flattened elements.
 
     Args:
         inputs: The probed inputs ``(N, ...)``.
         saliency: Their signed input gradients, same shape.
         labels: One caption per sample (e.g. ``"y=3 pred=3"``).
-        feature_names: Tabular feature names.
+        feature_names: Tabular feature names (index names ``f0, f1, ...`` when missing or of the wrong length).
         scale: The colour scale (``None``: :func:`robust_scale` of this batch).
-        title: Figure title.
+        title: A line above the picture.
 
     Returns:
-        A ``matplotlib.figure.Figure`` (the caller closes it; ``SummaryWriter.add_figure`` does).
+        ``(H, W, 3)`` uint8.
+
+    Example:
+        >>> picture = saliency_picture(torch.randn(4, 5), torch.randn(4, 5), feature_names=list("abcde"))
+        >>> picture.ndim, picture.dtype, int(picture.std()) > 10
+        (3, dtype('uint8'), True)
 
     """
-    from matplotlib.figure import Figure
-
-    saliency = saliency.detach().float().cpu().nan_to_num(0.0, 0.0, 0.0)
-    scale = scale or robust_scale(saliency)
-    kind = input_kind(tuple(inputs.shape))
     n = inputs.shape[0]
     labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
+    kind = input_kind(tuple(inputs.shape))
     if kind == "image":
-        figure = Figure(figsize=(6.6, 2.1 * n + 0.4))
-        axes = figure.subplots(n, 3, squeeze=False)
-        for i in range(n):
-            display = _to_display(inputs[i])
-            signed = saliency[i].sum(0).numpy() / scale
-            magnitude = saliency[i].abs().sum(0).numpy() / scale
-            axes[i, 0].imshow(display, cmap="gray" if display.ndim == 2 else None, vmin=0, vmax=1)
-            axes[i, 0].set_ylabel(labels[i], fontsize=8)
-            shown = axes[i, 1].imshow(np.clip(signed, -1, 1), cmap=SIGNED_CMAP, vmin=-1, vmax=1)
-            axes[i, 2].imshow(_grayscale(display), cmap="gray", vmin=0, vmax=1)
-            axes[i, 2].imshow(np.clip(magnitude, 0, 1), cmap=MAGNITUDE_CMAP, vmin=0, vmax=1, alpha=0.5)
-            for axis in axes[i]:
-                axis.set_xticks([])
-                axis.set_yticks([])
-        for axis, name in zip(axes[0], ("input", "saliency (signed)", "|saliency| overlay"), strict=True):
-            axis.set_title(name, fontsize=9)
-        figure.colorbar(shown, ax=axes, shrink=0.5, label=f"signed gradient / {scale:.2g}")
-    elif kind == "tabular":
+        return saliency_grid(inputs, saliency, labels=labels, scale=scale, title=title)
+    saliency, scale = _prepare(saliency, scale)
+    if kind == "tabular":
         names = [f"f{j}" for j in range(inputs.shape[1])]
-        if feature_names is not None and len(feature_names) == len(names):  # (a wrong count: index names)
-            names = list(feature_names)
-        figure = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 6.5))
-        bars, heat = figure.subplots(2, 1, height_ratios=[1, 1.4])
-        mean = saliency.mean(0).numpy()
-        spread = saliency.abs().mean(0).numpy()
-        positions = np.arange(len(names))
-        bars.bar(positions, mean, color=np.where(mean >= 0, "#c44e52", "#4c72b0"))
-        bars.errorbar(positions, mean, yerr=spread, fmt="none", ecolor="gray", capsize=2)
-        bars.axhline(0, color="black", linewidth=0.6)
-        bars.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
-        bars.set_ylabel("input gradient\nmean (whisker: mean |.|)", fontsize=8)
-        shown = heat.imshow(np.clip(saliency.numpy() / scale, -1, 1), cmap=SIGNED_CMAP, vmin=-1, vmax=1, aspect="auto")
-        heat.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
-        heat.set_yticks(range(n), labels, fontsize=8)
-        figure.colorbar(shown, ax=heat, label=f"gradient / {scale:.2g}")
-        figure.subplots_adjust(left=0.16, hspace=0.45)
-    else:
-        maps = saliency if kind == "sequence" else saliency.reshape(n, 1, -1)
-        figure = Figure(figsize=(6.5, 1.6 * n + 0.5))
-        axes = figure.subplots(n, 1, squeeze=False)[:, 0]
-        for i in range(n):
-            shown = axes[i].imshow(
-                np.clip(maps[i].numpy().T / scale, -1, 1), cmap=SIGNED_CMAP, vmin=-1, vmax=1, aspect="auto"
-            )
-            axes[i].set_ylabel(labels[i], fontsize=8)
-        axes[-1].set_xlabel("time step" if kind == "sequence" else "input element (flattened)")
-        if kind == "sequence":
-            axes[0].set_title("feature x time", fontsize=9)
-        figure.colorbar(shown, ax=list(axes), shrink=0.6, label=f"gradient / {scale:.2g}")
-    if title:
-        figure.suptitle(title, fontsize=10)
-    return figure
+        if feature_names is not None and len(feature_names) == len(names):
+            names = [str(name) for name in feature_names]
+        return _tabular(saliency.numpy(), names, labels, scale, title)
+    maps = saliency.transpose(1, 2) if kind == "sequence" else saliency.reshape(n, 1, -1)
+    axis = "time step" if kind == "sequence" else "input element (flattened)"
+    return _heat_rows(maps.numpy(), labels, scale, title, axis, "feature x time" if kind == "sequence" else "")
+
+
+def _tabular(saliency: np.ndarray, names: list[str], labels: list[str], scale: float, title: str) -> np.ndarray:
+    """Mean gradient per feature (bars, whiskers: mean |.|) over a samples x features heat map."""
+    n, features = saliency.shape
+    cell_w, cell_h, bars_h = int(np.clip(640 // features, _LINE, 40)), 18, 72
+    strip, bar = _caption_width(labels), _colour_bar_width(scale)
+    names_h = max(_text_width(name) for name in names) + _MARGIN
+    heat_top = _LINE * (2 if title else 1) + bars_h + _MARGIN
+    width = strip + features * cell_w + _MARGIN + bar
+    sheet = _Sheet(heat_top + n * cell_h + names_h + _MARGIN + _LINE, width, title)
+    mean, spread = saliency.mean(0), np.abs(saliency).mean(0)
+    reach = float(np.max(np.abs(mean) + spread)) or 1.0
+    zero = heat_top - _MARGIN - bars_h // 2  # the bars' zero line
+    sheet.text(heat_top - _MARGIN - bars_h - _LINE + 2, strip, "mean gradient per feature (whisker: mean |.|)")
+    sheet.place(zero, strip, np.zeros((1, features * cell_w, 3), np.uint8))
+    half = bars_h // 2 - 2
+    for j in range(features):
+        left, length = strip + j * cell_w + 2, round(abs(float(mean[j])) / reach * half)
+        top = zero - length if mean[j] >= 0 else zero + 1
+        sheet.place(top, left, _signed(np.array([[np.sign(mean[j])]]), 1.0), zoom=(max(length, 0), cell_w - 4))
+        whisker = round(float(spread[j]) / reach * half)
+        sheet.place(zero - whisker, left + cell_w // 2 - 2, np.full((1, 1, 3), 128, np.uint8), zoom=(2 * whisker, 1))
+    sheet.place(heat_top, strip, _signed(saliency, scale), zoom=(cell_h, cell_w))
+    for i, label in enumerate(labels):
+        sheet.text(heat_top + i * cell_h + 2, _MARGIN, label)
+    for j, name in enumerate(names):
+        sheet.text(heat_top + n * cell_h + 2, strip + j * cell_w + (cell_w - _LINE) // 2, name, upright=True)
+    _colour_bar(sheet, heat_top, strip + features * cell_w + _MARGIN, n * cell_h, scale, "gradient")
+    return sheet.finish()
+
+
+def _heat_rows(maps: np.ndarray, labels: list[str], scale: float, title: str, axis: str, heading: str) -> np.ndarray:
+    """One ``(rows, columns)`` heat map per sample, stacked, captions on the left, a colour bar on the right."""
+    n, rows, columns = maps.shape
+    cell_w, cell_h = int(np.clip(640 // columns, 1, 16)), int(np.clip(96 // rows, 1, 12))
+    cell_h = max(cell_h, -(-(_LINE + 2) // rows))  # a block at least as tall as its caption
+    block_h = rows * cell_h
+    strip, head = _caption_width(labels), _LINE * ((1 if title else 0) + (1 if heading else 0)) + _MARGIN
+    body_w = columns * cell_w
+    sheet = _Sheet(head + n * (block_h + 4) + 2 * _LINE, strip + body_w + _MARGIN + _colour_bar_width(scale), title)
+    if heading:
+        sheet.text(head - _LINE - 2, strip, heading)
+    for i, label in enumerate(labels):
+        top = head + i * (block_h + 4)
+        sheet.place(top, strip, _signed(maps[i], scale), zoom=(cell_h, cell_w))
+        sheet.text(top + (rows * cell_h - _LINE) // 2, _MARGIN, label)
+    bottom = head + n * (block_h + 4)
+    sheet.text(bottom, strip, f"0 ... {columns - 1}: {axis}")
+    _colour_bar(sheet, head, strip + body_w + _MARGIN, n * (block_h + 4) - 4, scale, "gradient")
+    return sheet.finish()
+
+
+def _to_display(image: Tensor) -> np.ndarray:
+    """(C, H, W) -> (H, W, 3) in [0, 1], min-max per image (one channel shown grey)."""
+    array = image.detach().float().cpu()
+    low, high = float(array.min()), float(array.max())
+    array = (array - low) / (high - low) if high > low else torch.zeros_like(array)
+    array = array[:1].expand(3, -1, -1) if array.shape[0] == 1 else array[:3]
+    return array.permute(1, 2, 0).numpy()
 
 
 def saliency_grid(
@@ -174,11 +295,9 @@ def saliency_grid(
     labels: Sequence[str] | None = None,
     scale: float | None = None,
     cell: int = 64,
+    title: str = "",
 ) -> np.ndarray:
     """Image inputs as one RGB grid: a row per sample with input, signed saliency and overlay.
-
-    Composed directly from colormap lookups (no figure layout), so it costs milliseconds: this is
-    what the callback logs at every probe. Labels are drawn in a strip on the left.
 
     Args:
         inputs: ``(N, C, H, W)`` with 1, 3 or 4 channels.
@@ -186,53 +305,42 @@ def saliency_grid(
         labels: One caption per sample.
         scale: Colour scale (``None``: :func:`robust_scale` of this batch).
         cell: Target size in pixels of the longer image side (nearest-neighbour upscaling).
+        title: A line above the grid.
 
     Returns:
         ``(H, W, 3)`` uint8.
 
     Example:
         >>> grid = saliency_grid(torch.rand(2, 3, 10, 16), torch.randn(2, 3, 10, 16), labels=["a", "b"])
-        >>> grid.shape, grid.dtype
-        ((118, 300, 3), dtype('uint8'))
+        >>> grid.shape[0], grid.dtype  # a 32-pixel header, then two rows of 40-pixel tiles (x4) and 4-pixel gaps
+        (120, dtype('uint8'))
 
     """
-    from PIL import Image, ImageDraw
-
     n, _, height, width = inputs.shape
-    saliency = saliency.detach().float().cpu().nan_to_num(0.0, 0.0, 0.0)
-    scale = scale or robust_scale(saliency)
+    saliency, scale = _prepare(saliency, scale)
     zoom = max(1, cell // max(height, width))
     labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
-    gap, strip, header = 4, 96, 30
-    tile_h, tile_w = height * zoom, width * zoom
-    canvas = np.full((header + n * (tile_h + gap), strip + 3 * (tile_w + gap), 3), 255, dtype=np.uint8)
-
-    def place(row: int, column: int, rgb: np.ndarray) -> None:
-        top, left = header + row * (tile_h + gap), strip + column * (tile_w + gap)
-        tile = np.repeat(np.repeat(rgb, zoom, axis=0), zoom, axis=1)
-        canvas[top : top + tile_h, left : left + tile_w] = (np.clip(tile, 0, 1) * 255).astype(np.uint8)
-
-    for i in range(n):
-        display = _to_display(inputs[i])
-        gray = _grayscale(display)
-        colour = np.repeat(display[..., None], 3, axis=2) if display.ndim == 2 else display
-        signed = np.clip(saliency[i].sum(0).numpy() / scale, -1, 1)
-        magnitude = np.clip(saliency[i].abs().sum(0).numpy() / scale, 0, 1)
-        place(i, 0, colour)
-        place(i, 1, _colormap(SIGNED_CMAP)((signed + 1) / 2)[..., :3])
-        place(i, 2, 0.5 * gray[..., None] + 0.5 * _colormap(MAGNITUDE_CMAP)(magnitude)[..., :3])
-    picture = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(picture)
-    # Two short lines per column, so that the header fits a tile as narrow as 64 pixels.
-    for column, lines in enumerate((("input", ""), ("signed", f"/ {scale:.2g}"), ("|grad|", "overlay"))):
+    headings = (("input", ""), ("signed", f"/ {scale:.2g}"), ("|grad|", "overlay"))
+    gap, strip, header = 4, _caption_width(labels), _LINE * (3 if title else 2) + 4
+    tile_h, tile_w = height * zoom, max(width * zoom, *(_text_width(text) + 4 for pair in headings for text in pair))
+    sheet = _Sheet(header + n * (tile_h + gap), strip + 3 * (tile_w + gap), title)
+    for column, lines in enumerate(headings):  # two short lines per column: fits a tile 64 pixels wide
         for line, text in enumerate(lines):
-            draw.text((strip + column * (tile_w + gap) + 2, 3 + 12 * line), text, fill=(0, 0, 0))
-    for i, label in enumerate(labels):
-        draw.text((4, header + i * (tile_h + gap) + tile_h // 2 - 6), label[:18], fill=(0, 0, 0))
-    return np.asarray(picture)
+            sheet.text(header - 2 * _LINE - 2 + _LINE * line, strip + column * (tile_w + gap) + 2, text)
+    for i in range(n):
+        top = header + i * (tile_h + gap)
+        display = _to_display(inputs[i])
+        signed = saliency[i].sum(0).numpy()
+        magnitude = np.clip(saliency[i].abs().sum(0).numpy() / scale, 0, 1)
+        grey = display @ np.array([0.299, 0.587, 0.114])
+        overlay = 0.5 * grey[..., None] * 255 + 0.5 * _colours(magnitude, "magnitude")
+        for column, block in enumerate(((display * 255).round(), _signed(signed, scale), overlay)):
+            sheet.place(top, strip + column * (tile_w + gap), block.astype(np.uint8), zoom=(zoom, zoom))
+        sheet.text(top + tile_h // 2 - _LINE // 2, _MARGIN, labels[i])
+    return sheet.finish()
 
 
-def token_figure(
+def token_picture(
     ids: Tensor,
     scores: Tensor,
     *,
@@ -241,7 +349,7 @@ def token_figure(
     labels: Sequence[str] | None = None,
     scale: float | None = None,
     title: str = "",
-):
+) -> np.ndarray:
     """A token heat map: one row per sample, each token a cell coloured by its attribution, pads greyed.
 
     Args:
@@ -251,40 +359,48 @@ def token_figure(
         tokens: ``ids -> list[str]`` for one row (a tokenizer's ``convert_ids_to_tokens``); ids otherwise.
         labels: One caption per sample.
         scale: The colour scale (``None``: :func:`robust_scale` of the real tokens' scores).
-        title: Figure title.
+        title: A line above the picture.
 
     Returns:
-        A ``matplotlib.figure.Figure``.
+        ``(H, W, 3)`` uint8.
 
     Example:
-        >>> import torch
-        >>> figure = token_figure(torch.tensor([[5, 7, 0]]), torch.tensor([[0.5, -1.0, 0.0]]),
-        ...                       mask=torch.tensor([[1, 1, 0]]), tokens=lambda row: [f"w{i}" for i in row])
-        >>> [t.get_text() for t in figure.axes[0].texts]
-        ['w5', 'w7']
+        >>> picture = token_picture(torch.tensor([[5, 7, 0]]), torch.tensor([[0.5, -1.0, 0.0]]),
+        ...                         mask=torch.tensor([[1, 1, 0]]), tokens=lambda row: [f"w{i}" for i in row])
+        >>> picture.ndim, picture.dtype
+        (3, dtype('uint8'))
 
     """
-    from matplotlib.figure import Figure
-
     scores = scores.detach().double().cpu().nan_to_num(0.0)
     n, length = scores.shape
     real = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.detach().cpu().bool()
     scale = scale or robust_scale(scores[real] if real.any() else scores)
-    colours = _colormap(SIGNED_CMAP)(np.clip(scores.numpy() / scale, -1, 1) * 0.5 + 0.5)
-    colours[~real.numpy()] = (0.85, 0.85, 0.85, 1.0)
-    figure = Figure(figsize=(min(2.0 + 0.75 * length, 24.0), 0.5 * n + 1.2))
-    axis = figure.subplots()
-    axis.imshow(colours, aspect="auto", interpolation="nearest")
-    for i in range(n):
-        row = ids[i].tolist()
-        words = tokens(row) if tokens is not None else [str(t) for t in row]
+    labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
+    words = [[str(word) for word in (tokens(row) if tokens is not None else row)] for row in ids.tolist()]
+    cell_w = int(np.clip(max(_text_width(w[:12]) for row in words for w in row) + 6, 24, 90))
+    cell_h, strip, head = 18, _caption_width(labels), _LINE * (2 if title else 1) + 2
+    sheet = _Sheet(head + n * cell_h + 2 * _LINE, strip + length * cell_w + _MARGIN + _colour_bar_width(scale), title)
+    sheet.text(head - _LINE, strip, "token position ->")
+    colours = _signed(scores.numpy(), scale)
+    colours[~real.numpy()] = _PAD_GREY
+    sheet.place(head, strip, colours, zoom=(cell_h, cell_w))
+    sheet.pixels[head : head + n * cell_h, strip : strip + length * cell_w : cell_w] = 255  # a line between tokens
+    dark = (colours.astype(float) @ np.array([0.299, 0.587, 0.114])) < 110
+    for i, label in enumerate(labels):
+        sheet.text(head + i * cell_h + 2, _MARGIN, label)
         for j in range(length):
             if real[i, j]:
-                axis.text(j, i, str(words[j])[:12], ha="center", va="center", fontsize=7)
-    axis.set_yticks(range(n), list(labels) if labels is not None else [f"sample {i}" for i in range(n)], fontsize=8)
-    axis.set_xticks(range(length), [str(j) for j in range(length)], fontsize=7)
-    axis.set_xlabel(f"token position (colour: attribution / {scale:.2g}, red +, blue -, grey: padding)", fontsize=8)
-    if title:
-        axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    return figure
+                text, fill = _fit(words[i][j], cell_w - 4), (255, 255, 255) if dark[i, j] else _INK
+                sheet.text(head + i * cell_h + 2, strip + j * cell_w + (cell_w - _text_width(text)) // 2, text, fill)
+    sheet.text(head + n * cell_h + 4, strip, "grey: padding")
+    _colour_bar(sheet, head, strip + length * cell_w + _MARGIN, n * cell_h, scale, "attribution")
+    return sheet.finish()
+
+
+def _fit(text: str, width: int) -> str:
+    """``text``, cut (with an ellipsis) to fit ``width`` pixels."""
+    if _text_width(text) <= width:
+        return text
+    while text and _text_width(text + "…") > width:
+        text = text[:-1]
+    return text + "…"

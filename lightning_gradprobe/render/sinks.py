@@ -1,9 +1,9 @@
 """Where pictures go: TensorBoard's ``SummaryWriter``, or any other logger that takes images.
 
-``log_probe`` writes through a writer with TensorBoard's methods (``add_image``, ``add_figure``,
-``add_histogram``, ``add_text``). :class:`ImageSink` gives a logger that only takes images those methods: pictures
-become arrays (a matplotlib figure is drawn on an Agg canvas) handed to the logger's own image API, and what
-it cannot show (histograms, the markdown alert log) is left out.
+``log_probe`` writes through a writer with TensorBoard's methods (``add_image``, ``add_histogram``,
+``add_text``). :class:`ImageSink` gives a logger that only takes images those methods: pictures are handed to the
+logger's own image API as ``(H, W, 3)`` uint8 arrays, and what it cannot show (histograms, the markdown alert
+log) is left out.
 """
 
 from __future__ import annotations
@@ -31,16 +31,6 @@ class ImageSink:
         if array.dtype != np.uint8:
             array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
         self._log(tag, array[..., :3], step)
-
-    def add_figure(self, tag: str, figure: Any, step: int, close: bool = True) -> None:
-        """Draw a matplotlib figure and log it as an image."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        canvas = FigureCanvasAgg(figure)
-        canvas.draw()
-        self._log(tag, np.asarray(canvas.buffer_rgba())[..., :3].copy(), step)
-        if close:
-            figure.clear()
 
     def add_histogram(self, *args: Any, **kwargs: Any) -> None:
         """Histograms are TensorBoard's: left out."""

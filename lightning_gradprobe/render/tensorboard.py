@@ -1,4 +1,4 @@
-"""TensorBoard panels: histograms, saliency figures, the alert log and the custom-scalars layout."""
+"""TensorBoard panels: histograms, saliency pictures, the alert log and the custom-scalars layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..alerts import Alert
 from ..core.report import ProbeReport
-from .images import input_kind, robust_scale, saliency_figure, saliency_grid, token_figure
+from .images import robust_scale, saliency_picture, token_picture
 
 __all__ = ["LAYOUT_RUN", "PREFIX", "alert_markdown", "custom_scalars_layout", "log_probe", "write_layout"]
 
@@ -119,24 +119,19 @@ def log_probe(
     if report.token_scores is not None:
         scores = report.token_scores["grad_x_input"]
         used = scale if scale is not None else robust_scale(scores)
-        if images:
-            ids, mask = _token_inputs(inputs, scores.shape)
-            if ids is not None:
-                figure = token_figure(ids, scores, mask=mask, tokens=tokens, labels=labels, scale=used, title=title)
-                writer.add_figure(f"{PREFIX}/saliency", figure, step, close=True)
+        ids, mask = _token_inputs(inputs, scores.shape) if images else (None, None)
+        if ids is not None:
+            picture = token_picture(ids, scores, mask=mask, tokens=tokens, labels=labels, scale=used, title=title)
+            writer.add_image(f"{PREFIX}/saliency", picture, step, dataformats="HWC")
     else:
         used = scale if scale is not None else robust_scale(pictures[0][1]) if pictures else 1.0
         for position, (tag, saliency, probed) in enumerate(pictures if images else []):
             # Several inputs each get their own colour scale (their gradients live in their own units).
             own = used if position == 0 or scale is not None else robust_scale(saliency)
-            if input_kind(tuple(probed.shape)) == "image":
-                grid = saliency_grid(probed, saliency, labels=labels, scale=own)
-                writer.add_image(tag, grid, step, dataformats="HWC")
-            else:
-                figure = saliency_figure(
-                    probed, saliency, labels=labels, feature_names=feature_names, scale=own, title=title
-                )
-                writer.add_figure(tag, figure, step, close=True)
+            picture = saliency_picture(
+                probed, saliency, labels=labels, feature_names=feature_names, scale=own, title=title
+            )
+            writer.add_image(tag, picture, step, dataformats="HWC")
     if alerts:
         writer.add_text(f"{PREFIX}/alerts", alert_markdown(alerts), step)
     writer.flush()
