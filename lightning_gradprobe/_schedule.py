@@ -65,24 +65,36 @@ class Moment:
 
 @dataclass(frozen=True)
 class Budget:
-    """Probing time in a fit: spent so far (one-time costs left out), the fit's time, one more probe's cost."""
+    """Probing time in a fit against its training time: what the fit without probing would have taken.
+
+    Attributes:
+        spent: Probing time so far (reading batches and the first probe's one-time costs included).
+        training: The fit's time so far, all probing taken out.
+        expected: One more probe's cost (the cheapest so far: the steady state).
+        limit: ``max_overhead``: probing may add this fraction to the training time.
+
+    Example:
+        >>> Budget(spent=0.4, training=10.0, expected=0.1, limit=0.05).over  # 0.5 s would be 5% of 10 s: fits
+        False
+
+    """
 
     spent: float
-    elapsed: float
+    training: float
     expected: float
     limit: float
 
     @property
     def over(self) -> bool:
-        """Whether one more probe would take probing over ``limit`` of the fit's time."""
-        return self.spent + self.expected > self.limit * (self.elapsed + self.expected)
+        """Whether one more probe would make probing more than ``limit`` of the training time."""
+        return self.spent + self.expected > self.limit * self.training
 
     def __str__(self) -> str:
         return (
-            f"probing has used {self.spent:.2f}s of {self.elapsed:.1f}s, and one more probe (~{self.expected:.2f}s) "
-            f"would take it over `max_overhead`={self.limit}; postponing probes until it is back under (the last "
-            "validation, and five spread over a fit of known length, are still checked while the "
-            "fit is under a minute)"
+            f"probing has used {self.spent:.2f}s against {self.training:.1f}s of training, and one more probe "
+            f"(~{self.expected:.2f}s) would take it over `max_overhead`={self.limit}; postponing probes until it is "
+            "back under (the last validation, and five spread over a fit of known length, are still checked while "
+            "the fit is under a minute)"
         )
 
 
@@ -163,14 +175,13 @@ class ProbeSchedule:
     def budget(self, moment: Moment, now: float) -> Budget | None:
         """The probing budget of this fit (``None``: unlimited, not fitting, or no probe yet to learn a cost from).
 
-        The first probe pays one-time costs (imports, writers, the first picture) that later probes do not: they
-        are not held against later probes.
+        Every second of probing counts, the first probe's one-time costs (imports, writers) too: the budget is
+        what the fit really pays. They are paid once: the next probe is expected to cost the cheapest one so far.
         """
         if self.max_overhead is None or not moment.fitting or self.fit_started is None or not self.probe_costs:
             return None
-        expected = min(self.probe_costs)
-        one_time = self.probe_costs[0] - expected
-        return Budget(self.probing_seconds - one_time, now - self.fit_started, expected, self.max_overhead)
+        training = now - self.fit_started - self.probing_seconds
+        return Budget(self.probing_seconds, training, min(self.probe_costs), self.max_overhead)
 
     def is_milestone(self, moment: Moment, now: float) -> bool:
         """Whether this validation is probed whatever the budget.
