@@ -29,23 +29,23 @@ from digits_cnn import DigitsCNN, digits_loaders, make_trainer
 from lightning_gradprobe import GradProbe
 
 
-def fit_seconds(with_probe: bool, epochs: int, logdir: str) -> tuple[float, int, float]:
-    """The fit's wall time, the probes made, the probing seconds measured in the callback's hooks."""
+def fit_seconds(with_probe: bool, epochs: int, logdir: str) -> tuple[float, float, int, float]:
+    """The fit's wall time and process CPU time, the probes made, the probing seconds measured in its hooks."""
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders()
     probe = GradProbe() if with_probe else None
     trainer = make_trainer(logdir, epochs, [probe] if probe else [])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(DigitsCNN(), train, val)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if probe is None:
-        return seconds, 0, 0.0
+        return seconds, cpu, 0, 0.0
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0}).Reload()
     pictures = len(events.Images("gradprobe/saliency"))
     in_hook = probe.schedule.probing_seconds
     postponed = probe.schedule.postponed
     print(f"  probes {probe.probes_done}, pictures {pictures}, postponed {postponed}, in-hook {in_hook:.3f}s")
-    return seconds, probe.probes_done, in_hook
+    return seconds, cpu, probe.probes_done, in_hook
 
 
 def main() -> None:
@@ -53,25 +53,32 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=9)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--null", action="store_true", help="both arms without the callback: the noise floor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    with_probe, without, in_hook, probes = [], [], [], 0
+    runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    in_hook, probes = [], 0
     with tempfile.TemporaryDirectory() as logdir:
         fit_seconds(True, 1, logdir)  # warm-up: imports, allocator, fonts
-        for _ in range(args.pairs):
-            seconds, probes, hooks = fit_seconds(True, args.epochs, logdir)
-            with_probe.append(seconds)
-            in_hook.append(hooks)
-            without.append(fit_seconds(False, args.epochs, logdir)[0])
+        for pair in range(args.pairs):
+            for with_probe in (True, False) if pair % 2 == 0 else (False, True):  # ABBA: order effects cancel
+                seconds, cpu, done, hooks = fit_seconds(with_probe and not args.null, args.epochs, logdir)
+                runs[with_probe].append((seconds, cpu))
+                if with_probe:
+                    probes = done
+                    in_hook.append(hooks)
+    with_probe, without = [s for s, _ in runs[True]], [s for s, _ in runs[False]]
     a, b = statistics.median(with_probe), statistics.median(without)
+    cpu_a, cpu_b = statistics.median(c for _, c in runs[True]), statistics.median(c for _, c in runs[False])
     print(f"digits CNN, {args.epochs} epochs, {probes} probes of 8 samples, {args.pairs} alternating pairs")
     print(f"fit with GradProbe():    median {a:.3f} s  (runs: {', '.join(f'{s:.2f}' for s in with_probe)})")
     print(f"fit without:             median {b:.3f} s  (runs: {', '.join(f'{s:.2f}' for s in without)})")
     print(f"ratio {a / b:.3f}  (target <= 1.05); per probe {(a - b) / max(probes, 1) * 1e3:.0f} ms")
+    print(f"process CPU time: ratio {cpu_a / cpu_b:.3f} ({cpu_a:.2f} s vs {cpu_b:.2f} s, both threads)")
     hooks = statistics.median(in_hook)
     print(f"probing measured in the hooks: median {hooks:.3f} s = {hooks / b:.1%} of the fit without")
 

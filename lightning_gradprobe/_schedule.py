@@ -6,6 +6,7 @@ every process agree on a decision (rank zero's broadcast under DDP), and gets ba
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,12 +71,16 @@ class Budget:
     Attributes:
         spent: Probing time so far (reading batches and the first probe's one-time costs included).
         training: The fit's time so far, all probing taken out.
-        expected: One more probe's cost (the cheapest so far: the steady state).
+        expected: One more probe's cost (the median of the probes after the first: the steady state).
         limit: ``max_overhead``: probing may add this fraction to the training time.
+        reserved: The expected cost of the milestone probes still to come, which run whatever the budget.
+        projected: The whole fit's training time at its pace so far (``None``: its length is not known).
 
     Example:
         >>> Budget(spent=0.4, training=10.0, expected=0.1, limit=0.05).over  # 0.5 s would be 5% of 10 s: fits
         False
+        >>> Budget(0.4, 10.0, 0.1, 0.05, reserved=0.3, projected=14.0).over  # no room left for the milestones
+        True
 
     """
 
@@ -83,11 +88,18 @@ class Budget:
     training: float
     expected: float
     limit: float
+    reserved: float = 0.0
+    projected: float | None = None
 
     @property
     def over(self) -> bool:
-        """Whether one more probe would make probing more than ``limit`` of the training time."""
-        return self.spent + self.expected > self.limit * self.training
+        """Whether one more probe would make probing more than ``limit`` of the training time.
+
+        Now, and over the whole fit once the milestones still to come are paid for.
+        """
+        now = self.spent + self.expected > self.limit * self.training
+        whole = self.projected is not None and self.spent + self.expected + self.reserved > self.limit * self.projected
+        return now or whole
 
     def __str__(self) -> str:
         return (
@@ -176,12 +188,26 @@ class ProbeSchedule:
         """The probing budget of this fit (``None``: unlimited, not fitting, or no probe yet to learn a cost from).
 
         Every second of probing counts, the first probe's one-time costs (imports, writers) too: the budget is
-        what the fit really pays. They are paid once: the next probe is expected to cost the cheapest one so far.
+        what the fit really pays. They are paid once: the next probe is expected to cost what the later ones did.
+        In a short fit of known length, the milestones still to come are reserved for.
         """
         if self.max_overhead is None or not moment.fitting or self.fit_started is None or not self.probe_costs:
             return None
         training = now - self.fit_started - self.probing_seconds
-        return Budget(self.probing_seconds, training, min(self.probe_costs), self.max_overhead)
+        expected = statistics.median(self.probe_costs[1:] or self.probe_costs)
+        epochs = moment.max_epochs
+        if (
+            epochs is None
+            or epochs < 1
+            or self.every_n_train_steps is not None
+            or now - self.fit_started > SHORT_FIT_SECONDS
+        ):
+            return Budget(self.probing_seconds, training, expected, self.max_overhead)
+        milestones_left = max(0, MILESTONES - len(self.probe_costs)) + (moment.epoch < epochs - 1)
+        projected = training * epochs / (moment.epoch + 1)
+        return Budget(
+            self.probing_seconds, training, expected, self.max_overhead, milestones_left * expected, projected
+        )
 
     def is_milestone(self, moment: Moment, now: float) -> bool:
         """Whether this validation is probed whatever the budget.

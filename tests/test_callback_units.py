@@ -58,6 +58,19 @@ def test_schedule_postpones_over_budget_except_the_last_validation_and_lets_proc
     assert schedule.plan(_fit_moment(3, max_epochs=20), now=100.0) is Plan.PROBE  # back under budget
 
 
+def test_the_budget_keeps_room_for_the_last_validation_and_counts_every_second():
+    schedule = ProbeSchedule(every_n_epochs=1, every_n_train_steps=None, max_overhead=0.05)
+    schedule.start_fit(now=0.0)
+    for epoch, cost in zip((0, 9, 19, 29), (0.2, 0.1, 0.1, 0.1), strict=True):  # one-time costs in the first
+        schedule.record_probe(_fit_moment(epoch, max_epochs=40), cost)
+    budget = schedule.budget(_fit_moment(37, max_epochs=40), now=12.5)  # 12 s of training, 0.5 s of probing
+    assert budget is not None and (budget.spent, budget.training, budget.expected) == (0.5, 12.0, 0.1)
+    # 0.6 s would be exactly 5% of 12 s now, but the last validation's probe must still fit the whole fit's 5%.
+    assert budget.reserved == 0.1 and not budget.spent + budget.expected > 0.05 * budget.training
+    assert schedule.plan(_fit_moment(37, max_epochs=40), now=12.5) is Plan.POSTPONED
+    assert schedule.plan(_fit_moment(39, max_epochs=40), now=13.0).probes  # the room kept for it
+
+
 def test_schedule_pause_and_state_round_trip():
     schedule = ProbeSchedule(every_n_epochs=1, every_n_train_steps=None, max_overhead=None)
     assert schedule.pause("cannot read the batch") and not schedule.pause("again")
