@@ -102,11 +102,12 @@ class Budget:
         return now or whole
 
     def __str__(self) -> str:
+        share = f"{self.spent / self.training:.0%} of " if self.training > 0 else ""
         return (
-            f"probing has used {self.spent:.2f}s against {self.training:.1f}s of training, and one more probe "
-            f"(~{self.expected:.2f}s) would take it over `max_overhead`={self.limit}; postponing probes until it is "
-            "back under (the last validation, and five spread over a fit of known length, are still checked while "
-            "the fit is under a minute)"
+            f"probing has used {self.spent:.2f}s, {share}the {self.training:.1f}s spent training so far "
+            f"(`max_overhead`={self.limit}); due probes are postponed while one more (~{self.expected:.2f}s) does "
+            "not fit, except the milestones of a fit under a minute (the first validation, three at the quarters "
+            "and the last)"
         )
 
 

@@ -34,9 +34,12 @@ from ._functions import BatchFunction
 __all__ = [
     "RESOLUTION",
     "Comparison",
+    "Directional",
     "Stencil",
     "compare",
+    "compare_directional",
     "default_step",
+    "directional",
     "evaluate_stencil",
     "noise_floor",
     "project",
@@ -171,6 +174,35 @@ def noise_floor(dtype: torch.dtype) -> float:
     return 3.0 * torch.finfo(dtype).eps ** (2 / 3)
 
 
+@dataclass(frozen=True)
+class Directional:
+    """Autograd's side of a stencil: what :func:`compare` needs of the Jacobian and the displacements.
+
+    ``predicted`` and ``asymmetry`` are ``(n, k, M)``: ``J (d+ + d-)`` and ``J (d+ - d-)``; ``displacement`` and
+    ``typical`` are ``(n, k)``: ``|d+ + d-|`` and the typical size of ``J (d+ + d-)`` over random directions,
+    ``||J||_F |d+ + d-| / sqrt(D)``. A check that never holds its Jacobian or displacements whole (the parameter
+    check, over every weight) computes these four itself.
+    """
+
+    predicted: Tensor
+    asymmetry: Tensor
+    displacement: Tensor
+    typical: Tensor
+
+
+def directional(jacobians: Tensor, stencil: Stencil) -> Directional:
+    """:class:`Directional` of ``(n, M, ...)`` Jacobians along the stencil's realized displacements."""
+    jac = jacobians.to(stencil.f0.dtype).reshape(jacobians.shape[0], jacobians.shape[1], -1)
+    predicted = torch.einsum("nmd,nkd->nkm", jac, stencil.d_plus + stencil.d_minus)
+    # A tiny correction; a non-finite Jacobian must not make the stencil itself look unreliable.
+    asymmetry = torch.einsum("nmd,nkd->nkm", jac.nan_to_num(0.0, 0.0, 0.0), stencil.d_plus - stencil.d_minus)
+    # A backward's round-off scales with its terms, not with a result that cancelled by chance:
+    # the typical size of J v over random directions is ||J||_F ||v|| / sqrt(D).
+    displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
+    typical = (jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5).nan_to_num(nan=0.0)
+    return Directional(predicted, asymmetry, displacement, typical)
+
+
 def compare(
     jacobians: Tensor,
     stencil: Stencil,
@@ -192,10 +224,22 @@ def compare(
         resolution: Largest certified relative error that still counts as resolved.
 
     """
-    jac = jacobians.to(stencil.f0.dtype).reshape(jacobians.shape[0], jacobians.shape[1], -1)
-    predicted = torch.einsum("nmd,nkd->nkm", jac, stencil.d_plus + stencil.d_minus)
-    # A tiny correction; a non-finite Jacobian must not make the stencil itself look unreliable.
-    asymmetry = torch.einsum("nmd,nkd->nkm", jac.nan_to_num(0.0, 0.0, 0.0), stencil.d_plus - stencil.d_minus)
+    autograd = directional(jacobians, stencil)
+    return compare_directional(autograd, stencil, rtol, gain=gain, floor=floor, resolution=resolution)
+
+
+def compare_directional(
+    autograd: Directional,
+    stencil: Stencil,
+    rtol: float,
+    *,
+    gain: Tensor | None = None,
+    floor: float | None = None,
+    resolution: float = RESOLUTION,
+) -> Comparison:
+    """:func:`compare`, given autograd's side as a :class:`Directional` (only the stencil's values are read)."""
+    predicted, asymmetry, displacement, typical = (autograd.predicted, autograd.asymmetry, autograd.displacement,
+                                                   autograd.typical)  # fmt: skip
     measured = stencil.f_plus - stencil.f_minus
     f0 = stencil.f0.unsqueeze(1)
     second = stencil.f_plus - 2 * f0 + stencil.f_minus - asymmetry
@@ -206,10 +250,6 @@ def compare(
     magnitude = torch.maximum(
         predicted.norm(dim=-1).nan_to_num(nan=0.0, posinf=0.0), measured.norm(dim=-1).nan_to_num(nan=0.0, posinf=0.0)
     )
-    # A backward's round-off scales with its terms, not with a result that cancelled by chance:
-    # the typical size of J v over random directions is ||J||_F ||v|| / sqrt(D).
-    displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
-    typical = (jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5).nan_to_num(nan=0.0)
     natural = torch.zeros_like(displacement) if gain is None else gain.to(displacement).unsqueeze(1) * displacement
     floor_scale = (noise_floor(stencil.f0.dtype) if floor is None else floor) * natural
     scale = torch.maximum(torch.maximum(magnitude, typical), floor_scale)

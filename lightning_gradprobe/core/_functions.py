@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,43 +114,43 @@ def build_batch_function(
 
 @dataclass(frozen=True)
 class ParameterFunction:
-    """The model as a function of its flattened floating parameters and a batch: ``(theta, x) -> outputs``.
+    """The model as a function of its floating parameters and a batch: ``(values, x) -> outputs``.
 
-    ``theta`` is a detached copy of the parameters (model dtype); buffers are cloned and follow ``theta``'s
-    dtype, so the same function runs the float64 reference when given ``theta.double()``.
+    ``parameters`` are the model's unique floating parameters (each shared or tied one once), never written;
+    ``values`` holds one tensor per parameter, in that order. Buffers are cloned and follow the values' dtype,
+    so the same function runs the float64 reference when given float64 copies. ``trainable`` says, per
+    parameter, whether it requires grad.
     """
 
-    theta: Tensor
-    call: Callable[[Tensor, Tensor], Tensor]
+    parameters: tuple[Tensor, ...]
+    trainable: tuple[bool, ...]
+    call: Callable[[Sequence[Tensor], Tensor], Tensor]
 
 
 def build_parameter_function(
     model: nn.Module, *, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector
 ) -> ParameterFunction | None:
-    """``(theta, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``."""
+    """``(values, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``."""
     root: nn.Module = model if forward is None else _ForwardModule(model, forward)
     prefix = "" if forward is None else "module."
     unique = [p for _, p in model.named_parameters() if p.is_floating_point()]  # each shared parameter once
     if not unique:
         return None
     position = {id(p): i for i, p in enumerate(unique)}
-    # Every name a parameter is reachable by (shared modules, tied weights) reads the same slice of theta.
+    # Every name a parameter is reachable by (shared modules, tied weights) reads the same value.
     aliases = [
         (prefix + n, position[id(p)])
         for n, p in _slots(model, model.named_parameters(remove_duplicate=False))
         if id(p) in position
     ]
     buffers = {prefix + n: b.detach().clone() for n, b in _slots(model, model.named_buffers(remove_duplicate=False))}
-    theta = torch.cat([p.detach().reshape(-1) for p in unique])
-    starts = torch.tensor([0, *[p.numel() for p in unique]]).cumsum(0).tolist()
 
-    def call(flat: Tensor, x: Tensor) -> Tensor:
-        pieces = [flat[starts[i] : starts[i + 1]].view(p.shape) for i, p in enumerate(unique)]
-        tensors = {name: pieces[i] for name, i in aliases}
-        tensors.update({k: _cast(v, flat.dtype) for k, v in buffers.items()})
+    def call(values: Sequence[Tensor], x: Tensor) -> Tensor:
+        tensors = {name: values[i] for name, i in aliases}
+        tensors.update({k: _cast(v, values[0].dtype) for k, v in buffers.items()})
         return _pick_output(functional_call(root, tensors, (x,), strict=False, tie_weights=False), output)
 
-    return ParameterFunction(theta, call)
+    return ParameterFunction(tuple(p.detach() for p in unique), tuple(p.requires_grad for p in unique), call)
 
 
 def _slots(model: nn.Module, named: Any) -> list[tuple[str, Tensor]]:

@@ -14,26 +14,36 @@ does localization check each submodule's own parameters, to name the culprit.
 
 Frozen parameters (``requires_grad=False``) get no direction; parameters shared between modules (tied embeddings)
 are one parameter, whose gradient sums both uses.
+
+Memory and time: nothing the size of the model is held beyond one float64 copy of the parameters and autograd's
+gradient of it (each parameter a tensor of its own: slices of one flat vector would make autograd build a
+zero-filled gradient of the whole vector per parameter). Directions are random signs, one byte per weight, with
+unit RMS by construction; the finite differences move the copy in place, one parameter at a time, and put it back
+exactly from the model's own tensors; the comparison needs only ``grad . v``, accumulated as the parameters go by
+(:class:`ParameterSpace`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ._finite_differences import Comparison, Stencil, compare, default_step
+from ._finite_differences import Comparison, Directional, Stencil, compare_directional
 from ._functions import ParameterFunction
-from ._verdicts import Problem, consistent, default_rtol, unit_rms
+from ._verdicts import Problem, consistent, default_rtol
 from .report import ParameterCheck, Verdict
 
-__all__ = ["check_parameter_gradients", "judge_directional_derivatives"]
+__all__ = ["ParameterSpace", "check_parameter_gradients"]
 
 PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is used by any sample
 PARAMETER_DIRECTIONS = 2  # random directions in parameter space: one can miss a small block (1 in 100 measured)
 # Directional derivatives below this fraction of the problem's own scale (|s| / |theta|) are round-off.
 _FLOOR = 1e-6
+
+ValueAt = Callable[[Sequence[Tensor]], Tensor]
+"""A scalar function of one tensor per parameter (see :class:`ParameterSpace`)."""
 
 
 def check_parameter_gradients(
@@ -50,90 +60,159 @@ def check_parameter_gradients(
 
     Returns ``None`` when the model has no trainable floating parameter.
     """
-    trainable = _trainable_mask(model, parameters)
-    if not bool(trainable.any()):
+    if not any(parameters.trainable):
         return None
     ref = problem.reference_dtype
-    theta = parameters.theta.to(ref)
     xs, ixs = x[:PARAMETER_SAMPLES].to(ref), index[:PARAMETER_SAMPLES]
-    width = n_outputs
-    combination = torch.randn((xs.shape[0], width), generator=generator, dtype=torch.float64) / width**0.5
-    combination = combination.to(theta)
+    combination = torch.randn((xs.shape[0], n_outputs), generator=generator, dtype=torch.float64) / n_outputs**0.5
+    combination = combination.to(device=xs.device, dtype=ref)
 
-    def value_at(flat: Tensor) -> Tensor:
-        return (problem.selection(parameters.call(flat, xs), ixs).to(ref) * combination).sum()
+    def value_at(values: Sequence[Tensor]) -> Tensor:
+        return (problem.selection(parameters.call(values, xs), ixs).to(ref) * combination).sum()
 
-    leaf = theta.clone().requires_grad_(True)
-    value = value_at(leaf)
-    row = (
-        torch.autograd.grad(value, leaf, allow_unused=True, materialize_grads=True)[0]
-        if value.requires_grad
-        else torch.zeros_like(theta)
-    )
-    directions = torch.randn((PARAMETER_DIRECTIONS, theta.numel()), generator=generator, dtype=torch.float64)
-    directions = unit_rms(directions * trainable.to(directions), 1).to(theta)
-    gain = (value.detach().abs() / theta.norm().clamp_min(theta.numel() ** 0.5)).reshape(1)
-    rtol = default_rtol(ref)
-    verdict, margin, relative_error = judge_directional_derivatives(
-        value_at, value.detach(), row, theta, directions, rtol=rtol, gain=gain, floor=_FLOOR
-    )
-    return ParameterCheck(verdict, margin, relative_error, int(trainable.sum()), int((~trainable).sum()))
+    space = ParameterSpace(parameters, ref, generator, PARAMETER_DIRECTIONS)
+    verdict, margin, relative_error = space.judge(value_at, rtol=default_rtol(ref), floor=_FLOOR)
+    trainable = space.trainable_count
+    return ParameterCheck(verdict, margin, relative_error, trainable, space.count - trainable)
 
 
-def _trainable_mask(model: nn.Module, parameters: ParameterFunction) -> Tensor:
-    """``(P,)`` which coordinates of ``parameters.theta`` belong to parameters that require grad."""
-    pieces = [
-        torch.full((p.numel(),), p.requires_grad, dtype=torch.bool)
-        for _, p in model.named_parameters()
-        if p.is_floating_point()
-    ]
-    return torch.cat(pieces).to(parameters.theta.device) if pieces else torch.zeros(0, dtype=torch.bool)
+class ParameterSpace:
+    """A model's parameters as one point to differentiate at and to step away from, without copies of the model.
 
+    Holds one copy of the parameters in ``dtype`` (``values``) and ``n_directions`` random sign directions over
+    the trainable ones, scaled to unit RMS over every coordinate. :meth:`judge` compares autograd's directional
+    derivative of a scalar function of the parameters with central differences along those directions.
 
-def judge_directional_derivatives(
-    value_at: Callable[[Tensor], Tensor],
-    value: Tensor,
-    row: Tensor,
-    theta: Tensor,
-    directions: Tensor,
-    *,
-    rtol: float,
-    gain: Tensor,
-    floor: float,
-) -> tuple[Verdict, float, float]:
-    """Autograd's ``row . v`` against central differences of ``value_at`` along each of ``directions``.
+    Args:
+        function: The model as a function of its parameters (its tensors are never written).
+        dtype: The dtype of the copy (the reference dtype: float64).
+        generator: Draws the directions.
+        n_directions: How many directions.
 
-    A clean first check passes; anything else is checked again with step / 8, where a failure must repeat with
-    the same finite-difference derivative (``D(h) = D(h/8)``). Returns the verdict, the worst margin of the
-    deciding checks, and the worst relative error.
+    Example:
+        >>> from lightning_gradprobe.core._functions import build_parameter_function
+        >>> model = nn.Linear(3, 2)
+        >>> function = build_parameter_function(model, forward=None, output=None)
+        >>> space = ParameterSpace(function, torch.float64, torch.Generator().manual_seed(0), 2)
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> space.judge(lambda values: function.call(values, x).pow(2).sum(), rtol=1e-10, floor=1e-6)[0]
+        <Verdict.PASS: 'pass'>
+
     """
 
-    def check(step: Tensor) -> tuple[Stencil, Comparison]:
-        with torch.no_grad():
-            plus = torch.stack([value_at(theta + step * v) for v in directions])
-            minus = torch.stack([value_at(theta - step * v) for v in directions])
-        d_plus, d_minus = (theta + step * directions) - theta, theta - (theta - step * directions)
-        stencil = Stencil(
-            value.reshape(1, 1),
-            plus.reshape(1, -1, 1),
-            minus.reshape(1, -1, 1),
-            d_plus[None],
-            d_minus[None],
-            torch.finfo(theta.dtype).eps,
-        )
-        return stencil, compare(row.reshape(1, 1, -1), stencil, rtol, gain=gain, floor=floor)
+    def __init__(self, function: ParameterFunction, dtype: torch.dtype, generator: torch.Generator, n_directions: int):
+        self.sources = function.parameters
+        self.values = [p.to(dtype, copy=True) for p in self.sources]
+        self.trainable = [i for i, t in enumerate(function.trainable) if t]
+        self.count = sum(p.numel() for p in self.sources)
+        self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
+        self.magnitude = (self.count / max(self.trainable_count, 1)) ** 0.5  # unit RMS over every coordinate
+        self.signs = [
+            {
+                i: torch.randint(0, 2, self.sources[i].shape, generator=generator, dtype=torch.uint8)
+                for i in self.trainable
+            }
+            for _ in range(n_directions)
+        ]
 
-    step = default_step(theta.reshape(1, -1), theta.dtype).to(theta)
-    stencil, first = check(step)
-    clean = first.passed & first.reliable & first.resolved
-    if bool(clean.all()):
-        return Verdict.PASS, float(first.margin.max()), float(first.relative_error.max())
-    finer_stencil, finer = check(step / 8)
-    same = consistent(stencil, finer_stencil)
-    failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same
-    judged = clean | (finer.passed & finer.reliable & finer.resolved)
-    margin = float(torch.where(clean, first.margin, finer.margin).max())
-    relative_error = float(torch.where(clean, first.relative_error, finer.relative_error).max())
-    if bool(failed.any()):
-        return Verdict.FAIL, margin, relative_error
-    return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin, relative_error
+    def gradient(self, value_at: ValueAt) -> tuple[Tensor, list[Tensor]]:
+        """``value_at(values)`` and autograd's gradient of it, per trainable parameter (zeros where unused)."""
+        leaves = [self.values[i].requires_grad_(True) for i in self.trainable]
+        try:
+            value = value_at(self.values)
+            if not value.requires_grad:
+                return value.detach(), [torch.zeros_like(leaf) for leaf in leaves]
+            gradient = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+            return value.detach(), [g.detach() for g in gradient]
+        finally:
+            for leaf in leaves:
+                leaf.requires_grad_(False)
+
+    def judge(self, value_at: ValueAt, *, rtol: float, floor: float) -> tuple[Verdict, float, float]:
+        """Autograd's ``grad . v`` against central differences of ``value_at`` along each direction.
+
+        A clean first check passes; anything else is checked again with step / 8, where a failure must repeat
+        with the same finite-difference derivative (``D(h) = D(h/8)``). Returns the verdict, the worst margin of
+        the deciding checks, and the worst relative error.
+        """
+        value, gradient = self.gradient(value_at)
+        with torch.no_grad():
+            norm = sum(float(v.double().pow(2).sum()) for v in self.values) ** 0.5
+        dtype = self.values[0].dtype
+        gain = (value.abs().double() / max(norm, self.count**0.5)).reshape(1)
+        step = torch.finfo(dtype).eps ** (1 / 3) * max(1.0, norm / self.count**0.5)  # default_step of theta
+
+        def check(size: float) -> tuple[Stencil, Comparison]:
+            stencil, autograd = self._stencil(value_at, value, gradient, size)
+            return stencil, compare_directional(autograd, stencil, rtol, gain=gain, floor=floor)
+
+        stencil, first = check(step)
+        clean = first.passed & first.reliable & first.resolved
+        if bool(clean.all()):
+            return Verdict.PASS, float(first.margin.max()), float(first.relative_error.max())
+        finer_stencil, finer = check(step / 8)
+        same = consistent(stencil, finer_stencil)
+        failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same
+        judged = clean | (finer.passed & finer.reliable & finer.resolved)
+        margin = float(torch.where(clean, first.margin, finer.margin).max())
+        relative_error = float(torch.where(clean, first.relative_error, finer.relative_error).max())
+        if bool(failed.any()):
+            return Verdict.FAIL, margin, relative_error
+        return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin, relative_error
+
+    def _direction(self, direction: int, i: int) -> Tensor:
+        """Direction ``direction`` on parameter ``i``: ``+-magnitude`` by its signs (a fresh tensor, not kept)."""
+        value = self.values[i]
+        positive = torch.tensor(self.magnitude, dtype=value.dtype, device=value.device)
+        return torch.where(self.signs[direction][i], positive, -positive)
+
+    def _stencil(
+        self, value_at: ValueAt, value: Tensor, gradient: list[Tensor], step: float
+    ) -> tuple[Stencil, Directional]:
+        """Central differences of ``value_at`` along every direction, and autograd's side of the comparison.
+
+        The copy is moved to ``theta + step v`` and ``theta - step v`` in place, one parameter at a time, and put
+        back exactly from the model's tensors (it is a cast of them). The displacements are the nominal
+        ``+-step v``: the rounding of ``theta +- step v`` moves them by about ``eps |theta| / step`` relative
+        (1e-12 in float64), far below any tolerance. They are kept as their length only (``d+ = d- =
+        step |v|`` along one axis): the comparison reads nothing else of them once ``grad . v`` is taken.
+        """
+        k, dtype = len(self.signs), value.dtype
+        along = torch.zeros(k, dtype=torch.float64)  # grad . v
+        f_plus, f_minus = [], []
+        with torch.no_grad():
+            for d in range(k):
+                for slot, i in enumerate(self.trainable):
+                    direction = self._direction(d, i)
+                    along[d] += float(torch.dot(gradient[slot].reshape(-1), direction.reshape(-1)).double())
+                    self.values[i].add_(direction, alpha=step)
+                f_plus.append(value_at(self.values).detach())
+                for i in self.trainable:
+                    self.values[i].copy_(self.sources[i]).sub_(self._direction(d, i), alpha=step)
+                f_minus.append(value_at(self.values).detach())
+                for i in self.trainable:
+                    self.values[i].copy_(self.sources[i])
+        gradient_norm = sum(float(g.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum()) for g in gradient) ** 0.5
+        length = step * self.count**0.5  # |step v|: v has unit RMS over every coordinate
+        displacement = torch.full((1, k), 2 * length, dtype=dtype)
+        autograd = Directional(
+            predicted=(2 * step * along).to(dtype).reshape(1, k, 1),
+            asymmetry=torch.zeros(1, k, 1, dtype=dtype),  # d+ = d-
+            displacement=displacement,
+            typical=(gradient_norm * displacement / self.count**0.5).nan_to_num(nan=0.0),
+        )
+        half = torch.full((1, k, 1), length, dtype=dtype)
+        stencil = Stencil(
+            value.reshape(1, 1).to(dtype),
+            torch.stack(f_plus).reshape(1, k, 1).to(dtype),
+            torch.stack(f_minus).reshape(1, k, 1).to(dtype),
+            half,
+            half,
+            torch.finfo(dtype).eps,
+        )
+        return stencil, autograd
+
+
+def _signs(parameter: Tensor, generator: torch.Generator) -> Tensor:
+    """Random signs, one bool per weight, on the parameter's device (drawn on the CPU generator)."""
+    return torch.randint(0, 2, parameter.shape, generator=generator, dtype=torch.uint8).bool().to(parameter.device)

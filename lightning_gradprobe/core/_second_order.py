@@ -13,7 +13,7 @@ bounds, re-checks, margins, the float64 formula check and the model-dtype check)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from ._functions import ParameterFunction
 from ._inputs import free_only
 from ._jacobian import compute_gradients
 from ._notes import describe_error
-from ._parameters import judge_directional_derivatives
+from ._parameters import ParameterSpace
 from ._verdicts import Judgement, Problem, default_rtol, judge_samples, sample_verdicts, unit_rms
 from .report import SecondOrderReport, Verdict
 
@@ -213,31 +213,20 @@ def _check_mixed_term(
     same finite-difference derivative (``D(h) = D(h/8)``).
     """
     ref = problem.reference_dtype
-    theta, xr = parameters.theta.to(ref), x.to(ref)
+    xr = x.to(ref)
     combination = torch.randn((x.shape[0], projections.shape[1]), generator=generator, dtype=torch.float64)
     combination = combination.to(xr) / combination.numel() ** 0.5  # (on the inputs' device)
 
-    def penalty(flat: Tensor, create_graph: bool) -> Tensor:
+    def penalty(values: Sequence[Tensor]) -> Tensor:
+        outer = torch.is_grad_enabled()  # differentiated (the gradient) or not (the finite differences)
         with torch.enable_grad():
             point = xr.detach().requires_grad_(True)
-            scalar = problem.selection(parameters.call(flat, point), index) @ weights.to(ref)
+            scalar = problem.selection(parameters.call(values, point), index) @ weights.to(ref)
             (gradient,) = torch.autograd.grad(
-                scalar.sum(), point, create_graph=create_graph, allow_unused=True, materialize_grads=True
+                scalar.sum(), point, create_graph=outer, allow_unused=True, materialize_grads=True
             )
         return ((gradient.reshape(x.shape[0], -1) @ projections.to(ref)) * combination).sum()
 
-    leaf = theta.clone().requires_grad_(True)
-    value = penalty(leaf, True)
-    row = (
-        torch.autograd.grad(value, leaf, allow_unused=True, materialize_grads=True)[0]
-        if value.requires_grad
-        else torch.zeros_like(theta)
-    )
-    directions = unit_rms(torch.randn((n_directions, theta.numel()), generator=generator, dtype=torch.float64), 1)
-    directions = directions.to(theta)  # (device and dtype of the parameters)
-    gain = (value.detach().abs() / theta.norm().clamp_min(theta.numel() ** 0.5)).reshape(1)
-    verdict, margin, _ = judge_directional_derivatives(
-        lambda flat: penalty(flat, False), value.detach(), row, theta, directions, rtol=default_rtol(ref), gain=gain,
-        floor=_FLOOR,
-    )  # fmt: skip
+    space = ParameterSpace(parameters, ref, generator, n_directions)
+    verdict, margin, _ = space.judge(penalty, rtol=default_rtol(ref), floor=_FLOOR)
     return verdict, margin

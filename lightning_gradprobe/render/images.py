@@ -240,15 +240,18 @@ def _tabular(saliency: np.ndarray, names: list[str], labels: list[str], scale: f
     mean, spread = saliency.mean(0), np.abs(saliency).mean(0)
     reach = float(np.max(np.abs(mean) + spread)) or 1.0
     zero = heat_top - _MARGIN - bars_h // 2  # the bars' zero line
-    sheet.text(heat_top - _MARGIN - bars_h - _LINE + 2, strip, "mean gradient per feature (whisker: mean |.|)")
+    caption = f"per feature: mean gradient (colour), mean |gradient| (grey); top edge {reach:.2g}"
+    sheet.text(heat_top - _MARGIN - bars_h - _LINE + 2, strip, caption)
     sheet.place(zero, strip, np.zeros((1, features * cell_w, 3), np.uint8))
     half = bars_h // 2 - 2
     for j in range(features):
-        left, length = strip + j * cell_w + 2, round(abs(float(mean[j])) / reach * half)
+        left = strip + j * cell_w + 1
+        spread_h = round(float(spread[j]) / reach * half)  # mean |.|: a grey bar up from the zero line
+        sheet.place(zero - spread_h, left, np.full((1, 1, 3), 200, np.uint8), zoom=(spread_h, cell_w - 2))
+        length = round(abs(float(mean[j])) / reach * half)  # the signed mean, narrower, in front
         top = zero - length if mean[j] >= 0 else zero + 1
-        sheet.place(top, left, _signed(np.array([[np.sign(mean[j])]]), 1.0), zoom=(max(length, 0), cell_w - 4))
-        whisker = round(float(spread[j]) / reach * half)
-        sheet.place(zero - whisker, left + cell_w // 2 - 2, np.full((1, 1, 3), 128, np.uint8), zoom=(2 * whisker, 1))
+        colour = _signed(np.array([[np.sign(mean[j])]]), 1.0)
+        sheet.place(top, left + cell_w // 4, colour, zoom=(length, max(cell_w // 2 - 2, 2)))
     sheet.place(heat_top, strip, _signed(saliency, scale), zoom=(cell_h, cell_w))
     for i, label in enumerate(labels):
         sheet.text(heat_top + i * cell_h + 2, _MARGIN, label)
@@ -320,7 +323,7 @@ def saliency_grid(
     saliency, scale = _prepare(saliency, scale)
     zoom = max(1, cell // max(height, width))
     labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
-    headings = (("input", ""), ("signed", f"/ {scale:.2g}"), ("|grad|", "overlay"))
+    headings = (("input", ""), ("gradient", f"+-{scale:.2g}"), ("|gradient|", "on input"))
     gap, strip, header = 4, _caption_width(labels), _LINE * (3 if title else 2) + 4
     tile_h, tile_w = height * zoom, max(width * zoom, *(_text_width(text) + 4 for pair in headings for text in pair))
     sheet = _Sheet(header + n * (tile_h + gap), strip + 3 * (tile_w + gap), title)
@@ -393,7 +396,7 @@ def token_picture(
                 text, fill = _fit(words[i][j], cell_w - 4), (255, 255, 255) if dark[i, j] else _INK
                 sheet.text(head + i * cell_h + 2, strip + j * cell_w + (cell_w - _text_width(text)) // 2, text, fill)
     sheet.text(head + n * cell_h + 4, strip, "grey: padding")
-    _colour_bar(sheet, head, strip + length * cell_w + _MARGIN, n * cell_h, scale, "attribution")
+    _colour_bar(sheet, head, strip + length * cell_w + _MARGIN, n * cell_h, scale, "grad x input")
     return sheet.finish()
 
 

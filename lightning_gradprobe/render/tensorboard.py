@@ -160,14 +160,33 @@ def _token_inputs(inputs: Any, shape: Sequence[int]) -> tuple[Tensor | None, Ten
 
 
 def labels_for(report: ProbeReport, outputs: Tensor | None, labels: Tensor | None) -> list[str]:
-    """Captions "y=3 pred=3 pass" per probed sample."""
+    """Captions per probed sample: label, prediction, verdict.
+
+    A classifier's prediction is its argmax; a regression's (one output per sample) is its value.
+
+    Example:
+        >>> from lightning_gradprobe.core.report import Verdict
+        >>> report = type("Report", (), {"verdicts": (Verdict.PASS, Verdict.FAIL)})()
+        >>> labels_for(report, torch.tensor([[0.1, 2.0], [3.0, 0.2]]), torch.tensor([1, 0]))
+        ['y=1 pred=1 pass', 'y=0 pred=0 fail']
+        >>> labels_for(report, torch.tensor([[151.2], [-0.5]]), torch.tensor([[150.0], [0.25]]))
+        ['y=150 pred=151 pass', 'y=0.25 pred=-0.5 fail']
+
+    """
     captions = []
     for i, verdict in enumerate(report.verdicts):
         parts = []
-        if labels is not None and labels.ndim == 1:
-            parts.append(f"y={int(labels[i])}")
+        if labels is not None and labels[i].numel() == 1:
+            parts.append(f"y={_number(labels[i])}")
         if outputs is not None:
-            parts.append(f"pred={int(outputs[i].reshape(-1).argmax())}")
+            row = outputs[i].reshape(-1)
+            parts.append(f"pred={_number(row) if row.numel() == 1 else int(row.argmax())}")
         parts.append(str(verdict))
         captions.append(" ".join(parts))
     return captions
+
+
+def _number(value: Tensor) -> str:
+    """One value as a caption shows it: an integer as is, a real number to 3 significant digits."""
+    number = value.reshape(-1)[0].item()
+    return str(number) if isinstance(number, int) else f"{number:.3g}"
