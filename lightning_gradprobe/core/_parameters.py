@@ -17,10 +17,10 @@ are one parameter, whose gradient sums both uses.
 
 Memory and time: nothing the size of the model is held beyond one float64 copy of the parameters and autograd's
 gradient of it (each parameter a tensor of its own: slices of one flat vector would make autograd build a
-zero-filled gradient of the whole vector per parameter). Directions are random signs, one byte per weight, with
-unit RMS by construction; the finite differences move the copy in place, one parameter at a time, and put it back
-exactly from the model's own tensors; the comparison needs only ``grad . v``, accumulated as the parameters go by
-(:class:`ParameterSpace`).
+zero-filled gradient of the whole vector per parameter). Directions are random signs, one byte per weight, sized
+by each parameter tensor's own RMS; the finite differences move the copy in place, one parameter at a time, and
+put it back exactly from the model's own tensors; the comparison needs only ``grad . v``, accumulated as the
+parameters go by (:class:`ParameterSpace`).
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ class ParameterSpace:
     """A model's parameters as one point to differentiate at and to step away from, without copies of the model.
 
     Holds one copy of the parameters in ``dtype`` (``values``) and ``n_directions`` random sign directions over
-    the trainable ones, scaled to unit RMS over every coordinate. :meth:`judge` compares autograd's directional
-    derivative of a scalar function of the parameters with central differences along those directions.
+    the trainable ones. On each parameter tensor a direction has the size of that tensor's own RMS (at least 1,
+    as an input's step is sized by the input), so that a layer of large weights does not set the step of a
+    layer of small ones. :meth:`judge` compares autograd's directional derivative of a scalar function of the
+    parameters with central differences along those directions.
 
     Args:
         function: The model as a function of its parameters (its tensors are never written).
@@ -106,14 +108,9 @@ class ParameterSpace:
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
-        self.magnitude = (self.count / max(self.trainable_count, 1)) ** 0.5  # unit RMS over every coordinate
-        self.signs = [
-            {
-                i: torch.randint(0, 2, self.sources[i].shape, generator=generator, dtype=torch.uint8)
-                for i in self.trainable
-            }
-            for _ in range(n_directions)
-        ]
+        with torch.no_grad():  # per parameter: the size of its direction's entries
+            self.sizes = {i: max(1.0, float(self.values[i].double().pow(2).mean().sqrt())) for i in self.trainable}
+        self.signs = [{i: _signs(self.sources[i], generator) for i in self.trainable} for _ in range(n_directions)]
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, list[Tensor]]:
         """``value_at(values)`` and autograd's gradient of it, per trainable parameter (zeros where unused)."""
@@ -140,7 +137,7 @@ class ParameterSpace:
             norm = sum(float(v.double().pow(2).sum()) for v in self.values) ** 0.5
         dtype = self.values[0].dtype
         gain = (value.abs().double() / max(norm, self.count**0.5)).reshape(1)
-        step = torch.finfo(dtype).eps ** (1 / 3) * max(1.0, norm / self.count**0.5)  # default_step of theta
+        step = torch.finfo(dtype).eps ** (1 / 3)  # default_step's, on directions sized by each parameter
 
         def check(size: float) -> tuple[Stencil, Comparison]:
             stencil, autograd = self._stencil(value_at, value, gradient, size)
@@ -161,9 +158,9 @@ class ParameterSpace:
         return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin, relative_error
 
     def _direction(self, direction: int, i: int) -> Tensor:
-        """Direction ``direction`` on parameter ``i``: ``+-magnitude`` by its signs (a fresh tensor, not kept)."""
+        """Direction ``direction`` on parameter ``i``: ``+-`` its size, by its signs (a fresh tensor, not kept)."""
         value = self.values[i]
-        positive = torch.tensor(self.magnitude, dtype=value.dtype, device=value.device)
+        positive = torch.tensor(self.sizes[i], dtype=value.dtype, device=value.device)
         return torch.where(self.signs[direction][i], positive, -positive)
 
     def _stencil(
@@ -192,14 +189,17 @@ class ParameterSpace:
                 f_minus.append(value_at(self.values).detach())
                 for i in self.trainable:
                     self.values[i].copy_(self.sources[i])
-        gradient_norm = sum(float(g.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum()) for g in gradient) ** 0.5
-        length = step * self.count**0.5  # |step v|: v has unit RMS over every coordinate
-        displacement = torch.full((1, k), 2 * length, dtype=dtype)
+        # |step v|, and the typical size of grad . (2 step v) over random signs: sqrt(sum_i grad_i^2 v_i^2).
+        length = step * sum(self.sources[i].numel() * self.sizes[i] ** 2 for i in self.trainable) ** 0.5
+        spread = sum(
+            self.sizes[i] ** 2 * float(g.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum())
+            for i, g in zip(self.trainable, gradient, strict=True)
+        )
         autograd = Directional(
             predicted=(2 * step * along).to(dtype).reshape(1, k, 1),
             asymmetry=torch.zeros(1, k, 1, dtype=dtype),  # d+ = d-
-            displacement=displacement,
-            typical=(gradient_norm * displacement / self.count**0.5).nan_to_num(nan=0.0),
+            displacement=torch.full((1, k), 2 * length, dtype=dtype),
+            typical=torch.full((1, k), 2 * step * spread**0.5, dtype=dtype).nan_to_num(nan=0.0),
         )
         half = torch.full((1, k, 1), length, dtype=dtype)
         stencil = Stencil(

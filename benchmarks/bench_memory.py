@@ -1,0 +1,105 @@
+"""Peak extra memory of a probe against a training step of the same model, as the model grows.
+
+The models are MLPs of ``blocks`` blocks ``d -> 4d -> d`` with GELU (float32), batch 8, one thread. Each figure is
+measured in a fresh process: the resident set after building the model, then the process's peak resident set
+after one call (``ru_maxrss``); the difference is what that call needed beyond the model. A training step is a
+forward, cross-entropy and a backward that fills ``.grad``; a probe is ``probe(model, x)`` at its defaults, and
+again without the parameter check. Writes ``docs/memory.png`` (the growth as a curve) with ``--plot``.
+
+Run:  python benchmarks/bench_memory.py [--sizes 50 200 400] [--plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SIZES = {50: (1024, 6), 200: (2048, 6), 400: (2048, 12)}  # millions of parameters: (width d, blocks)
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+from torch import nn
+torch.set_num_threads(1)
+width, blocks, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+import lightning_gradprobe
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+torch.manual_seed(0)
+layers = []
+for _ in range(blocks):
+    layers += [nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)]
+model = nn.Sequential(*layers, nn.Linear(width, 10)).eval()
+x, y = torch.randn(8, width), torch.randint(0, 10, (8,))
+parameters = sum(p.numel() for p in model.parameters())
+before, start = resident(), time.perf_counter()
+if what == "training step":
+    nn.functional.cross_entropy(model.train()(x), y).backward()
+else:
+    report = lightning_gradprobe.probe(model, x, check_parameters=what == "probe")
+    assert report.ok, report
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"parameters": parameters, "extra": peak - before, "seconds": time.perf_counter() - start}))
+"""
+
+KINDS = ("training step", "probe", "probe without the parameter check")
+
+
+def measure(width: int, blocks: int, kind: str) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(width), str(blocks), kind], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--plot", action="store_true", help="write docs/memory.png")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'parameters':>11s} {'model MiB':>10s} " + " ".join(f"{k + ' MiB (s)':>34s}" for k in KINDS))
+    for size in args.sizes:
+        width, blocks = SIZES[size]
+        figures = {kind: measure(width, blocks, kind) for kind in KINDS}
+        parameters = figures["probe"]["parameters"]
+        model = parameters * 4 / 2**20
+        cells = " ".join(f"{f['extra'] / 2**20:>25.0f} ({f['seconds']:5.1f})" for f in figures.values())
+        step = figures["training step"]["extra"]
+        print(
+            f"{parameters / 1e6:>10.0f}M {model:>10.0f} {cells}   probe / step {figures['probe']['extra'] / step:.2f}"
+        )
+        rows.append((parameters, model, figures))
+    if args.plot:
+        _plot(rows)
+
+
+def _plot(rows: list) -> None:
+    import matplotlib  # a benchmark's own figure: not a dependency of the package
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(6, 4))
+    millions = [parameters / 1e6 for parameters, _, _ in rows]
+    for kind in KINDS:
+        axis.plot(millions, [f[kind]["extra"] / 2**30 for _, _, f in rows], marker="o", label=kind)
+    axis.plot(millions, [model / 1024 for _, model, _ in rows], linestyle="--", color="grey", label="the model itself")
+    axis.set_xlabel("parameters (millions), float32 MLP, batch 8")
+    axis.set_ylabel("peak memory beyond the model (GiB)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    path = Path(__file__).resolve().parents[1] / "docs" / "memory.png"
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
