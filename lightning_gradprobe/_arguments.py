@@ -105,7 +105,7 @@ def _check_choices(arguments: Mapping[str, Any]) -> None:
 
 _NUMBERS: dict[str, tuple[Callable[[float], bool], str]] = {
     "time_budget": (lambda v: v > 0, "None or > 0 seconds"),
-    "max_overhead": (lambda v: 0 < v <= 1, "None or in (0, 1]: a fraction of the fit's wall time"),
+    "max_overhead": (lambda v: 0 < v <= 1, "None or in (0, 1]: the fraction probing may add to the training time"),
 }
 
 

@@ -121,7 +121,7 @@ class ProbeSchedule:
     Args:
         every_n_epochs: Probe at the first validation of every n-th epoch.
         every_n_train_steps: Probe at the first validation after every n training steps instead.
-        max_overhead: Fraction of the fit's wall time probing may use (``None``: follow the schedule).
+        max_overhead: Fraction probing may add to the training time (``None``: follow the schedule).
 
     Example:
         >>> schedule = ProbeSchedule(every_n_epochs=2, every_n_train_steps=None, max_overhead=None)
@@ -143,10 +143,12 @@ class ProbeSchedule:
         self.fit_started: float | None = None
         self.probing_seconds = 0.0
         self.probe_costs: list[float] = []
+        self.first_epoch: int | None = None
 
     def start_fit(self, now: float | None = None) -> None:
         """A fit starts: its clock and its probing time start from zero."""
         self.fit_started = time.perf_counter() if now is None else now
+        self.first_epoch = None  # the epoch of this fit's first validation (a resumed fit's too)
         self.probing_seconds = 0.0
         self.probe_costs = []
 
@@ -165,11 +167,14 @@ class ProbeSchedule:
         if self.every_n_train_steps is not None:
             last = self.last_probe_step
             return last is None or moment.global_step - last >= self.every_n_train_steps
-        return (moment.epoch + 1) % self.every_n_epochs == 0 and moment.epoch != self.last_probe_epoch
+        last = moment.max_epochs is not None and moment.epoch == moment.max_epochs - 1  # the trained model
+        return ((moment.epoch + 1) % self.every_n_epochs == 0 or last) and moment.epoch != self.last_probe_epoch
 
     def plan(self, moment: Moment, now: float | None = None, agree: Callable[[bool], bool] = _same_everywhere) -> Plan:
         """Decide this validation; ``agree`` makes every process take rank zero's timing-based decisions."""
         now = time.perf_counter() if now is None else now
+        if moment.fitting and not moment.sanity_checking and self.first_epoch is None:
+            self.first_epoch = moment.epoch
         if self.paused is not None:
             return Plan.PAUSED
         if not self.is_due(moment):
@@ -205,7 +210,8 @@ class ProbeSchedule:
         ):
             return Budget(self.probing_seconds, training, expected, self.max_overhead)
         milestones_left = max(0, MILESTONES - len(self.probe_costs)) + (moment.epoch < epochs - 1)
-        projected = training * epochs / (moment.epoch + 1)
+        done, planned = self._epochs_of_this_fit(moment, epochs)
+        projected = training * planned / done
         return Budget(
             self.probing_seconds, training, expected, self.max_overhead, milestones_left * expected, projected
         )
@@ -221,8 +227,14 @@ class ProbeSchedule:
             return False
         probes = len(self.probe_costs)
         short = now - self.fit_started <= SHORT_FIT_SECONDS
-        spread = probes < MILESTONES and moment.epoch + 1 >= probes * epochs / MILESTONES
+        done, planned = self._epochs_of_this_fit(moment, epochs)
+        spread = probes < MILESTONES and done >= probes * planned / MILESTONES
         return short and (moment.epoch == epochs - 1 or spread)
+
+    def _epochs_of_this_fit(self, moment: Moment, epochs: int) -> tuple[int, int]:
+        """Epochs this fit has run (the current one included) and will run: a resumed fit counts from its start."""
+        start = moment.epoch if self.first_epoch is None else min(self.first_epoch, moment.epoch)
+        return moment.epoch - start + 1, max(epochs - start, 1)
 
     def add_time(self, seconds: float) -> None:
         """Count time spent on probing outside a probe (reading batches)."""
@@ -232,6 +244,8 @@ class ProbeSchedule:
         """A probe ran at ``moment`` and took ``cost`` seconds."""
         self.last_probe_step = moment.global_step
         self.last_probe_epoch = moment.epoch
+        if moment.fitting and self.first_epoch is None:
+            self.first_epoch = moment.epoch
         self.probing_seconds += cost
         self.probe_costs.append(cost)
 

@@ -84,9 +84,9 @@ class GradProbe(Callback):
             (:class:`~lightning_gradprobe.GradientCheckError`), or a callable receiving each :class:`Alert`.
         on_test: Also probe during ``trainer.test()`` (on the probe set drawn first, unless ``redraw``).
         time_budget: Seconds one probe may take; past it the probe set shrinks by half (``None``: no limit).
-        max_overhead: Fraction probing may add to the training time (a fit takes at most ``1 + max_overhead``
-            times as long); due probes past it are postponed (milestones of a short fit still run; ``None``:
-            follow the schedule).
+        max_overhead: Fraction probing may add to the training time; due probes past it are postponed. The
+            milestones of a fit under a minute (the first validation, three at the quarters, the last) run
+            whatever the budget. ``None``: follow the schedule.
         localize: When samples fail, name the culprit submodule in the alert.
         check_parameters: Check the gradients with respect to the parameters too, the ones training consumes (a
             ``parameter_gradients`` alert naming the submodule; on by default, a few forwards of two samples).

@@ -71,6 +71,27 @@ def test_the_budget_keeps_room_for_the_last_validation_and_counts_every_second()
     assert schedule.plan(_fit_moment(39, max_epochs=40), now=13.0).probes  # the room kept for it
 
 
+def test_the_last_epoch_is_due_whatever_every_n_epochs_says():
+    schedule = ProbeSchedule(every_n_epochs=3, every_n_train_steps=None, max_overhead=None)
+    due = [e for e in range(10) if schedule.is_due(_fit_moment(e, max_epochs=10))]
+    assert due == [2, 5, 8, 9]
+
+
+def test_a_resumed_fit_spreads_its_milestones_from_where_it_resumed():
+    schedule = ProbeSchedule(every_n_epochs=1, every_n_train_steps=None, max_overhead=0.05)
+    schedule.start_fit(now=0.0)
+    plans = []
+    for epoch in range(30, 40):  # resumed at epoch 30 of 40; every probe is far over budget
+        now = float(epoch - 29)
+        plan = schedule.plan(_fit_moment(epoch, max_epochs=40), now=now)
+        plans.append(plan)
+        if plan.probes:
+            schedule.record_probe(_fit_moment(epoch, max_epochs=40), 0.5)
+    probed = [30 + i for i, plan in enumerate(plans) if plan.probes]
+    assert probed[0] == 30 and probed[-1] == 39 and len(probed) == 5  # not four in a row at 30-33
+    assert probed[1] > 31
+
+
 def test_schedule_pause_and_state_round_trip():
     schedule = ProbeSchedule(every_n_epochs=1, every_n_train_steps=None, max_overhead=None)
     assert schedule.pause("cannot read the batch") and not schedule.pause("again")

@@ -108,8 +108,11 @@ def test_custom_scalars_layout_in_its_own_run(run_dir):
         ((3, 3, 12, 20), "image"),
         ((4, 1, 8, 8), "image"),
         ((5, 12), "tabular"),
+        ((4, 3), "tabular"),
         ((3, 16, 4), "sequence"),
         ((2, 2, 3, 4, 5), "other"),
+        ((2, 1, 1, 1, 2), "other"),
+        ((2, 1, 1, 500), "image"),
     ],
 )
 def test_every_input_kind_renders(shape, kind):
@@ -132,12 +135,29 @@ def test_long_captions_widen_the_picture_instead_of_being_clipped():
     assert long.shape[1] > short.shape[1] + 150 and long.shape[0] > short.shape[0] + 250
 
 
-def test_token_picture_greys_padding_and_labels_real_tokens():
-    scores = torch.tensor([[2.0, -2.0, 0.0, 0.0]])
-    picture = token_picture(torch.tensor([[3, 4, 0, 0]]), scores, mask=torch.tensor([[1, 1, 0, 0]]), scale=1.0)
-    row = picture[picture.shape[0] // 2]
-    colours = {tuple(int(c) for c in pixel) for pixel in row}
-    assert (217, 217, 217) in colours  # the pads
+def test_pictures_survive_extreme_gradients_foreign_text_and_long_inputs():
+    huge = saliency_picture(torch.randn(4, 3), torch.full((4, 3), 1.7e38))  # float32 sums would overflow
+    assert huge.std() > 10
+    names = ["Größe", "x²", "\u2581word", "\u0120the", "体重"]
+    foreign = saliency_picture(torch.randn(2, 5), torch.randn(2, 5), feature_names=names, labels=["naïve", "µm"])
+    assert foreign.std() > 10
+    wide = saliency_picture(torch.randn(2, 300), torch.randn(2, 300))  # the 64 features that matter most
+    assert wide.shape[1] < 1600
+    ids = torch.randint(1, 50, (2, 512))
+    mask = torch.zeros_like(ids)
+    mask[:, :170] = 1
+    tokens = token_picture(ids, torch.randn(2, 512), mask=mask, tokens=lambda row: ["Ġtoken"] * 3)
+    assert tokens.shape[1] < 64 * 90 + 400  # at most 64 token cells, trailing padding dropped
+
+
+def test_token_picture_greys_padding_and_drops_trailing_padding():
+    scores = torch.tensor([[2.0, 0.0, -2.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 0, 1, 0, 0], [1, 0, 0, 0, 0]])
+    picture = token_picture(torch.tensor([[3, 0, 4, 0, 0], [5, 0, 0, 0, 0]]), scores, mask=mask, scale=1.0)
+    short = token_picture(torch.tensor([[3, 0, 4]]), scores[:1, :3], mask=mask[:1, :3], scale=1.0)
+    assert picture.shape[1] == short.shape[1]  # the last two columns are padding in every row: not drawn
+    colours = {tuple(int(c) for c in pixel) for pixel in picture.reshape(-1, 3)}
+    assert (217, 217, 217) in colours  # the pad between real tokens
     assert (103, 0, 31) in colours and (5, 48, 97) in colours  # +2 saturates red, -2 blue (scale 1)
 
 

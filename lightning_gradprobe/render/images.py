@@ -1,8 +1,9 @@
 """Saliency pictures by input kind, composed as RGB arrays (pure: tensors in, an ``(H, W, 3)`` uint8 array out).
 
 No plotting library: cells are coloured by lookup in a 256-entry colour table and placed with array slicing, and
-text is drawn with Pillow's default font, measured first so that no caption or feature name is clipped. A
-picture costs a few milliseconds, so the callback can log one at every probe.
+text is drawn with Pillow's default font (ASCII: other characters are shown as their closest ASCII, or ``?``); the
+canvas grows to fit its text, so that no caption or feature name is clipped. A picture is cheap enough for the
+callback to log one at every probe.
 
 Normalisation follows Captum's visualiser: the scale is the attribution value below which
 ``100 - outlier_percent`` percent of the total attribution mass lies, so a few extreme pixels cannot wash out the
@@ -13,6 +14,7 @@ matplotlib's ``RdBu_r``); magnitudes a sequential one (``inferno``).
 from __future__ import annotations
 
 import functools
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +42,7 @@ _ANCHORS = {
     ),
 }
 _INK, _PAD_GREY, _MARGIN = (0, 0, 0), (217, 217, 217), 6
+_MAX_COLUMNS = 64  # features of a table, tokens of a sequence: more are summarised, not drawn
 
 
 def input_kind(shape: Sequence[int]) -> str:
@@ -114,7 +117,22 @@ def _font() -> Any:
 
 
 def _text_width(text: str) -> int:
-    return int(np.ceil(_font().getlength(text)))
+    return int(np.ceil(_font().getlength(_printable(text))))
+
+
+_MARKERS = str.maketrans({"\u0120": "_", "\u2581": "_", "\u010a": "\\n"})  # tokenizers' space and newline marks
+
+
+def _printable(text: str) -> str:
+    """``text`` in the ASCII that Pillow's default font draws: accents dropped, other characters shown as ``?``.
+
+    Example:
+        >>> _printable("Größe x² \u2581word \u0120the")
+        'Gro?e x2 _word _the'
+
+    """
+    decomposed = unicodedata.normalize("NFKD", str(text).translate(_MARKERS))
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).encode("ascii", "replace").decode()
 
 
 _LINE = 14  # pixels per line of text
@@ -140,12 +158,18 @@ class _Sheet:
         self._texts.append((top, left, text, fill, upright))
 
     def finish(self) -> np.ndarray:
-        """The picture, with its text drawn."""
+        """The picture, with its text drawn; the canvas grows (white) so that no text is cut at an edge."""
         from PIL import Image, ImageDraw
 
-        picture = Image.fromarray(self.pixels)
+        bottom, right = self.pixels.shape[:2]
+        for top, left, text, _, upright in self._texts:
+            extent = (_text_width(text) + 2, _LINE) if not upright else (_LINE, _text_width(text) + 2)
+            right, bottom = max(right, left + extent[0] + 2), max(bottom, top + extent[1] + 2)
+        picture = Image.new("RGB", (right, bottom), (255, 255, 255))
+        picture.paste(Image.fromarray(self.pixels), (0, 0))
         draw = ImageDraw.Draw(picture)
         for top, left, text, fill, upright in self._texts:
+            text = _printable(text)
             if not upright:
                 draw.text((left, top), text, fill=fill, font=_font())
                 continue
@@ -153,7 +177,7 @@ class _Sheet:
             ImageDraw.Draw(stamp).text((1, 0), text, fill=255, font=_font())
             stamp = stamp.rotate(90, expand=True)
             picture.paste(Image.new("RGB", stamp.size, fill), (left, top), stamp)
-        return np.asarray(picture)
+        return np.array(picture)
 
 
 def _caption_width(labels: Sequence[str]) -> int:
@@ -222,7 +246,12 @@ def saliency_picture(
         names = [f"f{j}" for j in range(inputs.shape[1])]
         if feature_names is not None and len(feature_names) == len(names):
             names = [str(name) for name in feature_names]
-        return _tabular(saliency.numpy(), names, labels, scale, title)
+        values = saliency.numpy()
+        if len(names) > _MAX_COLUMNS:  # a readable width: the features that matter most, in their order
+            keep = np.sort(np.argsort(-np.abs(values.astype(np.float64)).mean(0), kind="stable")[:_MAX_COLUMNS])
+            note = f"{_MAX_COLUMNS} of {len(names)} features shown: the largest mean |gradient|"
+            values, names, title = values[:, keep], [names[j] for j in keep], f"{title}  ({note})".strip()
+        return _tabular(values, names, labels, scale, title)
     maps = saliency.transpose(1, 2) if kind == "sequence" else saliency.reshape(n, 1, -1)
     axis = "time step" if kind == "sequence" else "input element (flattened)"
     return _heat_rows(maps.numpy(), labels, scale, title, axis, "feature x time" if kind == "sequence" else "")
@@ -237,8 +266,9 @@ def _tabular(saliency: np.ndarray, names: list[str], labels: list[str], scale: f
     heat_top = _LINE * (2 if title else 1) + bars_h + _MARGIN
     width = strip + features * cell_w + _MARGIN + bar
     sheet = _Sheet(heat_top + n * cell_h + names_h + _MARGIN + _LINE, width, title)
-    mean, spread = saliency.mean(0), np.abs(saliency).mean(0)
-    reach = float(np.max(np.abs(mean) + spread)) or 1.0
+    mean, spread = saliency.astype(np.float64).mean(0), np.abs(saliency.astype(np.float64)).mean(0)
+    reach = float(np.max(np.abs(mean) + spread))
+    reach = reach if np.isfinite(reach) and reach > 0 else 1.0
     zero = heat_top - _MARGIN - bars_h // 2  # the bars' zero line
     caption = f"per feature: mean gradient (colour), mean |gradient| (grey); top edge {reach:.2g}"
     sheet.text(heat_top - _MARGIN - bars_h - _LINE + 2, strip, caption)
@@ -325,7 +355,8 @@ def saliency_grid(
     labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
     headings = (("input", ""), ("gradient", f"+-{scale:.2g}"), ("|gradient|", "on input"))
     gap, strip, header = 4, _caption_width(labels), _LINE * (3 if title else 2) + 4
-    tile_h, tile_w = height * zoom, max(width * zoom, *(_text_width(text) + 4 for pair in headings for text in pair))
+    tile_h = max(height * zoom, _LINE + 2)  # a row at least as tall as its caption
+    tile_w = max(width * zoom, *(_text_width(text) + 4 for pair in headings for text in pair))
     sheet = _Sheet(header + n * (tile_h + gap), strip + 3 * (tile_w + gap), title)
     for column, lines in enumerate(headings):  # two short lines per column: fits a tile 64 pixels wide
         for line, text in enumerate(lines):
@@ -375,11 +406,17 @@ def token_picture(
 
     """
     scores = scores.detach().double().cpu().nan_to_num(0.0)
-    n, length = scores.shape
     real = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.detach().cpu().bool()
     scale = scale or robust_scale(scores[real] if real.any() else scores)
+    used = int(real.any(0).nonzero().max()) + 1 if real.any() else scores.shape[1]  # trailing padding dropped
+    shown = min(used, _MAX_COLUMNS)
+    if shown < used:
+        title = f"{title}  (the first {shown} of {used} tokens)".strip()
+    n, length = scores.shape[0], shown
+    rows = ids.tolist()
     labels = list(labels) if labels is not None else [f"sample {i}" for i in range(n)]
-    words = [[str(word) for word in (tokens(row) if tokens is not None else row)] for row in ids.tolist()]
+    words = [_words(tokens, row)[:shown] for row in rows]
+    scores, real = scores[:, :shown], real[:, :shown]
     cell_w = int(np.clip(max(_text_width(w[:12]) for row in words for w in row) + 6, 24, 90))
     cell_h, strip, head = 18, _caption_width(labels), _LINE * (2 if title else 1) + 2
     sheet = _Sheet(head + n * cell_h + 2 * _LINE, strip + length * cell_w + _MARGIN + _colour_bar_width(scale), title)
@@ -404,6 +441,12 @@ def _fit(text: str, width: int) -> str:
     """``text``, cut (with an ellipsis) to fit ``width`` pixels."""
     if _text_width(text) <= width:
         return text
-    while text and _text_width(text + "…") > width:
+    while text and _text_width(text + "...") > width:
         text = text[:-1]
-    return text + "…"
+    return text + "..."
+
+
+def _words(tokens: Callable[[list[int]], list[str]] | None, row: list[int]) -> list[str]:
+    """One row's token texts (``tokens(row)``, or the ids), padded with the ids where ``tokens`` gives too few."""
+    given = [str(word) for word in tokens(row)] if tokens is not None else []
+    return given[: len(row)] + [str(token) for token in row[len(given) :]]

@@ -115,6 +115,8 @@ def log_probe(
     magnitude = magnitude[magnitude.isfinite()]
     if magnitude.numel():
         writer.add_histogram(f"{PREFIX}/histograms/abs_input_gradient", magnitude, step)
+    if alerts:  # before the pictures: a probe whose picture cannot be drawn still has its alert log
+        writer.add_text(f"{PREFIX}/alerts", alert_markdown(alerts), step)
     title = f"step {step}: " + ", ".join(f"{v} {c}" for v, c in report.counts.items() if c)
     if report.token_scores is not None:
         scores = report.token_scores["grad_x_input"]
@@ -132,8 +134,6 @@ def log_probe(
                 probed, saliency, labels=labels, feature_names=feature_names, scale=own, title=title
             )
             writer.add_image(tag, picture, step, dataformats="HWC")
-    if alerts:
-        writer.add_text(f"{PREFIX}/alerts", alert_markdown(alerts), step)
     writer.flush()
     return used
 
