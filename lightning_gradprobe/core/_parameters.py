@@ -39,6 +39,7 @@ __all__ = ["ParameterSpace", "check_parameter_gradients"]
 
 PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is used by any sample
 PARAMETER_DIRECTIONS = 2  # random directions in parameter space: one can miss a small block (1 in 100 measured)
+_GROUP_ELEMENTS = 1 << 20  # parameters moved with one call, up to this many weights (8 MiB of float64 moves)
 # Directional derivatives below this fraction of the problem's own scale (|s| / |theta|) are round-off.
 _FLOOR = 1e-6
 
@@ -90,6 +91,8 @@ class ParameterSpace:
         dtype: The dtype of the copy (the reference dtype: float64).
         generator: Draws the directions.
         n_directions: How many directions.
+        per_tensor: Size each tensor's entries by its own RMS; else every entry by the RMS of all trainable
+            weights (steadier for strongly curved functions of the weights, such as a gradient of the input).
 
     Example:
         >>> from lightning_gradprobe.core._functions import build_parameter_function
@@ -102,15 +105,36 @@ class ParameterSpace:
 
     """
 
-    def __init__(self, function: ParameterFunction, dtype: torch.dtype, generator: torch.Generator, n_directions: int):
+    def __init__(
+        self,
+        function: ParameterFunction,
+        dtype: torch.dtype,
+        generator: torch.Generator,
+        n_directions: int,
+        *,
+        per_tensor: bool = True,
+    ):
         self.sources = function.parameters
         self.values = [p.to(dtype, copy=True) for p in self.sources]
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
         with torch.no_grad():  # per parameter: the size of its direction's entries
-            self.sizes = {i: max(1.0, float(self.values[i].double().pow(2).mean().sqrt())) for i in self.trainable}
+            squares = {i: float(self.values[i].double().pow(2).sum()) for i in self.trainable}
+        overall = max(1.0, (sum(squares.values()) / max(self.trainable_count, 1)) ** 0.5)
+        self.sizes = {
+            i: max(1.0, (squares[i] / max(self.sources[i].numel(), 1)) ** 0.5) if per_tensor else overall
+            for i in self.trainable
+        }
         self.signs = [{i: _signs(self.sources[i], generator) for i in self.trainable} for _ in range(n_directions)]
+        # Parameters moved together (one foreach call per group): small models pay a few calls, not one per
+        # tensor; a group's directions are materialised at once, so a group stays small next to the model.
+        self.groups: list[list[int]] = []
+        for i in self.trainable:
+            if not self.groups or sum(self.sources[j].numel() for j in self.groups[-1]) >= _GROUP_ELEMENTS:
+                self.groups.append([])
+            self.groups[-1].append(i)
+        self._slot = {i: slot for slot, i in enumerate(self.trainable)}
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, list[Tensor]]:
         """``value_at(values)`` and autograd's gradient of it, per trainable parameter (zeros where unused)."""
@@ -157,43 +181,66 @@ class ParameterSpace:
             return Verdict.FAIL, margin, relative_error
         return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin, relative_error
 
-    def _direction(self, direction: int, i: int) -> Tensor:
-        """Direction ``direction`` on parameter ``i``: ``+-`` its size, by its signs (a fresh tensor, not kept)."""
-        value = self.values[i]
-        positive = torch.tensor(self.sizes[i], dtype=value.dtype, device=value.device)
-        return torch.where(self.signs[direction][i], positive, -positive)
+    def _directions(self, direction: int, group: list[int]) -> list[Tensor]:
+        """Direction ``direction`` on the parameters of ``group``: ``+-`` each one's size, by its signs."""
+        moves = []
+        for i in group:
+            value = self.values[i]
+            positive = torch.full((), self.sizes[i], dtype=value.dtype, device=value.device)
+            moves.append(torch.where(self.signs[direction][i].to(value.device), positive, -positive))
+        return moves
+
+    def _move(self, direction: int, step: float, gradient: list[Tensor] | None = None) -> float:
+        """Move the copy from where it rests by ``step`` along ``direction``; ``grad . v`` when given the gradient."""
+        along = []
+        for group in self.groups:
+            moves = self._directions(direction, group)
+            if gradient is not None:
+                along += [
+                    torch.dot(gradient[self._slot[i]].reshape(-1), v.reshape(-1))
+                    for i, v in zip(group, moves, strict=True)
+                ]
+            torch._foreach_add_([self.values[i] for i in group], moves, alpha=step)
+        return float(torch.stack(along).double().sum()) if along else 0.0
+
+    def _rest(self) -> None:
+        """Put the copy back exactly where it rests: a cast of the model's own tensors."""
+        torch._foreach_copy_([self.values[i] for i in self.trainable], [self.sources[i] for i in self.trainable])
 
     def _stencil(
         self, value_at: ValueAt, value: Tensor, gradient: list[Tensor], step: float
     ) -> tuple[Stencil, Directional]:
         """Central differences of ``value_at`` along every direction, and autograd's side of the comparison.
 
-        The copy is moved to ``theta + step v`` and ``theta - step v`` in place, one parameter at a time, and put
-        back exactly from the model's tensors (it is a cast of them). The displacements are the nominal
-        ``+-step v``: the rounding of ``theta +- step v`` moves them by about ``eps |theta| / step`` relative
-        (1e-12 in float64), far below any tolerance. They are kept as their length only (``d+ = d- =
-        step |v|`` along one axis): the comparison reads nothing else of them once ``grad . v`` is taken.
+        The copy is moved to ``theta + step v`` and ``theta - step v`` in place, a group of parameters at a time,
+        and put back exactly from the model's tensors. The displacements are the nominal ``+-step v``: the
+        rounding of ``theta +- step v`` moves them by about ``eps |theta| / step`` relative (1e-12 in float64),
+        far below any tolerance. They are kept as their length only (``d+ = d- = step |v|`` along one axis): the
+        comparison reads nothing else of them once ``grad . v`` is taken.
         """
         k, dtype = len(self.signs), value.dtype
         along = torch.zeros(k, dtype=torch.float64)  # grad . v
         f_plus, f_minus = [], []
         with torch.no_grad():
-            for d in range(k):
-                for slot, i in enumerate(self.trainable):
-                    direction = self._direction(d, i)
-                    along[d] += float(torch.dot(gradient[slot].reshape(-1), direction.reshape(-1)).double())
-                    self.values[i].add_(direction, alpha=step)
-                f_plus.append(value_at(self.values).detach())
-                for i in self.trainable:
-                    self.values[i].copy_(self.sources[i]).sub_(self._direction(d, i), alpha=step)
-                f_minus.append(value_at(self.values).detach())
-                for i in self.trainable:
-                    self.values[i].copy_(self.sources[i])
+            try:
+                for d in range(k):
+                    along[d] = self._move(d, step, gradient)
+                    f_plus.append(value_at(self.values).detach())
+                    self._rest()
+                    self._move(d, -step)
+                    f_minus.append(value_at(self.values).detach())
+                    self._rest()
+            finally:
+                self._rest()
         # |step v|, and the typical size of grad . (2 step v) over random signs: sqrt(sum_i grad_i^2 v_i^2).
         length = step * sum(self.sources[i].numel() * self.sizes[i] ** 2 for i in self.trainable) ** 0.5
-        spread = sum(
-            self.sizes[i] ** 2 * float(g.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum())
-            for i, g in zip(self.trainable, gradient, strict=True)
+        spread = float(
+            torch.stack(
+                [
+                    self.sizes[i] ** 2 * g.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum()
+                    for i, g in zip(self.trainable, gradient, strict=True)
+                ]
+            ).sum()
         )
         autograd = Directional(
             predicted=(2 * step * along).to(dtype).reshape(1, k, 1),

@@ -227,6 +227,6 @@ def _check_mixed_term(
             )
         return ((gradient.reshape(x.shape[0], -1) @ projections.to(ref)) * combination).sum()
 
-    space = ParameterSpace(parameters, ref, generator, n_directions)
+    space = ParameterSpace(parameters, ref, generator, n_directions, per_tensor=False)
     verdict, margin, _ = space.judge(penalty, rtol=default_rtol(ref), floor=_FLOOR)
     return verdict, margin
