@@ -130,10 +130,13 @@ class ParameterSpace:
         # Parameters moved together (one foreach call per group): small models pay a few calls, not one per
         # tensor; a group's directions are materialised at once, so a group stays small next to the model.
         self.groups: list[list[int]] = []
+        filled = _GROUP_ELEMENTS
         for i in self.trainable:
-            if not self.groups or sum(self.sources[j].numel() for j in self.groups[-1]) >= _GROUP_ELEMENTS:
+            if filled >= _GROUP_ELEMENTS:
                 self.groups.append([])
+                filled = 0
             self.groups[-1].append(i)
+            filled += self.sources[i].numel()
         self._slot = {i: slot for slot, i in enumerate(self.trainable)}
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, list[Tensor]]:
