@@ -10,6 +10,26 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from zoo import FusedLinear, TanhFunction
 
 
+class NetModule(pl.LightningModule):
+    """Any classifier ``net`` trained with cross-entropy and plain SGD: batches are ``(x, y)``."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net, self.lr = net, lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 def digits(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0

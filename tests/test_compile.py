@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lit_models import digits, trainer
+from lit_models import NetModule, digits, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from zoo import TanhFunction
@@ -55,24 +54,6 @@ def test_a_compiled_model_after_a_training_step_gets_the_eager_verdicts_and_the_
             assert functorch_config.donated_buffer is donated
 
 
-class _Lit(pl.LightningModule):
-    def __init__(self, bug: str, compile_whole: bool) -> None:
-        super().__init__()
-        self.net = _net(bug) if compile_whole else torch.compile(_net(bug))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def _loaders():
     x, y = digits(160)
     return (
@@ -85,7 +66,7 @@ def _loaders():
 def test_a_compiled_fit_is_probed_caught_when_wrong_and_trains_through_when_right(tmp_path, compile_whole):
     results = {}
     for bug in ("scale", "ok"):
-        module = _Lit(bug, compile_whole)
+        module = NetModule(_net(bug) if compile_whole else torch.compile(_net(bug)))
         if compile_whole:
             module = torch.compile(module)  # the whole LightningModule, default backend
         callback = GradProbe(max_overhead=None, on_alert="stop")

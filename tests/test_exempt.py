@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lit_models import trainer
+from lit_models import NetModule, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -133,24 +132,6 @@ def test_exempt_errors_name_exempt():
         GradProbe(exempt=3)
 
 
-class _LitQAT(pl.LightningModule):
-    def __init__(self, wrong: str | None) -> None:
-        super().__init__()
-        self.net = qat(wrong).train()
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 @pytest.mark.slow
 def test_qat_fit_with_exempt_trains_through_and_a_wrong_layer_stops_it(tmp_path):
     generator = torch.Generator().manual_seed(0)
@@ -163,7 +144,7 @@ def test_qat_fit_with_exempt_trains_through_and_a_wrong_layer_stops_it(tmp_path)
         run = trainer(tmp_path, [callback], max_epochs=3, logger=logger)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run.fit(_LitQAT(wrong), *loaders)
+            run.fit(NetModule(qat(wrong).train(), lr=0.05), *loaders)
         outcomes[wrong] = (run.current_epoch, callback, tmp_path / str(wrong) / "version_0")
     epochs, clean, run_dir = outcomes[None]
     assert epochs == 3 and clean.probes_done == 3 and not clean.alerts
