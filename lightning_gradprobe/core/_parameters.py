@@ -120,8 +120,10 @@ class ParameterSpace:
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
         with torch.no_grad():  # per parameter: the size of its direction's entries
-            squares = {i: float(self.values[i].double().pow(2).sum()) for i in self.trainable}
-        overall = max(1.0, (sum(squares.values()) / max(self.trainable_count, 1)) ** 0.5)
+            squares = [float(value.double().pow(2).sum()) for value in self.values]
+        self.norm = sum(squares) ** 0.5  # |theta|, every parameter
+        trainable_squares = sum(squares[i] for i in self.trainable)
+        overall = max(1.0, (trainable_squares / max(self.trainable_count, 1)) ** 0.5)
         self.sizes = {
             i: max(1.0, (squares[i] / max(self.sources[i].numel(), 1)) ** 0.5) if per_tensor else overall
             for i in self.trainable
@@ -160,10 +162,8 @@ class ParameterSpace:
         the deciding checks, and the worst relative error.
         """
         value, gradient = self.gradient(value_at)
-        with torch.no_grad():
-            norm = sum(float(v.double().pow(2).sum()) for v in self.values) ** 0.5
         dtype = self.values[0].dtype
-        gain = (value.abs().double() / max(norm, self.count**0.5)).reshape(1)
+        gain = (value.abs().double() / max(self.norm, self.count**0.5)).reshape(1)
         step = torch.finfo(dtype).eps ** (1 / 3)  # default_step's, on directions sized by each parameter
 
         def check(size: float) -> tuple[Stencil, Comparison]:
