@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._cast import as_dtype, use_lazy_casts
+
 __all__ = [
     "BatchFunction",
     "OutputSelector",
@@ -82,7 +84,8 @@ def build_batch_function(
 
     For an ``nn.Module`` the parameters and buffers are swapped in with ``functional_call``:
     parameters are detached (no ``.grad`` can ever be written) and buffers cloned (no running
-    statistic can ever move). For a plain callable the inputs are cast and the callable called.
+    statistic can ever move). A big model's parameters are cast op by op (:class:`~._cast.LazyCast`), never
+    held whole in ``dtype``. For a plain callable the inputs are cast and the callable called.
     """
     if isinstance(model, nn.Module):
         root: nn.Module = model if forward is None else _ForwardModule(model, forward)
@@ -92,8 +95,11 @@ def build_batch_function(
         # submodule's parameter replaced after the call).
         copies: dict[int, Tensor] = {}
         tensors: dict[str, Tensor] = {}
+        lazy = dtype is not None and use_lazy_casts(model.parameters(), dtype)
         for name, param in _slots(model, model.named_parameters(remove_duplicate=False)):
-            tensors[prefix + name] = copies.setdefault(id(param), _cast(param.detach(), dtype))
+            if id(param) not in copies:
+                copies[id(param)] = as_dtype(param, dtype, lazy=lazy)
+            tensors[prefix + name] = copies[id(param)]
         for name, buffer in _slots(model, model.named_buffers(remove_duplicate=False)):
             tensors[prefix + name] = copies.setdefault(id(buffer), _cast(buffer.detach(), dtype).clone())
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._cast import LazyCast, as_dtype, use_lazy_casts
 from ._finite_differences import Comparison, Directional, Stencil, compare_directional
 from ._functions import ParameterFunction
 from ._verdicts import Problem, consistent, default_rtol
@@ -80,16 +81,18 @@ def check_parameter_gradients(
 class ParameterSpace:
     """A model's parameters as one point to differentiate at and to step away from, without copies of the model.
 
-    Holds one copy of the parameters in ``dtype`` (``values``) and ``n_directions`` random sign directions over
-    the trainable ones. On each parameter tensor a direction has the size of that tensor's own RMS (at least 1,
-    as an input's step is sized by the input), so that a layer of large weights does not set the step of a
-    layer of small ones. :meth:`judge` compares autograd's directional derivative of a scalar function of the
-    parameters with central differences along those directions.
+    Holds the parameters in ``dtype`` (``values``: plain copies for a small model, :class:`~._cast.LazyCast` casts
+    made op by op for a big one) and ``n_directions`` random sign directions over the trainable ones, each drawn
+    afresh from its own seed when it is needed (nothing the size of the model is stored). On each parameter
+    tensor a direction has the size of that tensor's own RMS (at least 1, as an input's step is sized by the
+    input), so that a layer of large weights does not set the step of a layer of small ones. :meth:`judge`
+    compares autograd's directional derivative of a scalar function of the parameters with central differences
+    along those directions.
 
     Args:
         function: The model as a function of its parameters (its tensors are never written).
-        dtype: The dtype of the copy (the reference dtype: float64).
-        generator: Draws the directions.
+        dtype: The dtype of the values (the reference dtype: float64).
+        generator: Draws the directions' seeds.
         n_directions: How many directions.
         per_tensor: Size each tensor's entries by its own RMS; else every entry by the RMS of all trainable
             weights (steadier for strongly curved functions of the weights, such as a gradient of the input).
@@ -115,12 +118,13 @@ class ParameterSpace:
         per_tensor: bool = True,
     ):
         self.sources = function.parameters
-        self.values = [p.to(dtype, copy=True) for p in self.sources]
+        self.lazy = use_lazy_casts(self.sources, dtype)
+        self.values = [as_dtype(p, dtype, lazy=self.lazy) if p.dtype != dtype else p.clone() for p in self.sources]
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
         with torch.no_grad():  # per parameter: the size of its direction's entries
-            squares = [float(value.double().pow(2).sum()) for value in self.values]
+            squares = [float(p.double().pow(2).sum()) for p in self.sources]
         self.norm = sum(squares) ** 0.5  # |theta|, every parameter
         trainable_squares = sum(squares[i] for i in self.trainable)
         overall = max(1.0, (trainable_squares / max(self.trainable_count, 1)) ** 0.5)
@@ -128,7 +132,7 @@ class ParameterSpace:
             i: max(1.0, (squares[i] / max(self.sources[i].numel(), 1)) ** 0.5) if per_tensor else overall
             for i in self.trainable
         }
-        self.signs = [{i: _signs(self.sources[i], generator) for i in self.trainable} for _ in range(n_directions)]
+        self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
         # Parameters moved together (one foreach call per group): small models pay a few calls, not one per
         # tensor; a group's directions are materialised at once, so a group stays small next to the model.
         self.groups: list[list[int]] = []
@@ -139,19 +143,58 @@ class ParameterSpace:
                 filled = 0
             self.groups[-1].append(i)
             filled += self.sources[i].numel()
-        self._slot = {i: slot for slot, i in enumerate(self.trainable)}
 
-    def gradient(self, value_at: ValueAt) -> tuple[Tensor, list[Tensor]]:
-        """``value_at(values)`` and autograd's gradient of it, per trainable parameter (zeros where unused)."""
+    @property
+    def n_directions(self) -> int:
+        """How many directions."""
+        return len(self.seeds)
+
+    def direction(self, direction: int, i: int, like: Tensor) -> Tensor:
+        """Direction ``direction`` on parameter ``i``: ``+-`` its size, by signs drawn from their own seed."""
+        source = self.sources[i]
+        draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
+        signs = torch.randint(0, 2, source.shape, generator=draw, dtype=torch.uint8, device=source.device).bool()
+        positive = torch.full((), self.sizes[i], dtype=like.dtype, device=like.device)
+        return torch.where(signs.to(like.device), positive, -positive)
+
+    def gradient(self, value_at: ValueAt) -> tuple[Tensor, Tensor, float]:
+        """``value_at(values)``, autograd's ``grad . v`` per direction, and ``sum_i size_i^2 |grad_i|^2``.
+
+        Of the gradient only these are kept, what the comparison reads: each parameter's gradient is reduced as
+        soon as autograd has it, and dropped (a hook after accumulation), so a gradient of the whole model is
+        never held.
+        """
+        along = torch.zeros(self.n_directions, dtype=torch.float64)
+        spread = torch.zeros((), dtype=torch.float64)
         leaves = [self.values[i].requires_grad_(True) for i in self.trainable]
+
+        def reduce(i: int) -> Callable[[Tensor], None]:
+            def hook(leaf: Tensor) -> None:
+                nonlocal spread
+                grad = leaf.grad
+                leaf.grad = None
+                if grad is None:
+                    return
+                grad = grad.detach()
+                for d in range(self.n_directions):
+                    along[d] += torch.dot(grad.reshape(-1), self.direction(d, i, grad).reshape(-1)).double().cpu()
+                spread += self.sizes[i] ** 2 * grad.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum().cpu()
+
+            return hook
+
+        handles = [
+            leaf.register_post_accumulate_grad_hook(reduce(i)) for i, leaf in zip(self.trainable, leaves, strict=True)
+        ]
         try:
             value = value_at(self.values)
-            if not value.requires_grad:
-                return value.detach(), [torch.zeros_like(leaf) for leaf in leaves]
-            gradient = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
-            return value.detach(), [g.detach() for g in gradient]
+            if value.requires_grad:
+                torch.autograd.backward(value, inputs=leaves)
+            return value.detach(), along, float(spread)
         finally:
+            for handle in handles:
+                handle.remove()
             for leaf in leaves:
+                leaf.grad = None
                 leaf.requires_grad_(False)
 
     def judge(self, value_at: ValueAt, *, rtol: float, floor: float) -> tuple[Verdict, float, float]:
@@ -161,13 +204,13 @@ class ParameterSpace:
         with the same finite-difference derivative (``D(h) = D(h/8)``). Returns the verdict, the worst margin of
         the deciding checks, and the worst relative error.
         """
-        value, gradient = self.gradient(value_at)
-        dtype = self.values[0].dtype
+        value, along, spread = self.gradient(value_at)
+        dtype = value.dtype
         gain = (value.abs().double() / max(self.norm, self.count**0.5)).reshape(1)
         step = torch.finfo(dtype).eps ** (1 / 3)  # default_step's, on directions sized by each parameter
 
         def check(size: float) -> tuple[Stencil, Comparison]:
-            stencil, autograd = self._stencil(value_at, value, gradient, size)
+            stencil, autograd = self._stencil(value_at, value, along, spread, size)
             return stencil, compare_directional(autograd, stencil, rtol, gain=gain, floor=floor)
 
         stencil, first = check(step)
@@ -184,50 +227,44 @@ class ParameterSpace:
             return Verdict.FAIL, margin, relative_error
         return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin, relative_error
 
-    def _directions(self, direction: int, group: list[int]) -> list[Tensor]:
-        """Direction ``direction`` on the parameters of ``group``: ``+-`` each one's size, by its signs."""
-        moves = []
-        for i in group:
-            value = self.values[i]
-            positive = torch.full((), self.sizes[i], dtype=value.dtype, device=value.device)
-            moves.append(torch.where(self.signs[direction][i].to(value.device), positive, -positive))
-        return moves
-
-    def _move(self, direction: int, step: float, gradient: list[Tensor] | None = None) -> float:
-        """Move the copy from where it rests by ``step`` along ``direction``; ``grad . v`` when given the gradient."""
-        along = []
+    def _move(self, direction: int, step: float) -> None:
+        """Move the values from where they rest by ``step`` along ``direction``."""
+        if self.lazy:  # each cast moves as it is made
+            for i in self.trainable:
+                cast = self.values[i]
+                assert isinstance(cast, LazyCast)
+                cast.shift = _Shift(self, direction, i, step)
+            return
         for group in self.groups:
-            moves = self._directions(direction, group)
-            if gradient is not None:
-                along += [
-                    torch.dot(gradient[self._slot[i]].reshape(-1), v.reshape(-1))
-                    for i, v in zip(group, moves, strict=True)
-                ]
+            moves = [self.direction(direction, i, self.values[i]) for i in group]
             torch._foreach_add_([self.values[i] for i in group], moves, alpha=step)
-        return float(torch.stack(along).double().sum()) if along else 0.0
 
     def _rest(self) -> None:
-        """Put the copy back exactly where it rests: a cast of the model's own tensors."""
+        """Put the values back exactly where they rest: casts of the model's own tensors."""
+        if self.lazy:
+            for i in self.trainable:
+                self.values[i].shift = None  # type: ignore[attr-defined]
+            return
         torch._foreach_copy_([self.values[i] for i in self.trainable], [self.sources[i] for i in self.trainable])
 
     def _stencil(
-        self, value_at: ValueAt, value: Tensor, gradient: list[Tensor], step: float
+        self, value_at: ValueAt, value: Tensor, along: Tensor, spread: float, step: float
     ) -> tuple[Stencil, Directional]:
         """Central differences of ``value_at`` along every direction, and autograd's side of the comparison.
 
-        The copy is moved to ``theta + step v`` and ``theta - step v`` in place, a group of parameters at a time,
-        and put back exactly from the model's tensors. The displacements are the nominal ``+-step v``: the
-        rounding of ``theta +- step v`` moves them by about ``eps |theta| / step`` relative (1e-12 in float64),
-        far below any tolerance. They are kept as their length only (``d+ = d- = step |v|`` along one axis): the
-        comparison reads nothing else of them once ``grad . v`` is taken.
+        The values are moved to ``theta + step v`` and ``theta - step v`` (in place, a group of parameters at a
+        time, or as each lazy cast is made), and put back exactly from the model's tensors. The displacements
+        are the nominal ``+-step v``: the rounding of ``theta +- step v`` moves them by about
+        ``eps |theta| / step`` relative (1e-12 in float64), far below any tolerance. They are kept as their
+        length only (``d+ = d- = step |v|`` along one axis): the comparison reads nothing else of them once
+        ``grad . v`` is taken.
         """
-        k, dtype = len(self.signs), value.dtype
-        along = torch.zeros(k, dtype=torch.float64)  # grad . v
+        k, dtype = self.n_directions, value.dtype
         f_plus, f_minus = [], []
         with torch.no_grad():
             try:
                 for d in range(k):
-                    along[d] = self._move(d, step, gradient)
+                    self._move(d, step)
                     f_plus.append(value_at(self.values).detach())
                     self._rest()
                     self._move(d, -step)
@@ -237,14 +274,6 @@ class ParameterSpace:
                 self._rest()
         # |step v|, and the typical size of grad . (2 step v) over random signs: sqrt(sum_i grad_i^2 v_i^2).
         length = step * sum(self.sources[i].numel() * self.sizes[i] ** 2 for i in self.trainable) ** 0.5
-        spread = float(
-            torch.stack(
-                [
-                    self.sizes[i] ** 2 * g.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum()
-                    for i, g in zip(self.trainable, gradient, strict=True)
-                ]
-            ).sum()
-        )
         autograd = Directional(
             predicted=(2 * step * along).to(dtype).reshape(1, k, 1),
             asymmetry=torch.zeros(1, k, 1, dtype=dtype),  # d+ = d-
@@ -263,6 +292,11 @@ class ParameterSpace:
         return stencil, autograd
 
 
-def _signs(parameter: Tensor, generator: torch.Generator) -> Tensor:
-    """Random signs, one bool per weight, on the parameter's device (drawn on the CPU generator)."""
-    return torch.randint(0, 2, parameter.shape, generator=generator, dtype=torch.uint8).bool().to(parameter.device)
+class _Shift:
+    """A lazy cast's move: ``value + step v`` on parameter ``i`` along direction ``direction``."""
+
+    def __init__(self, space: ParameterSpace, direction: int, i: int, step: float) -> None:
+        self.space, self.direction, self.i, self.step = space, direction, i, step
+
+    def __call__(self, value: Tensor) -> Tensor:
+        return value.add(self.space.direction(self.direction, self.i, value), alpha=self.step)

@@ -1,0 +1,135 @@
+"""A model's parameters in float64 without a float64 copy of the model: casts made op by op.
+
+The float64 reference (finite differences and the formula check) runs the model's own code on float64 values
+of its parameters. Held whole, that copy is twice the model's float32 size: more than a training step needs on a
+big model. :class:`LazyCast` is a tensor that *is* the float64 value of a parameter for every operation that
+reads it, but holds only the parameter itself: each operation casts what it reads and drops the cast afterwards.
+
+Autograd sees the :class:`LazyCast` (it works above the dispatcher), so what a backward saves for later is the
+:class:`LazyCast` too, a reference to the float32 parameter, and the backward casts again when it reads it: a
+float64 backward holds no float64 weight beyond the operation at hand. View operations (``.t()``, ``.view()``,
+``.transpose()``, ``.expand()``...) stay lazy, so that what linear and matmul save is lazy too. An operation that
+writes into one (rare in a forward) keeps its float64 value from then on.
+
+A small model keeps plain float64 copies (:func:`use_lazy_casts`): the copy is small, and an operation on a plain
+tensor is cheaper than one through Python. Both give the same values, bit for bit: a cast is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+__all__ = ["LAZY_CAST_BYTES", "LazyCast", "as_dtype", "use_lazy_casts"]
+
+# Above this many bytes of parameters in the reference dtype, the reference casts op by op (64 MiB: 8M float64
+# weights; below it a whole copy is small next to anything a training step holds).
+LAZY_CAST_BYTES = 64 << 20
+
+Shift = Callable[[Tensor], Tensor]
+
+
+class LazyCast(Tensor):
+    """``source`` in ``dtype``, cast afresh by every operation that reads it (see the module docstring).
+
+    Attributes:
+        source: The tensor whose cast this is (never written).
+        shift: ``value -> moved value``, applied after the cast (a finite-difference step), or ``None``.
+
+    Example:
+        >>> weight = torch.randn(3, 4)
+        >>> lazy = LazyCast(weight, torch.float64)
+        >>> out = torch.ones(2, 4, dtype=torch.float64) @ lazy.t()
+        >>> out.dtype, torch.equal(out, torch.ones(2, 4, dtype=torch.float64) @ weight.double().t())
+        (torch.float64, True)
+
+    """
+
+    source: Tensor
+    shift: Shift | None
+    _base_cast: LazyCast | None
+    _views: tuple[tuple[Any, tuple[Any, ...], dict[str, Any]], ...]
+    _held: Tensor | None
+    __torch_function__: ClassVar[Any] = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, source: Tensor, dtype: torch.dtype, **_: Any) -> LazyCast:
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
+            cls, source.shape, dtype=dtype, device=source.device, requires_grad=False
+        )
+
+    def __init__(
+        self,
+        source: Tensor,
+        dtype: torch.dtype,
+        *,
+        base: LazyCast | None = None,
+        views: tuple[tuple[Any, tuple[Any, ...], dict[str, Any]], ...] = (),
+    ) -> None:
+        self.source = source.detach()
+        self.shift = None
+        self._base_cast = base
+        self._views = views
+        self._held = None
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"LazyCast(shape={tuple(self.shape)}, dtype={self.dtype}, source={self.source.dtype})"
+
+    def value(self) -> Tensor:
+        """The value this tensor stands for, as a plain tensor (a fresh cast)."""
+        if self._held is not None:
+            return self._held
+        if self._base_cast is not None:
+            value = self._base_cast.value()
+            for func, args, kwargs in self._views:
+                value = func(value, *args, **kwargs)
+            return value
+        value = self.source.to(self.dtype)
+        return value if self.shift is None else self.shift(value)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        if isinstance(first, LazyCast) and func.is_view and first._held is None and not _holds_lazy((args[1:], kwargs)):
+            out = func(first.source, *args[1:], **kwargs)
+            if isinstance(out, Tensor):  # a view of the parameter: a view of the cast, still lazy
+                base = first if first._base_cast is None else first._base_cast
+                return LazyCast(out, first.dtype, base=base, views=(*first._views, (func, args[1:], kwargs)))
+        if func._schema.is_mutable:  # written into: from now on the value is held (rare in a forward)
+            for tensor in _lazy_in((args, kwargs)):
+                if tensor._held is None:
+                    tensor._held = tensor.value()
+        return func(*_values(args), **_values(kwargs))
+
+
+def _lazy_in(tree: Any) -> list[LazyCast]:
+    found: list[LazyCast] = []
+    tree_map(lambda t: found.append(t) if isinstance(t, LazyCast) else None, tree)
+    return found
+
+
+def _holds_lazy(tree: Any) -> bool:
+    return bool(_lazy_in(tree))
+
+
+def _values(tree: Any) -> Any:
+    return tree_map(lambda t: t.value() if isinstance(t, LazyCast) else t, tree)
+
+
+def use_lazy_casts(tensors: Iterable[Tensor], dtype: torch.dtype) -> bool:
+    """Whether casts of ``tensors`` to ``dtype`` should be lazy: above :data:`LAZY_CAST_BYTES` in all."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() for t in tensors if t.is_floating_point()) * size > LAZY_CAST_BYTES
+
+
+def as_dtype(tensor: Tensor, dtype: torch.dtype | None, *, lazy: bool) -> Tensor:
+    """``tensor`` (detached) in ``dtype``: a :class:`LazyCast` when ``lazy``, else a plain tensor."""
+    tensor = tensor.detach()
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return LazyCast(tensor, dtype) if lazy else tensor.to(dtype)
