@@ -38,7 +38,8 @@ class LazyCast(Tensor):
 
     Attributes:
         source: The tensor whose cast this is (never written).
-        shift: ``value -> moved value``, applied after the cast (a finite-difference step), or ``None``.
+        shift: ``value -> moved value``, applied to a fresh copy after the cast (a finite-difference step, which
+            may write into it), or ``None``.
 
     Example:
         >>> weight = torch.randn(3, 4)
@@ -88,8 +89,9 @@ class LazyCast(Tensor):
             for func, args, kwargs in self._views:
                 value = func(value, *args, **kwargs)
             return value
-        value = self.source.to(self.dtype)
-        return value if self.shift is None else self.shift(value)
+        if self.shift is None:
+            return self.source.to(self.dtype)
+        return self.shift(self.source.to(self.dtype, copy=True))  # a copy of its own, moved in place
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._cast import LazyCast, as_dtype, use_lazy_casts
+from ._cast import LazyCast, use_lazy_casts
 from ._finite_differences import Comparison, Directional, Stencil, compare_directional
 from ._functions import ParameterFunction
 from ._verdicts import Problem, consistent, default_rtol
@@ -40,7 +40,7 @@ __all__ = ["ParameterSpace", "check_parameter_gradients"]
 
 PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is used by any sample
 PARAMETER_DIRECTIONS = 2  # random directions in parameter space: one can miss a small block (1 in 100 measured)
-_GROUP_ELEMENTS = 1 << 20  # parameters moved with one call, up to this many weights (8 MiB of float64 moves)
+_CHUNK = 1 << 20  # weights moved or reduced by one call: 8 MiB of float64 at a time
 # Directional derivatives below this fraction of the problem's own scale (|s| / |theta|) are round-off.
 _FLOOR = 1e-6
 
@@ -119,7 +119,7 @@ class ParameterSpace:
     ):
         self.sources = function.parameters
         self.lazy = use_lazy_casts(self.sources, dtype)
-        self.values = [as_dtype(p, dtype, lazy=self.lazy) if p.dtype != dtype else p.clone() for p in self.sources]
+        self.values = [LazyCast(p, dtype) if self.lazy else p.to(dtype, copy=True) for p in self.sources]
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
@@ -133,29 +133,34 @@ class ParameterSpace:
             for i in self.trainable
         }
         self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
-        # Parameters moved together (one foreach call per group): small models pay a few calls, not one per
-        # tensor; a group's directions are materialised at once, so a group stays small next to the model.
-        self.groups: list[list[int]] = []
-        filled = _GROUP_ELEMENTS
-        for i in self.trainable:
-            if filled >= _GROUP_ELEMENTS:
-                self.groups.append([])
-                filled = 0
-            self.groups[-1].append(i)
-            filled += self.sources[i].numel()
 
     @property
     def n_directions(self) -> int:
         """How many directions."""
         return len(self.seeds)
 
-    def direction(self, direction: int, i: int, like: Tensor) -> Tensor:
-        """Direction ``direction`` on parameter ``i``: ``+-`` its size, by signs drawn from their own seed."""
+    def signs(self, direction: int, i: int) -> Tensor:
+        """Direction ``direction``'s signs on parameter ``i``, flat: drawn afresh from their own seed."""
         source = self.sources[i]
         draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
-        signs = torch.randint(0, 2, source.shape, generator=draw, dtype=torch.uint8, device=source.device).bool()
-        positive = torch.full((), self.sizes[i], dtype=like.dtype, device=like.device)
-        return torch.where(signs.to(like.device), positive, -positive)
+        return torch.randint(0, 2, (source.numel(),), generator=draw, dtype=torch.uint8, device=source.device).bool()
+
+    def along(self, direction: int, i: int, gradient: Tensor) -> Tensor:
+        """``gradient . v`` on parameter ``i`` (float64), a chunk at a time: nothing the parameter's size is made."""
+        signs, flat = self.signs(direction, i).to(gradient.device), gradient.reshape(-1)
+        total = torch.zeros((), dtype=torch.float64, device=gradient.device)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            total += torch.where(signs[start : start + _CHUNK], chunk, -chunk).sum(dtype=torch.float64)
+        return total * self.sizes[i]
+
+    def displace_(self, value: Tensor, direction: int, i: int, step: float) -> Tensor:
+        """``value += step v`` on parameter ``i``, in place, a chunk at a time."""
+        signs, flat = self.signs(direction, i).to(value.device), value.view(-1)
+        move = torch.full((), step * self.sizes[i], dtype=value.dtype, device=value.device)
+        for start in range(0, flat.numel(), _CHUNK):
+            flat[start : start + _CHUNK] += torch.where(signs[start : start + _CHUNK], move, -move)
+        return value
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, Tensor, float]:
         """``value_at(values)``, autograd's ``grad . v`` per direction, and ``sum_i size_i^2 |grad_i|^2``.
@@ -177,7 +182,7 @@ class ParameterSpace:
                     return
                 grad = grad.detach()
                 for d in range(self.n_directions):
-                    along[d] += torch.dot(grad.reshape(-1), self.direction(d, i, grad).reshape(-1)).double().cpu()
+                    along[d] += self.along(d, i, grad).cpu()
                 spread += self.sizes[i] ** 2 * grad.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum().cpu()
 
             return hook
@@ -229,15 +234,12 @@ class ParameterSpace:
 
     def _move(self, direction: int, step: float) -> None:
         """Move the values from where they rest by ``step`` along ``direction``."""
-        if self.lazy:  # each cast moves as it is made
-            for i in self.trainable:
-                cast = self.values[i]
-                assert isinstance(cast, LazyCast)
-                cast.shift = _Shift(self, direction, i, step)
-            return
-        for group in self.groups:
-            moves = [self.direction(direction, i, self.values[i]) for i in group]
-            torch._foreach_add_([self.values[i] for i in group], moves, alpha=step)
+        for i in self.trainable:
+            value = self.values[i]
+            if isinstance(value, LazyCast):  # moved as each cast is made
+                value.shift = _Shift(self, direction, i, step)
+            else:
+                self.displace_(value, direction, i, step)
 
     def _rest(self) -> None:
         """Put the values back exactly where they rest: casts of the model's own tensors."""
@@ -299,4 +301,4 @@ class _Shift:
         self.space, self.direction, self.i, self.step = space, direction, i, step
 
     def __call__(self, value: Tensor) -> Tensor:
-        return value.add(self.space.direction(self.direction, self.i, value), alpha=self.step)
+        return self.space.displace_(value, self.direction, self.i, self.step)  # a fresh cast: written in place
