@@ -11,6 +11,7 @@ from ._first_order import FirstOrder
 from ._notes import describe_error
 from ._options import ProbeOptions
 from ._prepare import Forward, PreparedBatch
+from ._sharding import is_sharded
 from .localize import Check, localize
 from .report import Culprit, CulpritKind, ParameterCheck, SecondOrderReport, Verdict
 
@@ -91,7 +92,8 @@ def _localize(
             n_directions=options.n_directions,
             seed=options.seed,
             max_modules=options.localize_budget[0],
-            time_budget=options.localize_budget[1],
+            # A sharded model is localized in lockstep by every process: a clock would decide differently on each.
+            time_budget=float("inf") if is_sharded(model) else options.localize_budget[1],
             parameters=CulpritKind.PARAMETER in wanted,
             second_order=second_order,
         )

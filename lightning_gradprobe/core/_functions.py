@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._cast import as_dtype, use_lazy_casts
+from ._sharding import is_sharded, swapped_at_call
 
 __all__ = [
     "BatchFunction",
@@ -87,6 +88,8 @@ def build_batch_function(
     statistic can ever move). A big model's parameters are cast op by op (:class:`~._cast.LazyCast`), never
     held whole in ``dtype``. For a plain callable the inputs are cast and the callable called.
     """
+    if isinstance(model, nn.Module) and is_sharded(model):
+        return _sharded_batch_function(model, forward, output, dtype)
     if isinstance(model, nn.Module):
         root: nn.Module = model if forward is None else _ForwardModule(model, forward)
         prefix = "" if forward is None else "module."
@@ -118,6 +121,26 @@ def build_batch_function(
     return call_plain
 
 
+def _sharded_batch_function(
+    model: nn.Module, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector, dtype: torch.dtype | None
+) -> BatchFunction:
+    """``x -> outputs`` of a sharded (FSDP2) model: its tensors swapped as each submodule runs (see ``_sharding``).
+
+    Parameters are detached (cast op by op when ``dtype`` differs), buffers cloned: nothing is ever written.
+    """
+
+    def swap(tensor: Tensor, is_buffer: bool) -> Tensor:
+        if is_buffer:
+            return _cast(tensor, dtype).clone()
+        return as_dtype(tensor, dtype, lazy=True)
+
+    def call(x: Tensor) -> Tensor:
+        with swapped_at_call(model, swap):
+            return _pick_output(model(x) if forward is None else forward(model, x), output)
+
+    return call
+
+
 @dataclass(frozen=True)
 class ParameterFunction:
     """The model as a function of its floating parameters and a batch: ``(values, x) -> outputs``.
@@ -136,7 +159,12 @@ class ParameterFunction:
 def build_parameter_function(
     model: nn.Module, *, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector
 ) -> ParameterFunction | None:
-    """``(values, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``."""
+    """``(values, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``.
+
+    Also ``None`` for a sharded (FSDP2) model: its parameter gradients are not checked yet.
+    """
+    if is_sharded(model):
+        return None
     root: nn.Module = model if forward is None else _ForwardModule(model, forward)
     prefix = "" if forward is None else "module."
     unique = [p for _, p in model.named_parameters() if p.is_floating_point()]  # each shared parameter once
