@@ -314,8 +314,10 @@ def _parameter_check(
     if not options.check_parameters or not isinstance(model, nn.Module) or not len(first.checked):
         return None
     if is_sharded(model):
-        notes.add("parameter gradients not checked: the model is sharded (FSDP2); input gradients were checked, each layer "
-            "gathered whole only while it ran, as FSDP does")
+        notes.add(
+            "parameter gradients not checked: the model is sharded (FSDP2); input gradients were checked, each layer "
+            "gathered whole only while it ran, as FSDP does"
+        )
         return None
     parameters = build_parameter_function(model, forward=batch.parameter_forward, output=options.output)
     if parameters is None:
