@@ -39,7 +39,7 @@ from .render.metrics import probe_metrics
 __all__ = ["GradProbe", "GradProbeStoppingReason"]
 
 OnAlert = Literal["warn", "stop", "raise"] | Callable[[Alert], None]
-_SHARDED = ("FSDP", "DeepSpeed", "ModelParallel")
+_UNSUPPORTED_SHARDING = ("FSDP", "DeepSpeed")  # Lightning's FSDP1 and DeepSpeed strategies (GPU only there)
 _KEPT_ALERTS = 1000  # a long run keeps the recent alerts in memory, and the last 50 in checkpoints
 
 
@@ -178,6 +178,7 @@ class GradProbe(Callback):
         self._plan = Plan.NOT_DUE
         self._said: set[str] = set()  # one-time messages already given
         self._panels: Panels | None = None
+        self._lockstep = False  # a sharded model: every process probes the same samples (see ``setup``)
 
     @property
     @override
@@ -186,14 +187,14 @@ class GradProbe(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        name = type(trainer.strategy).__name__
-        if any(kind in name for kind in _SHARDED):
-            reason = (
-                f"GradProbe: skipped under {name}: parameters are sharded across processes and the probe does not "
-                "gather them. Probe a checkpoint with trainer.validate() on a single device instead."
-            )
+        self._lockstep = False
+        reason = _unsupported_strategy(trainer.strategy)
+        if reason is not None:
             self.schedule.pause(reason)
             rank_zero_warn(reason)
+        elif "ModelParallel" in type(trainer.strategy).__name__:
+            # FSDP2: every process probes the same samples in lockstep (the same collectives in the same order).
+            self._lockstep = trainer.world_size > 1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -276,9 +277,8 @@ class GradProbe(Callback):
         self._plan = self.schedule.plan(moment, agree=agree)
         if self._plan in (Plan.POSTPONED, Plan.MILESTONE):  # over budget: say how far, once
             self._say("budget", f"GradProbe: {self.schedule.budget(moment, time.perf_counter())}.", warning=False)
-        self.samples.begin(
-            due=self._plan.probes, world_size=trainer.world_size, rank=trainer.global_rank, probes_done=self.probes_done
-        )
+        world_size, rank = (1, 0) if self._lockstep else (trainer.world_size, trainer.global_rank)
+        self.samples.begin(due=self._plan.probes, world_size=world_size, rank=rank, probes_done=self.probes_done)
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         if not self.samples.drawing and not (trainer.sanity_checking and not self.samples.layout_checked):
@@ -321,12 +321,20 @@ class GradProbe(Callback):
 
     def _probe_and_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.samples.finish()
+        if self._lockstep:  # rank zero's draw, probed by every process
+            self.samples.inputs, self.samples.labels = trainer.strategy.broadcast(
+                (self.samples.inputs, self.samples.labels), src=0
+            )
         if self.samples.mismatched:
             self._say("mismatched", f"GradProbe: {self.samples.mismatch_note()}", warning=False)
         options = replace(self.probe_options, seed=self.seed + self.probes_done)
-        report, error, elapsed = _probe_share(trainer, pl_module, self.samples, options, self.target)
+        world_size = 1 if self._lockstep else trainer.world_size
+        report, error, elapsed = _probe_share(trainer, pl_module, self.samples, options, self.target, world_size)
         figures = figures_from_report(report) if report is not None else ProbeFigures()
-        figures, any_error = _gather(trainer, pl_module, figures, error is not None)
+        if self._lockstep:  # the same figures everywhere; a failure anywhere is shared
+            any_error = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+        else:
+            figures, any_error = _gather(trainer, pl_module, figures, error is not None)
         self.probes_done += 1
         if any_error and self.strict and self.probes_done == 1:
             raise GradProbeSetupError(
@@ -338,7 +346,8 @@ class GradProbe(Callback):
             return
         self.last_report = report
         if report is not None:
-            self._say("dtypes", f"GradProbe: probing {report.setup_summary()} (per process).", warning=False)
+            where = "every process the same ones, in lockstep" if self._lockstep else "per process"
+            self._say("dtypes", f"GradProbe: probing {report.setup_summary()} ({where}).", warning=False)
         second_order, nonfinite = self.probe_options.second_order, self.samples.nonfinite_inputs
         metrics = probe_metrics(figures, report, self.thresholds, second_order=second_order, nonfinite_inputs=nonfinite)
         _log(trainer, pl_module, metrics)
@@ -404,14 +413,22 @@ class GradProbe(Callback):
 
 
 def _probe_share(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, samples: ProbeSet, options: ProbeOptions, target: Any
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    samples: ProbeSet,
+    options: ProbeOptions,
+    target: Any,
+    world_size: int,
 ) -> tuple[ProbeReport | None, BaseException | None, float]:
-    """Probe this process's share of the samples: the report, or the error that stopped it; the seconds taken."""
+    """Probe this process's share of the samples: the report, or the error that stopped it; the seconds taken.
+
+    In lockstep (a sharded model) ``world_size`` is 1: every process probes all of them.
+    """
     if samples.inputs is None:
         return None, None, 0.0
     start = time.perf_counter()
     try:
-        rows, labels = samples.share(trainer.world_size)
+        rows, labels = samples.share(world_size)
         x = trainer.precision_plugin.convert_input(rebuild(rows, [t.to(pl_module.device) for t in leaves(rows)]))
         if target == "label":
             if labels is None:
@@ -420,6 +437,24 @@ def _probe_share(
         return run_probe(pl_module, x, replace(options, target=target)), None, time.perf_counter() - start
     except Exception as error:  # never kill the run for a probe's own failure
         return None, error, time.perf_counter() - start
+
+
+def _unsupported_strategy(strategy: Any) -> str | None:
+    """Why the probe cannot run under ``strategy``, naming what to use instead; ``None`` when it can."""
+    name = type(strategy).__name__
+    if "ModelParallel" in name and getattr(strategy, "_tensor_parallel_size", 1) not in (1, "auto"):
+        return (
+            f"GradProbe: skipped under {name} with tensor parallelism (tensor_parallel_size="
+            f"{strategy._tensor_parallel_size}): only data-parallel sharding (FSDP2's fully_shard) is probed. Use "
+            "tensor_parallel_size=1, or probe a checkpoint with trainer.validate() on a single device."
+        )
+    if any(kind in name for kind in _UNSUPPORTED_SHARDING):
+        return (
+            f"GradProbe: skipped under {name}: its parameters are sharded in a way the probe does not gather. Train "
+            "with ModelParallelStrategy and fully_shard() in configure_model (FSDP2), which GradProbe probes layer "
+            "by layer, or probe a checkpoint with trainer.validate() on a single device."
+        )
+    return None
 
 
 def _log(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:

@@ -244,7 +244,7 @@ def _culprits(
         same_kind = [other for other, other_kind in failing if other_kind is kind and kind is not CulpritKind.PARAMETER]
         children = tuple(o for o in same_kind if o != name and (name == "" or o.startswith(name + ".")))
         culprit = Culprit(
-            _shown(name), type(modules[name]).__name__, kind, error, Verdict.FAIL, tuple(map(_shown, children)),
+            _shown(name), _type_name(modules[name]), kind, error, Verdict.FAIL, tuple(map(_shown, children)),
             findings.get(name),
         )  # fmt: skip
         out.append(culprit)
@@ -255,6 +255,14 @@ def _culprits(
 def _shown(name: str) -> str:
     """A submodule's name as the user wrote the model: without ``torch.compile``'s ``_orig_mod`` wrapper."""
     return name.replace("_orig_mod.", "").replace("._orig_mod", "").removesuffix("_orig_mod")
+
+
+def _type_name(module: nn.Module) -> str:
+    """A submodule's class as the user wrote it: FSDP2's ``fully_shard`` makes ``Block`` an ``FSDPBlock``."""
+    kind = type(module)
+    if kind.__name__.startswith("FSDP") and len(kind.__mro__) > 2:
+        return kind.__mro__[2].__name__  # (FSDPBlock, FSDPModule, Block, ...)
+    return kind.__name__
 
 
 def _worst(relative_error: Tensor) -> float:

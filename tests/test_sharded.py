@@ -1,0 +1,70 @@
+"""Sharded training (FSDP2 through ModelParallelStrategy) on 2 CPU processes with gloo: probed, not skipped."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from lightning_gradprobe.callback import _unsupported_strategy
+
+ROOT = Path(__file__).parents[1]
+
+
+def _run(*args, timeout=300):
+    completed = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    return completed
+
+
+def _seen(prefix):
+    return [json.loads(Path(f"{prefix}-{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_wrong_backward_stops_every_rank_with_the_culprit(tmp_path):
+    _run(ROOT / "examples/sharded_fsdp2.py", "--root", tmp_path, "--json", tmp_path / "seen")
+    for seen in _seen(tmp_path / "seen"):
+        assert seen["stopped"] and seen["epochs_run"] < 4
+        assert seen["culprits"] == ["blocks.0.norm", "blocks.1.norm"]
+        assert "blocks.0.norm" in seen["reason"]
+
+
+@pytest.mark.slow
+def test_correct_model_trains_through_probed_and_unperturbed(tmp_path):
+    _run(ROOT / "examples/sharded_fsdp2.py", "--fixed", "--compare", "--root", tmp_path, "--json", tmp_path / "seen")
+    for seen in _seen(tmp_path / "seen"):
+        assert not seen["stopped"] and seen["epochs_run"] == 4
+        assert "gradprobe/checks/fail_fraction" in seen["metrics"]
+        assert seen["weights"] == seen["weights_without_probe"]  # bit for bit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", ["ok", "bad"])
+def test_sharded_verdicts_equal_unsharded_ones(bug):
+    completed = _run(ROOT / "tests/fsdp_probe_script.py", bug)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 2, completed.stdout + completed.stderr[-3000:]
+    for line in lines:
+        result = json.loads(line.removeprefix("RESULT "))
+        assert result["same_verdicts"] and result["same_margins"] and result["same_culprits"]
+        assert (result["culprits"] == ["0.1", "0", ""]) == (bug == "bad")
+        assert result["failed"] == (bug == "bad")
+
+
+@pytest.mark.parametrize(
+    "strategy, named",
+    [
+        (FSDPStrategy(), "ModelParallelStrategy"),
+        (ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), "tensor_parallel_size=1"),
+    ],
+)
+def test_unsupported_sharding_names_the_alternative(strategy, named):
+    message = _unsupported_strategy(strategy)
+    assert message is not None and named in message and type(strategy).__name__ in message
+
+
+def test_data_parallel_fsdp2_is_supported():
+    assert _unsupported_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)) is None
