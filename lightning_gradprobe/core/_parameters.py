@@ -145,14 +145,21 @@ class ParameterSpace:
         draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
         return torch.randint(0, 2, (source.numel(),), generator=draw, dtype=torch.uint8, device=source.device).bool()
 
-    def along(self, direction: int, i: int, gradient: Tensor) -> Tensor:
-        """``gradient . v`` on parameter ``i`` (float64), a chunk at a time: nothing the parameter's size is made."""
-        signs, flat = self.signs(direction, i).to(gradient.device), gradient.reshape(-1)
-        total = torch.zeros((), dtype=torch.float64, device=gradient.device)
+    def reduce(self, i: int, gradient: Tensor) -> tuple[Tensor, Tensor]:
+        """``gradient . v`` on parameter ``i`` per direction, and ``|gradient|^2`` (non-finite entries as 0).
+
+        In float64, a chunk at a time: nothing the parameter's size is made but the signs (a byte per weight).
+        """
+        signs = [self.signs(d, i).to(gradient.device) for d in range(self.n_directions)]
+        flat = gradient.reshape(-1)
+        along = torch.zeros(self.n_directions, dtype=torch.float64, device=gradient.device)
+        square = torch.zeros((), dtype=torch.float64, device=gradient.device)
         for start in range(0, flat.numel(), _CHUNK):
-            chunk = flat[start : start + _CHUNK]
-            total += torch.where(signs[start : start + _CHUNK], chunk, -chunk).sum(dtype=torch.float64)
-        return total * self.sizes[i]
+            chunk = flat[start : start + _CHUNK].double()
+            for d, sign in enumerate(signs):
+                along[d] += torch.where(sign[start : start + _CHUNK], chunk, -chunk).sum()
+            square += chunk.nan_to_num(0.0, 0.0, 0.0).pow(2).sum()
+        return along * self.sizes[i], square
 
     def displace_(self, value: Tensor, direction: int, i: int, step: float) -> Tensor:
         """``value += step v`` on parameter ``i``, in place, a chunk at a time."""
@@ -175,15 +182,13 @@ class ParameterSpace:
 
         def reduce(i: int) -> Callable[[Tensor], None]:
             def hook(leaf: Tensor) -> None:
-                nonlocal spread
                 grad = leaf.grad
                 leaf.grad = None
                 if grad is None:
                     return
-                grad = grad.detach()
-                for d in range(self.n_directions):
-                    along[d] += self.along(d, i, grad).cpu()
-                spread += self.sizes[i] ** 2 * grad.nan_to_num(0.0, 0.0, 0.0).double().pow(2).sum().cpu()
+                moved, square = self.reduce(i, grad.detach())
+                along.add_(moved.cpu())
+                spread.add_(self.sizes[i] ** 2 * square.cpu())
 
             return hook
 
