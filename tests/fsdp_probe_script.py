@@ -37,13 +37,34 @@ class Act(nn.Module):
         return BadTanh.apply(x) if self.bad else torch.tanh(x)
 
 
-def run(rank, bad, port):
+class ScaledWeightGradLinear(torch.autograd.Function):
+    """``x W^T + b`` whose weight gradient is scaled by 1.1 (its input gradient is right)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t() + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        return g @ weight, 1.1 * g.t() @ x, g.sum(0)
+
+
+class WeightBugLinear(nn.Linear):
+    def forward(self, x):
+        return ScaledWeightGradLinear.apply(x, self.weight, self.bias)
+
+
+def run(rank, bug, port):
+    bad = bug == "bad"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
     torch.manual_seed(0)
+    first = WeightBugLinear(6, 16) if bug == "weight" else nn.Linear(6, 16)
     model = nn.Sequential(
-        nn.Sequential(nn.Linear(6, 16), Act(bad)),
+        nn.Sequential(first, Act(bad)),
         nn.Sequential(nn.Linear(16, 16), nn.GELU()),
         nn.LayerNorm(16),
         nn.Linear(16, 3),
@@ -54,14 +75,24 @@ def run(rank, bad, port):
     fully_shard(model, mesh=mesh)
     x = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
     r = probe(model, x, localize=True, seed=3)
-    u = probe(ref, x, localize=True, seed=3, check_parameters=False)
+    u = probe(ref, x, localize=True, seed=3)
+    second = probe(model, x, second_order=True, seed=3, check_samples=2, check_parameters=False).second_order
+    second_unsharded = probe(ref, x, second_order=True, seed=3, check_samples=2, check_parameters=False).second_order
     result = {
+        "same_second_order": second.verdicts == second_unsharded.verdicts
+        and second.mixed_term == second_unsharded.mixed_term,
+        "mixed_term": second.mixed_term.value,
         "rank": rank,
         "failed": not r.ok,
         "culprits": [c.module for c in r.culprits],
         "same_verdicts": r.verdicts == u.verdicts,
         "same_margins": torch.equal(r.margin, u.margin) and torch.equal(r.relative_error, u.relative_error),
         "same_culprits": r.culprits == u.culprits,
+        "parameter_verdict": r.parameter_check.verdict.value,
+        "same_parameter_verdict": r.parameter_check.verdict == u.parameter_check.verdict,
+        # (FSDP's gathered tensors sit at other addresses: vectorised sums may round in another order)
+        "parameter_margins": [r.parameter_check.margin, u.parameter_check.margin],
+        "culprit_kinds": [c.kind.value for c in r.culprits],
     }
     print("RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
@@ -71,4 +102,4 @@ if __name__ == "__main__":
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    torch.multiprocessing.spawn(run, args=(sys.argv[1] == "bad", port), nprocs=2)
+    torch.multiprocessing.spawn(run, args=(sys.argv[1], port), nprocs=2)

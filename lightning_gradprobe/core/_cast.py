@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from ._sharding import unsharded
+
 __all__ = ["LAZY_CAST_BYTES", "LazyCast", "as_dtype", "use_lazy_casts"]
 
 # Above this many bytes of parameters in the reference dtype, the reference casts op by op (64 MiB: 8M float64
@@ -37,7 +39,8 @@ class LazyCast(Tensor):
     """``source`` in ``dtype``, cast afresh by every operation that reads it (see the module docstring).
 
     Attributes:
-        source: The tensor whose cast this is (never written).
+        source: The tensor whose cast this is (never written); a DTensor (a shard of a sharded model) is gathered
+            whole by each operation that reads it, and dropped afterwards.
         shift: ``value -> moved value``, applied to a fresh copy after the cast (a finite-difference step, which
             may write into it), or ``None``.
 
@@ -89,9 +92,10 @@ class LazyCast(Tensor):
             for func, args, kwargs in self._views:
                 value = func(value, *args, **kwargs)
             return value
+        source = unsharded(self.source)  # a DTensor shard (FSDP2) is gathered whole for the operation
         if self.shift is None:
-            return self.source.to(self.dtype)
-        return self.shift(self.source.to(self.dtype, copy=True))  # a copy of its own, moved in place
+            return source.to(self.dtype)
+        return self.shift(source.to(self.dtype, copy=True))  # a copy of its own, moved in place
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

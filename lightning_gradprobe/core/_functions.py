@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._cast import as_dtype, use_lazy_casts
-from ._sharding import is_sharded, swapped_at_call
+from ._cast import LazyCast, as_dtype, use_lazy_casts
+from ._sharding import is_sharded, shards, swapped_at_call, unsharded
 
 __all__ = [
     "BatchFunction",
@@ -124,15 +124,18 @@ def build_batch_function(
 def _sharded_batch_function(
     model: nn.Module, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector, dtype: torch.dtype | None
 ) -> BatchFunction:
-    """``x -> outputs`` of a sharded (FSDP2) model: its tensors swapped as each submodule runs (see ``_sharding``).
+    """``x -> outputs`` of a sharded (FSDP2) model, its parameters' shards gathered op by op.
 
-    Parameters are detached (cast op by op when ``dtype`` differs), buffers cloned: nothing is ever written.
+    Each submodule computes with lazy casts of its parameters' shards (see ``_sharding``), and clones of its
+    buffers: nothing is ever written.
     """
+    held = shards(model)
 
-    def swap(tensor: Tensor, is_buffer: bool) -> Tensor:
+    def swap(module: nn.Module, name: str, tensor: Tensor, is_buffer: bool) -> Tensor:
         if is_buffer:
-            return _cast(tensor, dtype).clone()
-        return as_dtype(tensor, dtype, lazy=True)
+            return _cast(unsharded(tensor), dtype).clone()
+        source = held.get((id(module), name), tensor)
+        return LazyCast(source, dtype or source.dtype)
 
     def call(x: Tensor) -> Tensor:
         with swapped_at_call(model, swap):
@@ -146,7 +149,9 @@ class ParameterFunction:
     """The model as a function of its floating parameters and a batch: ``(values, x) -> outputs``.
 
     ``parameters`` are the model's unique floating parameters (each shared or tied one once), never written;
-    ``values`` holds one tensor per parameter, in that order. Buffers are cloned and follow the values' dtype,
+    ``values`` holds one tensor per parameter, in that order. For a ``sharded`` (FSDP2) model the parameters are
+    shards and the values must be :class:`~._cast.LazyCast` casts: each is pointed at its parameter as FSDP
+    gathers it, when its submodule runs. Buffers are cloned and follow the values' dtype,
     so the same function runs the float64 reference when given float64 copies. ``trainable`` says, per
     parameter, whether it requires grad.
     """
@@ -154,17 +159,15 @@ class ParameterFunction:
     parameters: tuple[Tensor, ...]
     trainable: tuple[bool, ...]
     call: Callable[[Sequence[Tensor], Tensor], Tensor]
+    sharded: bool = False
 
 
 def build_parameter_function(
     model: nn.Module, *, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector
 ) -> ParameterFunction | None:
-    """``(values, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``.
-
-    Also ``None`` for a sharded (FSDP2) model: its parameter gradients are not checked yet.
-    """
+    """``(values, x) -> outputs`` for an ``nn.Module`` with floating parameters, else ``None``."""
     if is_sharded(model):
-        return None
+        return _sharded_parameter_function(model, forward, output)
     root: nn.Module = model if forward is None else _ForwardModule(model, forward)
     prefix = "" if forward is None else "module."
     unique = [p for _, p in model.named_parameters() if p.is_floating_point()]  # each shared parameter once
@@ -185,6 +188,30 @@ def build_parameter_function(
         return _pick_output(functional_call(root, tensors, (x,), strict=False, tie_weights=False), output)
 
     return ParameterFunction(tuple(p.detach() for p in unique), tuple(p.requires_grad for p in unique), call)
+
+
+def _sharded_parameter_function(
+    model: nn.Module, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector
+) -> ParameterFunction | None:
+    """``(values, x) -> outputs`` of a sharded (FSDP2) model: each value put in place as its submodule runs."""
+    held = shards(model)
+    unique = list({id(p): p for p in held.values()}.values())  # each shared parameter once
+    if not unique:
+        return None
+    position = {id(p): i for i, p in enumerate(unique)}
+    slots = {slot: position[id(p)] for slot, p in held.items()}
+
+    def call(values: Sequence[Tensor], x: Tensor) -> Tensor:
+        def swap(module: nn.Module, name: str, tensor: Tensor, is_buffer: bool) -> Tensor:
+            if is_buffer:
+                return _cast(unsharded(tensor), values[0].dtype).clone()
+            return values[slots[(id(module), name)]]
+
+        with swapped_at_call(model, swap):
+            return _pick_output(model(x) if forward is None else forward(model, x), output)
+
+    parameters = tuple(p.detach() for p in unique)
+    return ParameterFunction(parameters, tuple(p.requires_grad for p in unique), call, sharded=True)
 
 
 def _slots(model: nn.Module, named: Any) -> list[tuple[str, Tensor]]:

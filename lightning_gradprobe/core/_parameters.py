@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ._cast import LazyCast, use_lazy_casts
 from ._finite_differences import Comparison, Directional, Stencil, compare_directional
 from ._functions import ParameterFunction
+from ._sharding import unsharded
 from ._verdicts import Problem, consistent, default_rtol
 from .report import ParameterCheck, Verdict
 
@@ -118,13 +119,13 @@ class ParameterSpace:
         per_tensor: bool = True,
     ):
         self.sources = function.parameters
-        self.lazy = use_lazy_casts(self.sources, dtype)
+        self.lazy = function.sharded or use_lazy_casts(self.sources, dtype)
         self.values = [LazyCast(p, dtype) if self.lazy else p.to(dtype, copy=True) for p in self.sources]
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
         with torch.no_grad():  # per parameter: the size of its direction's entries
-            squares = [float(p.double().pow(2).sum()) for p in self.sources]
+            squares = [float(unsharded(p).double().pow(2).sum()) for p in self.sources]
         self.norm = sum(squares) ** 0.5  # |theta|, every parameter
         trainable_squares = sum(squares[i] for i in self.trainable)
         overall = max(1.0, (trainable_squares / max(self.trainable_count, 1)) ** 0.5)

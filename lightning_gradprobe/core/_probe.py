@@ -42,7 +42,6 @@ from ._parameters import check_parameter_gradients
 from ._prepare import Forward, PreparedBatch, check_finite_batch, device_of, prepare_batch
 from ._reference import reference_problem
 from ._second_order import check_second_order
-from ._sharding import is_sharded
 from ._verdicts import Problem, default_rtol
 from .localize import Localization, localize, record_inputs
 from .report import CulpritKind, ParameterCheck, ProbeReport, SecondOrderReport, Verdict
@@ -312,12 +311,6 @@ def _parameter_check(
 ) -> ParameterCheck | None:
     """Stage 8: the gradient with respect to every trainable parameter, on the whole model at once."""
     if not options.check_parameters or not isinstance(model, nn.Module) or not len(first.checked):
-        return None
-    if is_sharded(model):
-        notes.add(
-            "parameter gradients not checked: the model is sharded (FSDP2); input gradients were checked, each layer "
-            "gathered whole only while it ran, as FSDP does"
-        )
         return None
     parameters = build_parameter_function(model, forward=batch.parameter_forward, output=options.output)
     if parameters is None:

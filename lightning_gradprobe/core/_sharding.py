@@ -3,10 +3,10 @@
 Under FSDP2 a module's parameters are DTensor shards, gathered whole by FSDP just before the module runs and freed
 after. ``functional_call`` cannot swap such a model's tensors from outside (FSDP puts its own gathered ones in
 place), so a sharded model is probed by swapping *each submodule's own* tensors when it is called, after FSDP's
-gather, and back before FSDP frees them (:func:`swapped_at_call`). A parameter that nothing gathered (a submodule
-called on its own, as localization does) is gathered alone. No process ever holds more of the model than FSDP's
-own layer-by-layer gather, and the float64 reference is made of :class:`~._cast.LazyCast` casts of those gathered
-tensors, cast op by op.
+gather, and back before FSDP frees them (:func:`swapped_at_call`). What is swapped in is a
+:class:`~._cast.LazyCast` of the parameter's *shard* (:func:`shards`): every operation that reads it gathers it
+whole and drops it afterwards, so that no process holds more of the model than one layer, as FSDP's own gather
+does, and a backward (or a double backward) never reads a gathered tensor FSDP has freed since.
 
 Every process must run the same collectives in the same order: sharded models are probed in lockstep, every
 process on the same samples with the same seed, so that each takes every data-dependent branch alike.
@@ -20,10 +20,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["is_sharded", "swapped_at_call", "unsharded"]
+__all__ = ["Slot", "is_sharded", "shards", "swapped_at_call", "unsharded"]
 
-Swap = Callable[[Tensor, bool], Tensor]
-"""``(tensor, is_buffer) -> the tensor the submodule computes with``."""
+Slot = tuple[int, str]
+"""Where a module holds a tensor: ``(id(module), attribute name)``."""
+
+Swap = Callable[[nn.Module, str, Tensor, bool], Tensor]
+"""``(submodule, name, tensor, is_buffer) -> the tensor the submodule computes with`` (``tensor``: what the
+submodule holds when it is called, a gathered parameter or a shard)."""
 
 
 def _dtensor_type() -> type | None:
@@ -48,6 +52,25 @@ def unsharded(tensor: Tensor) -> Tensor:
     if dtensor is not None and isinstance(tensor, dtensor):
         return tensor.full_tensor().detach()
     return tensor.detach()
+
+
+def shards(model: nn.Module) -> dict[Slot, Tensor]:
+    """Every floating parameter slot of ``model`` and the parameter's shard (a DTensor) or, unsharded, itself.
+
+    FSDP2 modules are resharded first (``FSDPModule.reshard()``: what FSDP does after every step; the next forward
+    gathers again), so that each slot holds its shard, the one tensor of a parameter that stays valid.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return {
+        (id(module), name): p
+        for module in model.modules()
+        for name, p in module._parameters.items()
+        if p is not None and p.is_floating_point()
+    }
 
 
 @contextmanager
@@ -86,7 +109,7 @@ class _Swapper:
             current = slots[name]
             assert current is not None
             swapped.append((slots, name, current))
-            slots[name] = self.swap(unsharded(current), is_buffer)  # type: ignore[assignment]
+            slots[name] = self.swap(module, name, current, is_buffer)  # type: ignore[assignment]
         self.stack.append(swapped)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -24,6 +24,7 @@ from ._finite_differences import Stencil, compare
 from ._isolation import isolated
 from ._layers import first_floating
 from ._notes import describe_error
+from ._sharding import unsharded
 from .report import Culprit, CulpritKind, ProbeReport, Verdict
 
 __all__ = ["Check", "Culprit", "CulpritKind", "Localization", "check_parameters", "localize"]
@@ -296,8 +297,8 @@ def check_parameters(
     if not own:
         return None
     generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        n: t.detach().to(torch.float64) for n, t in module.state_dict(keep_vars=True).items() if t.is_floating_point()
+    tensors = {  # (a sharded module's tensors gathered whole, one at a time)
+        n: unsharded(t).to(torch.float64) for n, t in module.state_dict(keep_vars=True).items() if t.is_floating_point()
     }
     names = list(own)
     theta = torch.cat([tensors[n].flatten() for n in names])
