@@ -6,13 +6,19 @@ after one call (``ru_maxrss``); the difference is what that call needed beyond t
 forward, cross-entropy and a backward that fills ``.grad``; a probe is ``probe(model, x)`` at its defaults, and
 again without the parameter check. Writes ``docs/memory.png`` (the growth as a curve) with ``--plot``.
 
-Run:  python benchmarks/bench_memory.py [--sizes 50 200 400] [--plot]
+With ``--sharded``, the same on 2 processes (gloo, CPU) with every block sharded by FSDP2's ``fully_shard``: the
+peak extra memory *per process* of a sharded training step and of a sharded probe (every process probes the same
+samples in lockstep), and their times. Against the whole model's size it says whether any process ever held the
+whole model (or its float64 copy).
+
+Run:  python benchmarks/bench_memory.py [--sizes 50 200 400] [--plot] [--sharded 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +56,53 @@ print(json.dumps({"parameters": parameters, "extra": peak - before, "seconds": t
 
 KINDS = ("training step", "probe", "probe without the parameter check")
 
+SHARDED_CHILD = r"""
+import json, os, resource, socket, sys, time
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+width, blocks, what, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+def run(rank):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    import lightning_gradprobe
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)) for _ in range(blocks)],
+        nn.Linear(width, 10),
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    for block in model[:-1]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    x, y = torch.randn(8, width), torch.randint(0, 10, (8,))
+    dist.barrier()
+    before, start = resident(), time.perf_counter()
+    if what == "training step":
+        nn.functional.cross_entropy(model(x), y).backward()
+    else:
+        report = lightning_gradprobe.probe(model.eval(), x)
+        assert report.ok, report
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    extra = torch.tensor([float(peak - before)])
+    gathered = [torch.zeros(1) for _ in range(2)]
+    dist.all_gather(gathered, extra)
+    if rank == 0:
+        print(json.dumps({"parameters": parameters, "extra": max(float(t) for t in gathered), "seconds": seconds}))
+    dist.destroy_process_group()
+
+torch.multiprocessing.start_processes(run, nprocs=2, start_method="fork")
+"""
+
 
 def measure(width: int, blocks: int, kind: str) -> dict[str, float]:
     done = subprocess.run(
@@ -58,10 +111,44 @@ def measure(width: int, blocks: int, kind: str) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure_sharded(width: int, blocks: int, kind: str) -> dict[str, float]:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_CHILD, str(width), str(blocks), kind, str(port)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sharded(sizes: list[int]) -> None:
+    """The sharded figures: per process, 2 processes, FSDP2."""
+    print("\nFSDP2, 2 processes (gloo, CPU), peak extra memory of the larger process:")
+    print(
+        f"{'parameters':>11s} {'model MiB':>10s} {'shard MiB':>10s} "
+        + " ".join(f"{k + ' MiB (s)':>26s}" for k in KINDS[:2])
+    )
+    for size in sizes:
+        width, blocks = SIZES[size]
+        figures = {kind: measure_sharded(width, blocks, kind) for kind in KINDS[:2]}
+        parameters = figures["probe"]["parameters"]
+        model = parameters * 4 / 2**20
+        cells = " ".join(f"{f['extra'] / 2**20:>17.0f} ({f['seconds']:5.1f})" for f in figures.values())
+        step, probed = figures["training step"], figures["probe"]
+        print(
+            f"{parameters / 1e6:>10.0f}M {model:>10.0f} {model / 2:>10.0f} {cells}   probe / step "
+            f"{probed['extra'] / step['extra']:.2f} memory, {probed['seconds'] / step['seconds']:.1f} time"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--plot", action="store_true", help="write docs/memory.png")
+    parser.add_argument("--sharded", type=int, nargs="*", choices=list(SIZES), help="also on 2 FSDP2 processes")
     args = parser.parse_args()
     rows = []
     print(f"{'parameters':>11s} {'model MiB':>10s} " + " ".join(f"{k + ' MiB (s)':>34s}" for k in KINDS))
@@ -78,6 +165,8 @@ def main() -> None:
         rows.append((parameters, model, figures))
     if args.plot:
         _plot(rows)
+    if args.sharded:
+        sharded(args.sharded)
 
 
 def _plot(rows: list) -> None:

@@ -41,6 +41,8 @@ class LazyCast(Tensor):
     Attributes:
         source: The tensor whose cast this is (never written); a DTensor (a shard of a sharded model) is gathered
             whole by each operation that reads it, and dropped afterwards.
+        shard: For a parameter FSDP gathered (``source``): its shard, gathered instead once FSDP has freed
+            ``source`` (a double backward after FSDP's own backward).
         shift: ``value -> moved value``, applied to a fresh copy after the cast (a finite-difference step, which
             may write into it), or ``None``.
 
@@ -54,6 +56,7 @@ class LazyCast(Tensor):
     """
 
     source: Tensor
+    shard: Tensor | None
     shift: Shift | None
     _base_cast: LazyCast | None
     _views: tuple[tuple[Any, tuple[Any, ...], dict[str, Any]], ...]
@@ -61,9 +64,9 @@ class LazyCast(Tensor):
     __torch_function__: ClassVar[Any] = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, source: Tensor, dtype: torch.dtype, **_: Any) -> LazyCast:
+    def __new__(cls, source: Tensor, dtype: torch.dtype, *, device: torch.device | None = None, **_: Any) -> LazyCast:
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
-            cls, source.shape, dtype=dtype, device=source.device, requires_grad=False
+            cls, source.shape, dtype=dtype, device=device or source.device, requires_grad=False
         )
 
     def __init__(
@@ -71,10 +74,13 @@ class LazyCast(Tensor):
         source: Tensor,
         dtype: torch.dtype,
         *,
+        device: torch.device | None = None,
+        shard: Tensor | None = None,
         base: LazyCast | None = None,
         views: tuple[tuple[Any, tuple[Any, ...], dict[str, Any]], ...] = (),
     ) -> None:
         self.source = source.detach()
+        self.shard = None if shard is None else shard.detach()
         self.shift = None
         self._base_cast = base
         self._views = views
@@ -92,7 +98,10 @@ class LazyCast(Tensor):
             for func, args, kwargs in self._views:
                 value = func(value, *args, **kwargs)
             return value
-        source = unsharded(self.source)  # a DTensor shard (FSDP2) is gathered whole for the operation
+        source = self.source
+        if self.shard is not None and source.untyped_storage().size() == 0:  # FSDP freed what it had gathered
+            source = self.shard
+        source = unsharded(source)  # a DTensor shard (FSDP2) is gathered whole for the operation
         if self.shift is None:
             return source.to(self.dtype)
         return self.shift(source.to(self.dtype, copy=True))  # a copy of its own, moved in place
@@ -102,10 +111,14 @@ class LazyCast(Tensor):
         kwargs = kwargs or {}
         first = args[0] if args else None
         if isinstance(first, LazyCast) and func.is_view and first._held is None and not _holds_lazy((args[1:], kwargs)):
-            out = func(first.source, *args[1:], **kwargs)
+            # The view's shape, from a tensor without data (the source may be a shard, or freed by FSDP by now).
+            source = first.source
+            shape = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")
+            out = func(shape, *args[1:], **kwargs)
             if isinstance(out, Tensor):  # a view of the parameter: a view of the cast, still lazy
                 base = first if first._base_cast is None else first._base_cast
-                return LazyCast(out, first.dtype, base=base, views=(*first._views, (func, args[1:], kwargs)))
+                views = (*first._views, (func, args[1:], kwargs))
+                return LazyCast(out, first.dtype, device=first.device, base=base, views=views)
         if func._schema.is_mutable:  # written into: from now on the value is held (rare in a forward)
             for tensor in _lazy_in((args, kwargs)):
                 if tensor._held is None:

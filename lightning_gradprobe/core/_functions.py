@@ -134,8 +134,8 @@ def _sharded_batch_function(
     def swap(module: nn.Module, name: str, tensor: Tensor, is_buffer: bool) -> Tensor:
         if is_buffer:
             return _cast(unsharded(tensor), dtype).clone()
-        source = held.get((id(module), name), tensor)
-        return LazyCast(source, dtype or source.dtype)
+        shard = held.get((id(module), name), tensor)
+        return LazyCast(tensor, dtype or shard.dtype, shard=shard)
 
     def call(x: Tensor) -> Tensor:
         with swapped_at_call(model, swap):
@@ -205,7 +205,12 @@ def _sharded_parameter_function(
         def swap(module: nn.Module, name: str, tensor: Tensor, is_buffer: bool) -> Tensor:
             if is_buffer:
                 return _cast(unsharded(tensor), values[0].dtype).clone()
-            return values[slots[(id(module), name)]]
+            value = values[slots[(id(module), name)]]
+            if isinstance(value, LazyCast):  # made of the shard: reads what FSDP gathered while FSDP holds it
+                if value.shard is None:
+                    value.shard = value.source
+                value.source = value.shard if tensor is held[(id(module), name)] else tensor.detach()
+            return value
 
         with swapped_at_call(model, swap):
             return _pick_output(model(x) if forward is None else forward(model, x), output)
