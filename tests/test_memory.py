@@ -1,0 +1,51 @@
+"""A probe fits in the memory of a training step: peak RSS in fresh processes, on a model where a float64 copy shows."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHILD = r"""
+import json, resource, sys
+import torch
+from torch import nn
+import lightning_gradprobe
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Sequential(nn.Linear(2048, 8192), nn.GELU(), nn.Linear(8192, 2048)) for _ in range(6)])
+model = nn.Sequential(model, nn.Linear(2048, 10)).eval()
+x, y = torch.randn(8, 2048), torch.randint(0, 10, (8,))
+before = resident()
+if sys.argv[1] == "step":
+    nn.functional.cross_entropy(model.train()(x), y).backward()
+    verdicts = None
+else:
+    report = lightning_gradprobe.probe(model, x)
+    verdicts = [report.ok, report.parameter_check.verdict.value, report.fd_dtype == torch.float64, report.notes]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"extra": peak - before, "model": model_bytes, "verdicts": verdicts}))
+"""
+
+
+def _measure(what):
+    done = subprocess.run([sys.executable, "-c", CHILD, what], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_probe_needs_no_more_memory_than_a_training_step():
+    """The issue's 200M-parameter MLP (800 MiB in float32): a float64 copy alone would be 1.6 GiB, twice what a
+    training step needs (its gradients and activations, ~800 MiB); the probe needs about 0.6 of a step."""
+    step, probe = _measure("step"), _measure("probe")
+    ok, parameter_verdict, float64, notes = probe["verdicts"]
+    assert ok and parameter_verdict == "pass" and float64 and not any("weaker" in note for note in notes)
+    assert probe["extra"] < step["extra"], (probe["extra"] / 2**20, step["extra"] / 2**20)
+    assert probe["extra"] < probe["model"]  # no copy of the model, let alone a float64 one
