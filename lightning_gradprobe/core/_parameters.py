@@ -42,6 +42,7 @@ __all__ = ["ParameterSpace", "check_parameter_gradients"]
 PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is used by any sample
 PARAMETER_DIRECTIONS = 2  # random directions in parameter space: one can miss a small block (1 in 100 measured)
 _CHUNK = 1 << 20  # weights moved or reduced by one call: 8 MiB of float64 at a time
+_KEPT_DIRECTION_BYTES = 16 << 20  # directions kept whole up to this size (a model of up to 1M weights)
 # Directional derivatives below this fraction of the problem's own scale (|s| / |theta|) are round-off.
 _FLOOR = 1e-6
 
@@ -134,6 +135,24 @@ class ParameterSpace:
             for i in self.trainable
         }
         self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
+        # A small model's directions are kept, made once, as one (directions, weights) matrix: the gradient is
+        # reduced with one product and the parameters moved with one call. A big one's are drawn again each time
+        # they are needed, a chunk at a time.
+        small = n_directions * self.trainable_count * torch.finfo(dtype).bits // 8 <= _KEPT_DIRECTION_BYTES
+        self._kept: Tensor | None = None
+        self._offsets: dict[int, int] = {}
+        if small:
+            offset = 0
+            for i in self.trainable:
+                self._offsets[i], offset = offset, offset + self.sources[i].numel()
+            self._kept = torch.cat(
+                [
+                    torch.stack([self._drawn(d, i, dtype).reshape(-1) for d in range(n_directions)])
+                    for i in self.trainable
+                ]
+                or [torch.zeros(n_directions, 0, dtype=dtype)],
+                dim=1,
+            )
 
     @property
     def n_directions(self) -> int:
@@ -146,10 +165,23 @@ class ParameterSpace:
         draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
         return torch.randint(0, 2, (source.numel(),), generator=draw, dtype=torch.uint8, device=source.device).bool()
 
+    def _drawn(self, direction: int, i: int, dtype: torch.dtype) -> Tensor:
+        source = self.sources[i]
+        positive = torch.full((), self.sizes[i], dtype=dtype, device=source.device)
+        return torch.where(self.signs(direction, i).reshape(source.shape), positive, -positive)
+
+    def direction(self, direction: int, i: int, dtype: torch.dtype) -> Tensor:
+        """Direction ``direction`` on parameter ``i``, whole: ``+-`` the parameter's size (kept for a small model)."""
+        if self._kept is None:
+            return self._drawn(direction, i, dtype)
+        start = self._offsets[i]
+        return self._kept[direction, start : start + self.sources[i].numel()].view(self.sources[i].shape)
+
     def reduce(self, i: int, gradient: Tensor) -> tuple[Tensor, Tensor]:
         """``gradient . v`` on parameter ``i`` per direction, and ``|gradient|^2`` (non-finite entries as 0).
 
-        In float64, a chunk at a time: nothing the parameter's size is made but the signs (a byte per weight).
+        In float64. A big model's a chunk at a time: nothing the parameter's size is made but the signs (a byte per
+        weight).
         """
         signs = [self.signs(d, i).to(gradient.device) for d in range(self.n_directions)]
         flat = gradient.reshape(-1)
@@ -163,7 +195,9 @@ class ParameterSpace:
         return along * self.sizes[i], square
 
     def displace_(self, value: Tensor, direction: int, i: int, step: float) -> Tensor:
-        """``value += step v`` on parameter ``i``, in place, a chunk at a time."""
+        """``value += step v`` on parameter ``i``, in place (a big model's a chunk at a time)."""
+        if self._kept is not None:
+            return value.add_(self.direction(direction, i, value.dtype), alpha=step)
         signs, flat = self.signs(direction, i).to(value.device), value.view(-1)
         move = torch.full((), step * self.sizes[i], dtype=value.dtype, device=value.device)
         for start in range(0, flat.numel(), _CHUNK):
@@ -177,6 +211,8 @@ class ParameterSpace:
         soon as autograd has it, and dropped (a hook after accumulation), so a gradient of the whole model is
         never held.
         """
+        if self._kept is not None:
+            return self._kept_gradient(value_at)
         along = torch.zeros(self.n_directions, dtype=torch.float64)
         spread = torch.zeros((), dtype=torch.float64)
         leaves = [self.values[i].requires_grad_(True) for i in self.trainable]
@@ -207,6 +243,23 @@ class ParameterSpace:
             for leaf in leaves:
                 leaf.grad = None
                 leaf.requires_grad_(False)
+
+    def _kept_gradient(self, value_at: ValueAt) -> tuple[Tensor, Tensor, float]:
+        """:meth:`gradient` of a small model: the whole gradient at once, reduced with one product."""
+        assert self._kept is not None
+        leaves = [self.values[i].requires_grad_(True) for i in self.trainable]
+        try:
+            value = value_at(self.values)
+            if not value.requires_grad:
+                return value.detach(), torch.zeros(self.n_directions, dtype=torch.float64), 0.0
+            grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+        finally:
+            for leaf in leaves:
+                leaf.requires_grad_(False)
+        flat = torch.cat([g.detach().reshape(-1) for g in grads]).to(self._kept.dtype)
+        along = (self._kept @ flat).double().cpu()
+        spread = float((flat.nan_to_num(0.0, 0.0, 0.0).pow(2) * self._kept[0].pow(2)).sum())
+        return value.detach(), along, spread
 
     def judge(self, value_at: ValueAt, *, rtol: float, floor: float) -> tuple[Verdict, float, float]:
         """Autograd's ``grad . v`` against central differences of ``value_at`` along each direction.
@@ -240,6 +293,10 @@ class ParameterSpace:
 
     def _move(self, direction: int, step: float) -> None:
         """Move the values from where they rest by ``step`` along ``direction``."""
+        if self._kept is not None and not self.lazy:  # one call for every parameter
+            moves = [self.direction(direction, i, self.values[i].dtype) for i in self.trainable]
+            torch._foreach_add_([self.values[i] for i in self.trainable], moves, alpha=step)
+            return
         for i in self.trainable:
             value = self.values[i]
             if isinstance(value, LazyCast):  # moved as each cast is made
