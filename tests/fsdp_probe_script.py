@@ -56,15 +56,12 @@ class WeightBugLinear(nn.Linear):
         return ScaledWeightGradLinear.apply(x, self.weight, self.bias)
 
 
-def run(rank, bug, port):
-    bad = bug == "bad"
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
+def compare(rank, bug, mesh):
+    """Probe one model sharded and unsharded; what each probe found, and whether they agree."""
     torch.manual_seed(0)
     first = WeightBugLinear(6, 16) if bug == "weight" else nn.Linear(6, 16)
     model = nn.Sequential(
-        nn.Sequential(first, Act(bad)),
+        nn.Sequential(first, Act(bug == "bad")),
         nn.Sequential(nn.Linear(16, 16), nn.GELU()),
         nn.LayerNorm(16),
         nn.Linear(16, 3),
@@ -78,11 +75,12 @@ def run(rank, bug, port):
     u = probe(ref, x, localize=True, seed=3)
     second = probe(model, x, second_order=True, seed=3, check_samples=2, check_parameters=False).second_order
     second_unsharded = probe(ref, x, second_order=True, seed=3, check_samples=2, check_parameters=False).second_order
-    result = {
+    return {
+        "bug": bug,
+        "rank": rank,
         "same_second_order": second.verdicts == second_unsharded.verdicts
         and second.mixed_term == second_unsharded.mixed_term,
         "mixed_term": second.mixed_term.value,
-        "rank": rank,
         "failed": not r.ok,
         "culprits": [c.module for c in r.culprits],
         "same_verdicts": r.verdicts == u.verdicts,
@@ -94,7 +92,14 @@ def run(rank, bug, port):
         "parameter_margins": [r.parameter_check.margin, u.parameter_check.margin],
         "culprit_kinds": [c.kind.value for c in r.culprits],
     }
-    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run(rank, bugs, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    for bug in bugs:
+        print("RESULT " + json.dumps(compare(rank, bug, mesh)), flush=True)
     dist.destroy_process_group()
 
 
@@ -102,4 +107,4 @@ if __name__ == "__main__":
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    torch.multiprocessing.spawn(run, args=(sys.argv[1], port), nprocs=2)
+    torch.multiprocessing.spawn(run, args=(sys.argv[1:], port), nprocs=2)

@@ -99,7 +99,8 @@ class LazyCast(Tensor):
                 value = func(value, *args, **kwargs)
             return value
         source = self.source
-        if self.shard is not None and source.untyped_storage().size() == 0:  # FSDP freed what it had gathered
+        freed = self.shard is not None and source is not self.shard and source.untyped_storage().size() == 0
+        if freed:  # FSDP has freed what it had gathered: gather the shard alone
             source = self.shard
         source = unsharded(source)  # a DTensor shard (FSDP2) is gathered whole for the operation
         if self.shift is None:
