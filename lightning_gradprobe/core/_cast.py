@@ -98,17 +98,18 @@ class LazyCast(Tensor):
             for func, args, kwargs in self._views:
                 value = func(value, *args, **kwargs)
             return value
-        source = self.source
-        freed = self.shard is not None and source is not self.shard and source.untyped_storage().size() == 0
-        if freed:  # FSDP has freed what it had gathered: gather the shard alone
-            source = self.shard
+        source, shard = self.source, self.shard
+        if shard is not None and source is not shard and source.untyped_storage().size() == 0:
+            source = shard  # FSDP has freed what it had gathered: gather the shard alone
         source = unsharded(source)  # a DTensor shard (FSDP2) is gathered whole for the operation
         if self.shift is None:
             return source.to(self.dtype)
         return self.shift(source.to(self.dtype, copy=True))  # a copy of its own, moved in place
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(  # type: ignore[override]
+        cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         first = args[0] if args else None
         if isinstance(first, LazyCast) and func.is_view and first._held is None and not _holds_lazy((args[1:], kwargs)):

@@ -15,12 +15,11 @@ does localization check each submodule's own parameters, to name the culprit.
 Frozen parameters (``requires_grad=False``) get no direction; parameters shared between modules (tied embeddings)
 are one parameter, whose gradient sums both uses.
 
-Memory and time: nothing the size of the model is held beyond one float64 copy of the parameters and autograd's
-gradient of it (each parameter a tensor of its own: slices of one flat vector would make autograd build a
-zero-filled gradient of the whole vector per parameter). Directions are random signs, one byte per weight, sized
-by each parameter tensor's own RMS; the finite differences move the copy in place, one parameter at a time, and
-put it back exactly from the model's own tensors; the comparison needs only ``grad . v``, accumulated as the
-parameters go by (:class:`ParameterSpace`).
+Memory: a small model (up to 8M weights) is held once more in float64, and its gradient; a big one never is. Its
+parameters are :class:`~._cast.LazyCast` casts made op by op, moved by ``+- h v`` as each cast is made; its
+directions (random signs, sized by each parameter tensor's own RMS) are drawn again from per-parameter seeds
+when needed, a chunk at a time; and each parameter's gradient is reduced to ``grad . v`` as soon as autograd hands
+it over, then dropped. The comparison needs nothing else (:class:`ParameterSpace`).
 """
 
 from __future__ import annotations
@@ -84,8 +83,9 @@ class ParameterSpace:
     """A model's parameters as one point to differentiate at and to step away from, without copies of the model.
 
     Holds the parameters in ``dtype`` (``values``: plain copies for a small model, :class:`~._cast.LazyCast` casts
-    made op by op for a big one) and ``n_directions`` random sign directions over the trainable ones, each drawn
-    afresh from its own seed when it is needed (nothing the size of the model is stored). On each parameter
+    made op by op for a big or sharded one) and ``n_directions`` random sign directions over the trainable ones,
+    drawn from per-parameter seeds (kept as one matrix for a small model, drawn again when needed, a chunk at a
+    time, for a big one: then nothing the size of the model is stored). On each parameter
     tensor a direction has the size of that tensor's own RMS (at least 1, as an input's step is sized by the
     input), so that a layer of large weights does not set the step of a layer of small ones. :meth:`judge`
     compares autograd's directional derivative of a scalar function of the parameters with central differences

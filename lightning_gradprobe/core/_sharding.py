@@ -50,7 +50,7 @@ def unsharded(tensor: Tensor) -> Tensor:
     """``tensor`` whole, detached: a DTensor is gathered (a collective: every process must call it alike)."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(tensor, dtensor):
-        return tensor.full_tensor().detach()
+        return tensor.full_tensor().detach()  # type: ignore[attr-defined]
     return tensor.detach()
 
 
