@@ -2,7 +2,9 @@
 
 The models are MLPs of ``blocks`` blocks ``d -> 4d -> d`` with GELU (float32), batch 8, one thread. Each figure is
 measured in a fresh process: the resident set after building the model, then the process's peak resident set
-after one call (``ru_maxrss``); the difference is what that call needed beyond the model. A training step is a
+after one call (``ru_maxrss``); the difference is what that call needed beyond the model. The process has
+imported ``torch._dynamo`` first, as every process that imports Lightning has (a standalone first ``probe()``
+imports it, about 90 MiB once). A training step is a
 forward, cross-entropy and a backward that fills ``.grad``; a probe is ``probe(model, x)`` at its defaults, and
 again without the parameter check. Writes ``docs/memory.png`` (the growth as a curve) with ``--plot``.
 
@@ -32,6 +34,7 @@ from torch import nn
 torch.set_num_threads(1)
 width, blocks, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 import lightning_gradprobe
+import torch._dynamo  # imported by `import lightning` (and by torch's Python dispatch, which the probe uses): ~90 MiB once
 
 def resident():
     with open("/proc/self/statm") as statm:

@@ -64,7 +64,8 @@ class GradProbe(Callback):
     off from, and only ``on_alert="raise"`` ever ends a run by raising.
 
     Args:
-        num_samples: Validation samples probed (in total, shared out across processes).
+        num_samples: Validation samples probed (in total, shared out across DDP processes; under FSDP2 every
+            process probes the same ones, in lockstep).
         every_n_epochs: Probe at the first validation of every n-th epoch.
         every_n_train_steps: Probe at the first validation after every n training steps instead.
         target: ``"argmax"``, ``"label"`` (the batch's labels), an int output index, a callable

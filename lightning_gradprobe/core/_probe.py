@@ -342,7 +342,9 @@ def _report(
     """Stage 10: the report, from the values the stages produced."""
     cross, first, culprits = checks.cross, checks.first, checks.culprits
     n, evidence = batch.size, first.evidence
-    flat = forward.jacobians.reshape(n, -1)
+    jac = forward.jacobians
+    per_sample = tuple(range(1, jac.ndim))  # (reduced in place: the Jacobians are a strided view)
+    size = max(jac[0].numel(), 1)
     salient = forward.saliency
     return ProbeReport(
         verdicts=first.verdicts,
@@ -361,8 +363,8 @@ def _report(
         steps=evidence.steps,
         rechecked_nearby=evidence.moved,
         grad_norm=salient.reshape(n, -1).double().norm(dim=1).cpu(),
-        nonfinite_count=(~flat.isfinite()).sum(1).cpu(),
-        zero_fraction=(flat == 0).double().mean(1).cpu(),
+        nonfinite_count=(jac[0].numel() - jac.isfinite().sum(per_sample)).cpu(),
+        zero_fraction=((jac == 0).sum(per_sample).double() / size).cpu(),
         engine=problem.engine,
         engine_note=forward.gradients.fallback_reason,
         model_dtype=problem.model_dtype,

@@ -74,6 +74,13 @@ class _LowerPrecisionWatch(TorchDispatchMode):
         return out
 
 
+def _watched(function: BatchFunction, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, str | None]:
+    """``function(x)`` in ``dtype``, and the first operation that computed in a lower precision (``None``)."""
+    with torch.no_grad(), _LowerPrecisionWatch(dtype) as watch:
+        result = function(x.to(dtype))
+    return result, watch.found
+
+
 def _reference_function(
     model: Any,
     batch: PreparedBatch,
@@ -89,14 +96,16 @@ def _reference_function(
         return function, own
     candidate = build_batch_function(model, forward=batch.forward, output=output, dtype=fd_dtype)
     try:
-        with torch.no_grad(), _LowerPrecisionWatch(fd_dtype) as watch:
-            result = candidate(x.to(fd_dtype))
-        if result.dtype == fd_dtype and watch.found is None:
+        try:  # one sample tells (a cheap check); a model that needs its batch is run on all of it
+            result, found = _watched(candidate, x[:1], fd_dtype)
+        except Exception:
+            result, found = _watched(candidate, x, fd_dtype)
+        if result.dtype == fd_dtype and found is None:
             return candidate, fd_dtype
         # A copy that computes part of the model in a lower precision (norms that cast to float32, as in
         # Hugging Face's T5 and Llama) is not a float64 reference: its finite differences would be float32
         # round-off at a float64 step.
-        reason = f"it returned {result.dtype}" if watch.found is None else watch.found
+        reason = f"it returned {result.dtype}" if found is None else found
     except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
         reason = f"{describe_error(error)}"
     hint = (
