@@ -34,7 +34,7 @@ from torch import nn
 torch.set_num_threads(1)
 width, blocks, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 import lightning_gradprobe
-import torch._dynamo  # imported by `import lightning` (and by torch's Python dispatch, which the probe uses): ~90 MiB once
+X
 
 def resident():
     with open("/proc/self/statm") as statm:

@@ -56,9 +56,24 @@ class WeightBugLinear(nn.Linear):
         return ScaledWeightGradLinear.apply(x, self.weight, self.bias)
 
 
-def compare(rank, bug, mesh):
-    """Probe one model sharded and unsharded; what each probe found, and whether they agree."""
+class AttentionBlock(nn.Module):
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj``."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.attn(x, x, x, need_weights=False)[0])
+
+
+def build(bug):
+    """The model (its units to shard, then the root) and a batch."""
     torch.manual_seed(0)
+    if bug == "attention":
+        model = nn.Sequential(nn.Linear(8, 16), AttentionBlock(), AttentionBlock(), nn.Flatten(), nn.Linear(80, 3))
+        return model, [model[1], model[2]], torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(1))
     first = WeightBugLinear(6, 16) if bug == "weight" else nn.Linear(6, 16)
     model = nn.Sequential(
         nn.Sequential(first, Act(bug == "bad")),
@@ -66,11 +81,16 @@ def compare(rank, bug, mesh):
         nn.LayerNorm(16),
         nn.Linear(16, 3),
     )
+    return model, [model[0], model[1]], torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def compare(rank, bug, mesh):
+    """Probe one model sharded and unsharded; what each probe found, and whether they agree."""
+    model, units, x = build(bug)
     ref = copy.deepcopy(model)
-    for m in model[:2]:
-        fully_shard(m, mesh=mesh)
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    x = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
     r = probe(model, x, localize=True, seed=3)
     u = probe(ref, x, localize=True, seed=3)
     second = probe(model, x, second_order=True, seed=3, check_samples=2, check_parameters=False).second_order
@@ -80,7 +100,8 @@ def compare(rank, bug, mesh):
         "rank": rank,
         "same_second_order": second.verdicts == second_unsharded.verdicts
         and second.mixed_term == second_unsharded.mixed_term,
-        "mixed_term": second.mixed_term.value,
+        "mixed_term": None if second.mixed_term is None else second.mixed_term.value,
+        "second": str(second),
         "failed": not r.ok,
         "culprits": [c.module for c in r.culprits],
         "same_verdicts": r.verdicts == u.verdicts,
@@ -91,6 +112,8 @@ def compare(rank, bug, mesh):
         # (FSDP's gathered tensors sit at other addresses: vectorised sums may round in another order)
         "parameter_margins": [r.parameter_check.margin, u.parameter_check.margin],
         "culprit_kinds": [c.kind.value for c in r.culprits],
+        "notes": list(r.notes),
+        "fd_dtype": str(r.fd_dtype),
     }
 
 

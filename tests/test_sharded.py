@@ -45,11 +45,13 @@ def test_correct_model_trains_through_probed_and_unperturbed(tmp_path):
 def test_sharded_verdicts_equal_unsharded_ones():
     """Input check, localization, parameter check and second order of a 2-process FSDP2 model against the same
     weights unsharded: the same verdicts, margins and culprits (a correct model, a wrong activation backward, a
-    wrong weight gradient)."""
-    completed = _run(ROOT / "tests/fsdp_probe_script.py", "ok", "bad", "weight")
+    wrong weight gradient, and attention blocks whose ``nn.MultiheadAttention`` reads ``out_proj.weight`` without
+    calling ``out_proj``)."""
+    completed = _run(ROOT / "tests/fsdp_probe_script.py", "ok", "bad", "weight", "attention")
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(lines) == 6, completed.stdout + completed.stderr[-3000:]
-    expected_culprits = {"ok": [], "bad": ["0.1", "0", ""], "weight": ["0.0"]}
+    assert len(lines) == 8, completed.stdout + completed.stderr[-3000:]
+    expected_culprits = {"ok": [], "bad": ["0.1", "0", ""], "weight": ["0.0"], "attention": []}
+    mixed_term = {"ok": "pass", "bad": "fail", "weight": "fail", "attention": None}  # (SDPA: no double backward)
     for line in lines:
         result = json.loads(line.removeprefix("RESULT "))
         bug = result["bug"]
@@ -58,9 +60,10 @@ def test_sharded_verdicts_equal_unsharded_ones():
         sharded, unsharded = result["parameter_margins"]
         assert sharded == pytest.approx(unsharded, rel=1e-5)  # (gathered tensors sit elsewhere: sums may reorder)
         assert result["culprits"] == expected_culprits[bug]
-        assert result["failed"] == (bug != "ok")
-        assert (result["parameter_verdict"] == "fail") == (bug != "ok")
-        assert (result["mixed_term"] == "fail") == (bug != "ok")
+        wrong = bug in ("bad", "weight")
+        assert result["failed"] == wrong and (result["parameter_verdict"] == "fail") == wrong
+        assert result["mixed_term"] == mixed_term[bug]
+        assert result["fd_dtype"] == "torch.float64" and not any("weaker" in note for note in result["notes"])
         if bug == "weight":
             assert result["culprit_kinds"] == ["parameter"]
 

@@ -75,17 +75,26 @@ def shards(model: nn.Module) -> dict[Slot, Tensor]:
 
 @contextmanager
 def swapped_at_call(model: nn.Module, swap: Swap) -> Iterator[None]:
-    """While active, each submodule computes with ``swap(t)`` for each of its own floating parameters and buffers.
+    """While active, each submodule computes with ``swap(t)`` for its floating parameters and buffers.
 
-    The swap happens when the submodule is called, after FSDP's own pre-forward gather (FSDP's hooks come first),
-    and is undone when it returns, before FSDP frees what it gathered. The model's tensors are never written.
+    When a submodule is called, after FSDP's own pre-forward gather (FSDP's hooks come first), the parameters of
+    its whole subtree are swapped (a module may read a child's parameter without calling the child, as
+    ``nn.MultiheadAttention`` reads ``out_proj.weight``), and its own buffers; what an enclosing call swapped
+    already stays. Each is put back when the submodule returns, before FSDP frees what it gathered, unless FSDP
+    has put its own tensor there since. The model's tensors are never written.
     """
+    placed: set[int] = set()  # the tensors this context has put in place
     handles = []
     for module in model.modules():
-        own = [(False, n) for n, p in module._parameters.items() if p is not None and p.is_floating_point()]
-        own += [(True, n) for n, b in module._buffers.items() if b is not None and b.is_floating_point()]
-        if own:
-            swapper = _Swapper(own, swap)
+        slots = [
+            (sub, False, name)
+            for sub in module.modules()
+            for name, p in sub._parameters.items()
+            if p is not None and p.is_floating_point()
+        ]
+        slots += [(module, True, n) for n, b in module._buffers.items() if b is not None and b.is_floating_point()]
+        if slots:
+            swapper = _Swapper(slots, swap, placed)
             handles.append(module.register_forward_pre_hook(swapper.enter))
             handles.append(module.register_forward_hook(swapper.leave, prepend=True, always_call=True))
     try:
@@ -98,21 +107,27 @@ def swapped_at_call(model: nn.Module, swap: Swap) -> Iterator[None]:
 class _Swapper:
     """One submodule's swap: in at its call, out at its return (a stack: a submodule may call itself)."""
 
-    def __init__(self, own: list[tuple[bool, str]], swap: Swap) -> None:
-        self.own, self.swap = own, swap
-        self.stack: list[list[tuple[dict[str, Any], str, Tensor]]] = []
+    def __init__(self, slots: list[tuple[nn.Module, bool, str]], swap: Swap, placed: set[int]) -> None:
+        self.slots, self.swap, self.placed = slots, swap, placed
+        self.stack: list[list[tuple[dict[str, Any], str, Tensor, Tensor]]] = []
 
     def enter(self, module: nn.Module, args: Any) -> None:
         swapped = []
-        for is_buffer, name in self.own:
-            slots = module._buffers if is_buffer else module._parameters
-            current = slots[name]
-            assert current is not None
-            swapped.append((slots, name, current))
-            slots[name] = self.swap(module, name, current, is_buffer)  # type: ignore[assignment]
+        for owner, is_buffer, name in self.slots:
+            held = owner._buffers if is_buffer else owner._parameters
+            current = held[name]
+            if current is None or id(current) in self.placed:  # swapped by an enclosing call already
+                continue
+            replacement = self.swap(owner, name, current, is_buffer)
+            held[name] = replacement  # type: ignore[assignment]
+            self.placed.add(id(replacement))
+            swapped.append((held, name, current, replacement))
         self.stack.append(swapped)
 
     def leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.stack:
-            for slots, name, original in self.stack.pop():
-                slots[name] = original
+        if not self.stack:
+            return
+        for held, name, original, replacement in reversed(self.stack.pop()):
+            self.placed.discard(id(replacement))
+            if held[name] is replacement:  # (FSDP may have put its own there since: then it stays)
+                held[name] = original
