@@ -71,6 +71,15 @@ class AttentionBlock(nn.Module):
 def build(bug):
     """The model (its units to shard, then the root) and a batch."""
     torch.manual_seed(0)
+    if bug == "tokens":  # token ids: probed at the embedding's output; the head tied to the embedding
+        embed, head = nn.Embedding(12, 16), nn.Linear(16, 12, bias=False)  # 5 tokens x 12: 60 outputs
+        head.weight = embed.weight
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        model = nn.Sequential(embed, layer, head)
+        return model, [layer], torch.randint(0, 12, (6, 5), generator=torch.Generator().manual_seed(1))
+    if bug == "batchnorm":  # running statistics that differ per process (FSDP does not synchronise buffers)
+        model = nn.Sequential(nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh()), nn.Linear(16, 3))
+        return model, [model[0]], torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
     if bug == "attention":
         model = nn.Sequential(nn.Linear(8, 16), AttentionBlock(), AttentionBlock(), nn.Flatten(), nn.Linear(80, 3))
         return model, [model[1], model[2]], torch.randn(6, 5, 8, generator=torch.Generator().manual_seed(1))
@@ -88,6 +97,10 @@ def compare(rank, bug, mesh):
     """Probe one model sharded and unsharded; what each probe found, and whether they agree."""
     model, units, x = build(bug)
     ref = copy.deepcopy(model)
+    model.eval(), ref.eval()
+    if bug == "batchnorm":  # this process's own statistics; the probe computes with rank zero's everywhere
+        with torch.no_grad():
+            model[0][1].running_mean.add_(0.5 * rank)
     for unit in units:
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._cast import LazyCast, as_dtype, use_lazy_casts
-from ._sharding import is_sharded, shards, swapped_at_call, unsharded
+from ._sharding import agreed_buffers, is_sharded, shards, swapped_at_call
 
 __all__ = [
     "BatchFunction",
@@ -129,11 +129,11 @@ def _sharded_batch_function(
     Each submodule computes with lazy casts of its parameters' shards (see ``_sharding``), and clones of its
     buffers: nothing is ever written.
     """
-    held = shards(model)
+    held, buffers = shards(model), agreed_buffers(model)
 
     def swap(module: nn.Module, name: str, tensor: Tensor, is_buffer: bool) -> Tensor:
         if is_buffer:
-            return _cast(unsharded(tensor), dtype).clone()
+            return _cast(buffers.get((id(module), name), tensor), dtype).clone()
         shard = held.get((id(module), name), tensor)
         return LazyCast(tensor, dtype or shard.dtype, shard=shard)
 
@@ -194,7 +194,7 @@ def _sharded_parameter_function(
     model: nn.Module, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector
 ) -> ParameterFunction | None:
     """``(values, x) -> outputs`` of a sharded (FSDP2) model: each value put in place as its submodule runs."""
-    held = shards(model)
+    held, buffers = shards(model), agreed_buffers(model)
     unique = list({id(p): p for p in held.values()}.values())  # each shared parameter once
     if not unique:
         return None
@@ -204,7 +204,7 @@ def _sharded_parameter_function(
     def call(values: Sequence[Tensor], x: Tensor) -> Tensor:
         def swap(module: nn.Module, name: str, tensor: Tensor, is_buffer: bool) -> Tensor:
             if is_buffer:
-                return _cast(unsharded(tensor), values[0].dtype).clone()
+                return _cast(buffers.get((id(module), name), tensor), values[0].dtype).clone()
             value = values[slots[(id(module), name)]]
             if isinstance(value, LazyCast):  # made of the shard: reads what FSDP gathered while FSDP holds it
                 if value.shard is None:

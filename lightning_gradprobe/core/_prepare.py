@@ -152,12 +152,15 @@ def check_finite_batch(x: Tensor, packed: Packed | None) -> None:
 def _compute_dtype(model: Any, x: Tensor, packed: Packed) -> torch.dtype | None:
     """The dtype a packed batch's floating inputs are handed to the model in.
 
-    A module's own (float64 for the reference copy); for a plain callable, ``x``'s when it is not the packing
-    dtype (the float64 reference), else each input's own.
+    ``x``'s when it is not the packing dtype (the float64 reference: a module's parameters are float64 there too,
+    or cast as each submodule runs when it is sharded); else a module's own, and for a plain callable each input's
+    own.
     """
+    if x.dtype != packed.pack_dtype:
+        return x.dtype
     if isinstance(model, nn.Module):
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    return None if x.dtype == packed.pack_dtype else x.dtype
+    return None
 
 
 def _token_embedding(

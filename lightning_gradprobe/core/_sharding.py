@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Slot", "is_sharded", "shards", "swapped_at_call", "unsharded"]
+__all__ = ["Slot", "agreed_buffers", "is_sharded", "shards", "swapped_at_call", "unsharded"]
 
 Slot = tuple[int, str]
 """Where a module holds a tensor: ``(id(module), attribute name)``."""
@@ -71,6 +71,26 @@ def shards(model: nn.Module) -> dict[Slot, Tensor]:
         for name, p in module._parameters.items()
         if p is not None and p.is_floating_point()
     }
+
+
+def agreed_buffers(model: nn.Module) -> dict[Slot, Tensor]:
+    """Every floating buffer slot of ``model`` and rank zero's value of it, the same on every process.
+
+    FSDP does not synchronise buffers (BatchNorm's running statistics differ per process); a probe in lockstep must
+    compute the same function everywhere, or processes could take different branches and wait on each other.
+    """
+    import torch.distributed as dist
+
+    buffers = {
+        (id(module), name): b.detach().clone()
+        for module in model.modules()
+        for name, b in module._buffers.items()
+        if b is not None and b.is_floating_point()
+    }
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in buffers.values():
+            dist.broadcast(tensor, src=0)
+    return buffers
 
 
 @contextmanager
