@@ -33,6 +33,7 @@ from .core import ProbeReport
 from .core._exempt import ExemptSpec
 from .core._options import ProbeOptions
 from .core._probe import run_probe
+from .core._sharding import tensor_parallel
 from .render import Panels, logging_step
 from .render.metrics import probe_metrics
 
@@ -326,14 +327,24 @@ class GradProbe(Callback):
             self.samples.inputs, self.samples.labels = trainer.strategy.broadcast(
                 (self.samples.inputs, self.samples.labels), src=0
             )
+            if tensor_parallel(pl_module):  # (the same structure on every process: all pause alike)
+                reason = (
+                    "GradProbe: skipped under tensor parallelism (a parameter is a DTensor outside every fully_shard "
+                    "module): only data-parallel sharding (FSDP2's fully_shard) is probed. Probe a checkpoint with "
+                    "trainer.validate() on a single device."
+                )
+                if self.schedule.pause(reason):
+                    rank_zero_warn(reason)
+                return
         if self.samples.mismatched:
             self._say("mismatched", f"GradProbe: {self.samples.mismatch_note()}", warning=False)
         options = replace(self.probe_options, seed=self.seed + self.probes_done)
         world_size = 1 if self._lockstep else trainer.world_size
         report, error, elapsed = _probe_share(trainer, pl_module, self.samples, options, self.target, world_size)
         figures = figures_from_report(report) if report is not None else ProbeFigures()
-        if self._lockstep:  # the same figures everywhere; a failure anywhere is shared
+        if self._lockstep:  # the same figures everywhere; a failure anywhere is shared, and so is the time
             any_error = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+            elapsed = float(trainer.strategy.broadcast(elapsed, src=0))
         else:
             figures, any_error = _gather(trainer, pl_module, figures, error is not None)
         self.probes_done += 1
@@ -343,7 +354,7 @@ class GradProbe(Callback):
             ) from error
         if any_error:
             self._back_off(error)
-        if figures.probed == 0:
+        if figures.probed == 0 or (any_error and self._lockstep):  # (in lockstep every process stops here alike)
             return
         self.last_report = report
         if report is not None:
@@ -443,12 +454,6 @@ def _probe_share(
 def _unsupported_strategy(strategy: Any) -> str | None:
     """Why the probe cannot run under ``strategy``, naming what to use instead; ``None`` when it can."""
     name = type(strategy).__name__
-    if "ModelParallel" in name and getattr(strategy, "_tensor_parallel_size", 1) not in (1, "auto"):
-        return (
-            f"GradProbe: skipped under {name} with tensor parallelism (tensor_parallel_size="
-            f"{strategy._tensor_parallel_size}): only data-parallel sharding (FSDP2's fully_shard) is probed. Use "
-            "tensor_parallel_size=1, or probe a checkpoint with trainer.validate() on a single device."
-        )
     if any(kind in name for kind in _UNSUPPORTED_SHARDING):
         return (
             f"GradProbe: skipped under {name}: its parameters are sharded in a way the probe does not gather. Train "

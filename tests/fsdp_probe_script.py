@@ -1,10 +1,14 @@
-"""A model probed sharded with FSDP2 (2 gloo processes) and unsharded: prints each rank's comparison as JSON."""
+"""Models probed sharded with FSDP2 (2 gloo processes) and unsharded: each rank's comparisons, as JSON files.
+
+Run:  python tests/fsdp_probe_script.py OUT_DIR ok bad weight attention tokens batchnorm
+"""
 
 import copy
 import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from lightning_gradprobe import probe
+from lightning_gradprobe.core._sharding import tensor_parallel
 
 
 class BadTanh(torch.autograd.Function):
@@ -130,12 +135,23 @@ def compare(rank, bug, mesh):
     }
 
 
-def run(rank, bugs, port):
+def parallelism(mesh):
+    """``tensor_parallel()`` of an FSDP2 model and of a tensor-parallel one (``parallelize_module``)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    fsdp, _, _ = build("ok")
+    fully_shard(fsdp[0], mesh=mesh)
+    fully_shard(fsdp, mesh=mesh)
+    tp = parallelize_module(nn.Sequential(nn.Linear(4, 8)), mesh, {"0": ColwiseParallel()})
+    return {"fsdp": tensor_parallel(fsdp), "tensor_parallel": tensor_parallel(tp)}
+
+
+def run(rank, out, bugs, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
-    for bug in bugs:
-        print("RESULT " + json.dumps(compare(rank, bug, mesh)), flush=True)
+    found = {"parallelism": parallelism(mesh), "results": [compare(rank, bug, mesh) for bug in bugs]}
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(found))
     dist.destroy_process_group()
 
 
@@ -143,4 +159,4 @@ if __name__ == "__main__":
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    torch.multiprocessing.spawn(run, args=(sys.argv[1:], port), nprocs=2)
+    torch.multiprocessing.spawn(run, args=(sys.argv[1], sys.argv[2:], port), nprocs=2)

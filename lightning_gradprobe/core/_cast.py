@@ -8,8 +8,10 @@ reads it, but holds only the parameter itself: each operation casts what it read
 Autograd sees the :class:`LazyCast` (it works above the dispatcher), so what a backward saves for later is the
 :class:`LazyCast` too, a reference to the float32 parameter, and the backward casts again when it reads it: a
 float64 backward holds no float64 weight beyond the operation at hand. View operations (``.t()``, ``.view()``,
-``.transpose()``, ``.expand()``...) stay lazy, so that what linear and matmul save is lazy too. An operation that
-writes into one (rare in a forward) keeps its float64 value from then on.
+``.transpose()``, ``.expand()``...) stay lazy, so that what linear and matmul save is lazy too. An operation
+that writes into one (rare in a forward) makes it hold a float64 copy of its own from then on (a parameter is
+never written); reading one in an in-place operation on another tensor (``x.mul_(gamma)``) changes nothing.
+Operations that return several views (``chunk``, ``split``) are computed on a full cast, which autograd may keep.
 
 A small model keeps plain float64 copies (:func:`use_lazy_casts`): the copy is small, and an operation on a plain
 tensor is cheaper than one through Python. Both give the same values, bit for bit: a cast is exact.
@@ -66,7 +68,7 @@ class LazyCast(Tensor):
     @staticmethod
     def __new__(cls, source: Tensor, dtype: torch.dtype, *, device: torch.device | None = None, **_: Any) -> LazyCast:
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
-            cls, source.shape, dtype=dtype, device=device or source.device, requires_grad=False
+            cls, source.shape, strides=source.stride(), dtype=dtype, device=device or source.device, requires_grad=False
         )
 
     def __init__(
@@ -121,11 +123,23 @@ class LazyCast(Tensor):
                 base = first if first._base_cast is None else first._base_cast
                 views = (*first._views, (func, args[1:], kwargs))
                 return LazyCast(out, first.dtype, device=first.device, base=base, views=views)
-        if func._schema.is_mutable:  # written into: from now on the value is held (rare in a forward)
-            for tensor in _lazy_in((args, kwargs)):
-                if tensor._held is None:
-                    tensor._held = tensor.value()
+        for tensor in _written(func, args, kwargs):  # written into: from now on its value is held (a copy of its own)
+            if tensor._held is None:
+                tensor._held = tensor.value().clone()
         return func(*_values(args), **_values(kwargs))
+
+
+def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> list[LazyCast]:
+    """The lazy casts among ``func``'s arguments that it writes into (an in-place op's ``self``, an ``out=``)."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    written = []
+    for position, argument in enumerate(schema.arguments):
+        value = args[position] if position < len(args) else kwargs.get(argument.name)
+        if isinstance(value, LazyCast) and argument.alias_info is not None and argument.alias_info.is_write:
+            written.append(value)
+    return written
 
 
 def _lazy_in(tree: Any) -> list[LazyCast]:

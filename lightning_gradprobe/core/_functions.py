@@ -135,7 +135,7 @@ def _sharded_batch_function(
         if is_buffer:
             return _cast(buffers.get((id(module), name), tensor), dtype).clone()
         shard = held.get((id(module), name), tensor)
-        return LazyCast(tensor, dtype or shard.dtype, shard=shard)
+        return LazyCast(tensor, dtype or tensor.dtype, shard=shard)  # (FSDP's mixed precision: its gathered dtype)
 
     def call(x: Tensor) -> Tensor:
         with swapped_at_call(model, swap):

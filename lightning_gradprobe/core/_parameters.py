@@ -198,6 +198,8 @@ class ParameterSpace:
         """``value += step v`` on parameter ``i``, in place (a big model's a chunk at a time)."""
         if self._kept is not None:
             return value.add_(self.direction(direction, i, value.dtype), alpha=step)
+        if not value.is_contiguous():  # (channels_last weights): the signs run in the parameter's logical order
+            return value.copy_(self.displace_(value.contiguous(), direction, i, step))
         signs, flat = self.signs(direction, i).to(value.device), value.view(-1)
         move = torch.full((), step * self.sizes[i], dtype=value.dtype, device=value.device)
         for start in range(0, flat.numel(), _CHUNK):
@@ -308,7 +310,9 @@ class ParameterSpace:
         """Put the values back exactly where they rest: casts of the model's own tensors."""
         if self.lazy:
             for i in self.trainable:
-                self.values[i].shift = None  # type: ignore[attr-defined]
+                cast = self.values[i]
+                assert isinstance(cast, LazyCast)
+                cast.shift, cast._held = None, None  # (a value the forward wrote into is dropped too)
             return
         torch._foreach_copy_([self.values[i] for i in self.trainable], [self.sources[i] for i in self.trainable])
 
@@ -317,8 +321,8 @@ class ParameterSpace:
     ) -> tuple[Stencil, Directional]:
         """Central differences of ``value_at`` along every direction, and autograd's side of the comparison.
 
-        The values are moved to ``theta + step v`` and ``theta - step v`` (in place, a group of parameters at a
-        time, or as each lazy cast is made), and put back exactly from the model's tensors. The displacements
+        The values are moved to ``theta + step v`` and ``theta - step v`` (in place, or as each lazy cast is made),
+        and put back exactly from the model's tensors. The displacements
         are the nominal ``+-step v``: the rounding of ``theta +- step v`` moves them by about
         ``eps |theta| / step`` relative (1e-12 in float64), far below any tolerance. They are kept as their
         length only (``d+ = d- = step |v|`` along one axis): the comparison reads nothing else of them once

@@ -14,13 +14,14 @@ process on the same samples with the same seed, so that each takes every data-de
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Slot", "agreed_buffers", "is_sharded", "shards", "swapped_at_call", "unsharded"]
+__all__ = ["Slot", "agreed_buffers", "is_sharded", "shards", "swapped_at_call", "tensor_parallel", "unsharded"]
 
 Slot = tuple[int, str]
 """Where a module holds a tensor: ``(id(module), attribute name)``."""
@@ -44,6 +45,25 @@ def is_sharded(model: Any) -> bool:
     return (
         dtensor is not None and isinstance(model, nn.Module) and any(isinstance(p, dtensor) for p in model.parameters())
     )
+
+
+def tensor_parallel(model: nn.Module) -> bool:
+    """Whether a DTensor parameter of ``model`` lies outside every FSDP2 module: tensor (or other) parallelism.
+
+    Such a module computes on sharded activations through its own hooks: gathering its parameters alone, as the
+    probe does, is not the function it trains.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    def walk(module: nn.Module, under_fsdp: bool) -> bool:
+        under_fsdp = under_fsdp or isinstance(module, FSDPModule)
+        own = any(isinstance(p, dtensor) for p in module._parameters.values() if p is not None)
+        return (own and not under_fsdp) or any(walk(child, under_fsdp) for child in module.children())
+
+    return walk(model, False)
 
 
 def unsharded(tensor: Tensor) -> Tensor:
@@ -103,7 +123,7 @@ def swapped_at_call(model: nn.Module, swap: Swap) -> Iterator[None]:
     already stays. Each is put back when the submodule returns, before FSDP frees what it gathered, unless FSDP
     has put its own tensor there since. The model's tensors are never written.
     """
-    placed: set[int] = set()  # the tensors this context has put in place
+    placed: Counter[int] = Counter()  # the tensors this context has put in place (and how many times)
     handles = []
     for module in model.modules():
         slots = [
@@ -127,7 +147,7 @@ def swapped_at_call(model: nn.Module, swap: Swap) -> Iterator[None]:
 class _Swapper:
     """One submodule's swap: in at its call, out at its return (a stack: a submodule may call itself)."""
 
-    def __init__(self, slots: list[tuple[nn.Module, bool, str]], swap: Swap, placed: set[int]) -> None:
+    def __init__(self, slots: list[tuple[nn.Module, bool, str]], swap: Swap, placed: Counter[int]) -> None:
         self.slots, self.swap, self.placed = slots, swap, placed
         self.stack: list[list[tuple[dict[str, Any], str, Tensor, Tensor]]] = []
 
@@ -136,11 +156,11 @@ class _Swapper:
         for owner, is_buffer, name in self.slots:
             held = owner._buffers if is_buffer else owner._parameters
             current = held[name]
-            if current is None or id(current) in self.placed:  # swapped by an enclosing call already
+            if current is None or self.placed[id(current)] > 0:  # swapped by an enclosing call already
                 continue
             replacement = self.swap(owner, name, current, is_buffer)
             held[name] = replacement  # type: ignore[assignment]
-            self.placed.add(id(replacement))
+            self.placed[id(replacement)] += 1
             swapped.append((held, name, current, replacement))
         self.stack.append(swapped)
 
@@ -148,6 +168,6 @@ class _Swapper:
         if not self.stack:
             return
         for held, name, original, replacement in reversed(self.stack.pop()):
-            self.placed.discard(id(replacement))
+            self.placed[id(replacement)] -= 1
             if held[name] is replacement:  # (FSDP may have put its own there since: then it stays)
                 held[name] = original

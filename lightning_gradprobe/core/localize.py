@@ -261,8 +261,12 @@ def _shown(name: str) -> str:
 def _type_name(module: nn.Module) -> str:
     """A submodule's class as the user wrote it: FSDP2's ``fully_shard`` makes ``Block`` an ``FSDPBlock``."""
     kind = type(module)
-    if kind.__name__.startswith("FSDP") and len(kind.__mro__) > 2:
-        return kind.__mro__[2].__name__  # (FSDPBlock, FSDPModule, Block, ...)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without torch.distributed
+        return kind.__name__
+    if isinstance(module, FSDPModule):  # (FSDPBlock, FSDPModule, Block, ...)
+        return next((k.__name__ for k in kind.__mro__[1:] if not issubclass(k, FSDPModule)), kind.__name__)
     return kind.__name__
 
 
