@@ -43,7 +43,7 @@ def _measure(what):
 
 def test_probe_needs_no_more_memory_than_a_training_step():
     """The issue's 200M-parameter MLP (800 MiB in float32): a float64 copy alone would be 1.6 GiB, twice what a
-    training step needs (its gradients and activations, ~800 MiB); the probe needs about 0.6 of a step."""
+    training step needs (its gradients and activations, ~800 MiB); the probe needs about half a step."""
     step, probe = _measure("step"), _measure("probe")
     ok, parameter_verdict, float64, notes = probe["verdicts"]
     assert ok and parameter_verdict == "pass" and float64 and not any("weaker" in note for note in notes)
