@@ -114,7 +114,7 @@ class LazyCast(Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         first = args[0] if args else None
-        if isinstance(first, LazyCast) and func.is_view and first._held is None and not _holds_lazy((args[1:], kwargs)):
+        if isinstance(first, LazyCast) and func.is_view and first._held is None and not _lazy_in((args[1:], kwargs)):
             # The view's shape, from a tensor without data (the source may be a shard, or freed by FSDP by now).
             source = first.source
             shape = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device="meta")
@@ -146,10 +146,6 @@ def _lazy_in(tree: Any) -> list[LazyCast]:
     found: list[LazyCast] = []
     tree_map(lambda t: found.append(t) if isinstance(t, LazyCast) else None, tree)
     return found
-
-
-def _holds_lazy(tree: Any) -> bool:
-    return bool(_lazy_in(tree))
 
 
 def _values(tree: Any) -> Any:

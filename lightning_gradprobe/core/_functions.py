@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._cast import LazyCast, as_dtype, use_lazy_casts
-from ._sharding import agreed_buffers, is_sharded, shards, swapped_at_call
+from ._sharding import Swap, agreed_buffers, is_sharded, shards, swapped_at_call
 
 __all__ = [
     "BatchFunction",
@@ -138,8 +138,7 @@ def _sharded_batch_function(
         return LazyCast(tensor, dtype or tensor.dtype, shard=shard)  # (FSDP's mixed precision: its gathered dtype)
 
     def call(x: Tensor) -> Tensor:
-        with swapped_at_call(model, swap):
-            return _pick_output(model(x) if forward is None else forward(model, x), output)
+        return _call_swapped(model, forward, output, swap, x)
 
     return call
 
@@ -212,11 +211,18 @@ def _sharded_parameter_function(
                 value.source = value.shard if tensor is held[(id(module), name)] else tensor.detach()
             return value
 
-        with swapped_at_call(model, swap):
-            return _pick_output(model(x) if forward is None else forward(model, x), output)
+        return _call_swapped(model, forward, output, swap, x)
 
     parameters = tuple(p.detach() for p in unique)
     return ParameterFunction(parameters, tuple(p.requires_grad for p in unique), call, sharded=True)
+
+
+def _call_swapped(
+    model: nn.Module, forward: Callable[[Any, Tensor], Any] | None, output: OutputSelector, swap: Swap, x: Tensor
+) -> Tensor:
+    """A sharded model's selected outputs on ``x``, each submodule computing with what ``swap`` hands it."""
+    with swapped_at_call(model, swap):
+        return _pick_output(model(x) if forward is None else forward(model, x), output)
 
 
 def _slots(model: nn.Module, named: Any) -> list[tuple[str, Tensor]]:

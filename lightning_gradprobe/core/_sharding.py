@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Slot", "agreed_buffers", "is_sharded", "shards", "swapped_at_call", "tensor_parallel", "unsharded"]
+__all__ = ["Slot", "Swap", "agreed_buffers", "is_sharded", "shards", "swapped_at_call", "tensor_parallel", "unsharded"]
 
 Slot = tuple[int, str]
 """Where a module holds a tensor: ``(id(module), attribute name)``."""
