@@ -164,9 +164,9 @@ def compare_forward_mode(
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
         notes.add(f"forward mode not checked: {describe_error(error)}")
         return None
-    if forward.projection is not None:
-        forward_mode = forward_mode @ forward.projection.to(forward_mode)
     rows = forward.checked_rows
+    if forward.projection is not None:
+        forward_mode = forward_mode @ forward.projection[:, : rows.shape[1]].to(forward_mode)
     rows_c = rows[sub].reshape(len(sub), rows.shape[1], -1).double()
     flat_tangent = tangent.reshape(len(sub), -1).double()
     reverse = torch.einsum("nmd,nd->nm", rows_c, flat_tangent)

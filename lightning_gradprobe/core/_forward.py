@@ -78,11 +78,14 @@ def forward_and_jacobians(
     bounded: bool = True,
     notes: Notes | None = None,
     check_rows: bool = False,
+    model_projections: int | None = None,
 ) -> ForwardPass:
     """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians.
 
     With ``check_rows`` and more outputs than the check compares, only the rows a probe needs are computed:
-    the saliency row, then the random output projections the check sees (``ForwardPass.projection``).
+    the saliency row, then the random output projections the check sees (``ForwardPass.projection``), the first
+    ``model_projections`` of them (all with ``None``: when a float64 reference judges the formula, the model's
+    own dtype is only compared with it, and one projection does that).
     """
     function = build_batch_function(model, forward=forward, output=output, dtype=None)
     outputs = function(leaf.clone())
@@ -104,7 +107,8 @@ def forward_and_jacobians(
     if projection is not None:
         n = leaf.shape[0]
         salient = _saliency_cotangent(selection, outputs.detach(), index).double()
-        cotangents = torch.cat([salient[None], projection.T[:, None, :].expand(-1, n, -1)])
+        computed = projection.T[:model_projections]
+        cotangents = torch.cat([salient[None], computed[:, None, :].expand(-1, n, -1)])
     gradients = compute_gradients(
         function,
         selection,

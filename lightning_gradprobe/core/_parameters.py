@@ -83,9 +83,9 @@ class ParameterSpace:
     """A model's parameters as one point to differentiate at and to step away from, without copies of the model.
 
     Holds the parameters in ``dtype`` (``values``: plain copies for a small model, :class:`~._cast.LazyCast` casts
-    made op by op for a big or sharded one) and ``n_directions`` random sign directions over the trainable ones,
-    drawn from per-parameter seeds (kept as one matrix for a small model, drawn again when needed, a chunk at a
-    time, for a big one: then nothing the size of the model is stored). On each parameter
+    made op by op for a big or sharded one) and ``n_directions`` random sign directions over the trainable ones
+    (a small model's drawn at once and kept as one matrix; a big one's drawn from per-parameter seeds again when
+    needed, a chunk at a time: then nothing the size of the model is stored). On each parameter
     tensor a direction has the size of that tensor's own RMS (at least 1, as an input's step is sized by the
     input), so that a layer of large weights does not set the step of a layer of small ones. :meth:`judge`
     compares autograd's directional derivative of a scalar function of the parameters with central differences
@@ -94,7 +94,7 @@ class ParameterSpace:
     Args:
         function: The model as a function of its parameters (its tensors are never written).
         dtype: The dtype of the values (the reference dtype: float64).
-        generator: Draws the directions' seeds.
+        generator: Draws the directions (or their seeds).
         n_directions: How many directions.
         per_tensor: Size each tensor's entries by its own RMS; else every entry by the RMS of all trainable
             weights (steadier for strongly curved functions of the weights, such as a gradient of the input).
@@ -126,7 +126,8 @@ class ParameterSpace:
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
         with torch.no_grad():  # per parameter: the size of its direction's entries
-            squares = [float(unsharded(p).double().pow(2).sum()) for p in self.sources]
+            sums = [unsharded(p).detach().double().pow(2).sum() for p in self.sources]
+            squares = torch.stack([t.to(sums[0].device) for t in sums]).tolist() if sums else []
         self.norm = sum(squares) ** 0.5  # |theta|, every parameter
         trainable_squares = sum(squares[i] for i in self.trainable)
         overall = max(1.0, (trainable_squares / max(self.trainable_count, 1)) ** 0.5)
@@ -134,30 +135,34 @@ class ParameterSpace:
             i: max(1.0, (squares[i] / max(self.sources[i].numel(), 1)) ** 0.5) if per_tensor else overall
             for i in self.trainable
         }
-        self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
-        # A small model's directions are kept, made once, as one (directions, weights) matrix: the gradient is
-        # reduced with one product and the parameters moved with one call. A big one's are drawn again each time
-        # they are needed, a chunk at a time.
+        # A small model's directions are kept, drawn at once, as one (directions, weights) matrix: the gradient is
+        # reduced with one product and the parameters moved with one call. A big one's are drawn again from
+        # per-parameter seeds each time they are needed, a chunk at a time.
         small = n_directions * self.trainable_count * torch.finfo(dtype).bits // 8 <= _KEPT_DIRECTION_BYTES
         self._kept: Tensor | None = None
         self._offsets: dict[int, int] = {}
+        self.seeds: list[list[int]] = []
         if small:
-            offset = 0
-            for i in self.trainable:
-                self._offsets[i], offset = offset, offset + self.sources[i].numel()
-            self._kept = torch.cat(
-                [
-                    torch.stack([self._drawn(d, i, dtype).reshape(-1) for d in range(n_directions)])
-                    for i in self.trainable
-                ]
-                or [torch.zeros(n_directions, 0, dtype=dtype)],
-                dim=1,
-            )
+            self._kept = self._draw_kept(generator, n_directions, dtype)
+        else:
+            self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
+
+    def _draw_kept(self, generator: torch.Generator, n_directions: int, dtype: torch.dtype) -> Tensor:
+        """Every direction over every trainable weight, ``(directions, weights)``, from one draw."""
+        offset, sizes, counts = 0, [], []
+        for i in self.trainable:
+            self._offsets[i], offset = offset, offset + self.sources[i].numel()
+            sizes.append(self.sizes[i])
+            counts.append(self.sources[i].numel())
+        signs = torch.randint(0, 2, (n_directions, offset), generator=generator, dtype=torch.uint8)
+        entries = torch.tensor(sizes, dtype=dtype).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+        device = self.sources[self.trainable[0]].device if self.trainable else torch.device("cpu")
+        return ((2 * signs.to(dtype) - 1) * entries).to(device)
 
     @property
     def n_directions(self) -> int:
         """How many directions."""
-        return len(self.seeds)
+        return len(self.seeds) if self._kept is None else self._kept.shape[0]
 
     def signs(self, direction: int, i: int) -> Tensor:
         """Direction ``direction``'s signs on parameter ``i``, flat: drawn afresh from their own seed."""

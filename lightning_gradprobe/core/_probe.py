@@ -266,6 +266,7 @@ def _forward_pass(
         generator=generator,
         notes=notes,
         check_rows=True,
+        model_projections=1 if batch.model_dtype != (options.fd_dtype or batch.model_dtype) else None,
     )
 
 

@@ -286,7 +286,8 @@ class FirstCheck:
     """The first comparison of autograd with finite differences, at the sample, with the first step.
 
     Attributes:
-        model_rows: ``(n, q, D)`` the model-dtype Jacobian rows.
+        model_rows: ``(n, q, D)`` the model-dtype Jacobian rows (the first projection's alone where a separate
+            reference judges the formula: the model's dtype is then compared with it along that one).
         reference_rows: The rows the formula is judged on: the reference copy's, or the model's own when it has
             no separate reference (or its reference backward failed).
         separate: Whether ``reference_rows`` come from the separate reference copy.
@@ -345,7 +346,12 @@ def first_check(setting: Setting, jac: Tensor) -> FirstCheck:
                 f"{dtype_name(problem.reference_dtype)} finite differences: the {dtype_name(problem.reference_dtype)} "
                 f"backward failed ({describe_error(error)})",
             )
-    raw = setting.stencil(setting.x_reference, torch.arange(n, device=setting.x.device), setting.step, f0)
+    everyone = torch.arange(n, device=setting.x.device)
+    if not separate and problem.projection is not None and model_rows.shape[1] < problem.projection.shape[1]:
+        # The forward pass computed the one projection a float64 reference is compared along; judged alone, the
+        # model's own backward is judged along all of them.
+        model_rows = reference_rows = setting.model_rows_at(setting.x, everyone)
+    raw = setting.stencil(setting.x_reference, everyone, setting.step, f0)
     stencil = project(raw, problem.projection)
     gain = _gain(stencil.f0, setting.x_reference, reference_rows, problem.free)
     if problem.gain is not None:
@@ -702,6 +708,7 @@ def _dtype_gap(
     own scale (half precision: ``rtol`` only, it is described, never failed). Fails beyond ``rtol`` of the
     Jacobian's scale and ``_DTYPE_FAIL`` eps of the problem's own scale (or in underflow).
     """
+    reference_rows = reference_rows[:, : model_rows.shape[1]]  # (the projections the model dtype computed)
     difference = model_rows.double() - reference_rows.double()
     gap = torch.einsum("nqd,nkd->nkq", difference.nan_to_num(nan=float("inf")), displacement.double()).norm(dim=-1)
     gap = gap.nan_to_num(nan=float("inf"))
