@@ -1,4 +1,9 @@
-"""Run GradProbe under a 2-process CPU strategy; rank 0 prints one JSON line. Used by test_distributed.py."""
+"""Run GradProbe under a 2-process CPU strategy, one fit per scenario in the same processes (they start once).
+
+Usage: ``ddp_script.py STRATEGY OUT SCENARIO [SCENARIO ...]`` with ``SCENARIO`` = ``bug:on_alert[:max_overhead]``;
+each scenario's rank writes ``OUT/result-<n>-<rank>.json`` (``n``: the scenario's position). Used by
+test_distributed.py.
+"""
 
 import json
 import sys
@@ -19,10 +24,9 @@ class Record(GradProbe):
             pl_module.probed_here = len(self.last_report.verdicts)
 
 
-def main() -> None:
-    strategy, bug, on_alert, out = sys.argv[1:5]
-    budget = None if len(sys.argv) < 6 else float(sys.argv[5])
-    warnings.simplefilter("ignore")
+def fit(strategy: str, scenario: str, out: Path) -> dict:
+    bug, on_alert, *rest = scenario.split(":")
+    budget = float(rest[0]) if rest else None
     module = DigitsModule(bug=bug)
     callback = Record(on_alert=on_alert, num_samples=8, max_overhead=budget)
     run = trainer(out, [callback], max_epochs=4, strategy=strategy, devices=2)
@@ -31,17 +35,25 @@ def main() -> None:
         outcome = "finished"
     except Exception as error:  # raised on every rank alike
         outcome = type(error).__name__
-    if run.global_rank == 0 or strategy == "ddp_spawn":
-        result = {
-            "outcome": outcome,
-            "epoch": run.current_epoch,
-            "should_stop": run.should_stop,
-            "fail_fraction": float(run.callback_metrics.get("gradprobe/checks/fail_fraction", -1)),
-            "probes": callback.probes_done,
-            "probed_here": getattr(module, "probed_here", None),
-            "postponed": callback.schedule.postponed,
-        }
-        Path(out, f"result-{run.global_rank}.json").write_text(json.dumps(result))
+    return {
+        "rank": run.global_rank,
+        "outcome": outcome,
+        "epoch": run.current_epoch,
+        "should_stop": run.should_stop,
+        "fail_fraction": float(run.callback_metrics.get("gradprobe/checks/fail_fraction", -1)),
+        "probes": callback.probes_done,
+        "probed_here": getattr(module, "probed_here", None),
+        "postponed": callback.schedule.postponed,
+    }
+
+
+def main() -> None:
+    strategy, out, *scenarios = sys.argv[1:]
+    warnings.simplefilter("ignore")
+    for n, scenario in enumerate(scenarios):
+        result = fit(strategy, scenario, Path(out, str(n)))
+        # (under ddp_spawn the launching process reads its trainer's state from rank zero's process only)
+        Path(out, f"result-{n}-{result['rank']}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -35,16 +35,24 @@ print(json.dumps({"extra": peak - before, "model": model_bytes, "verdicts": verd
 """
 
 
-def _measure(what):
-    done = subprocess.run([sys.executable, "-c", CHILD, what], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _measure(*what):
+    """Each measurement in its own fresh process, the processes side by side (peak RSS is per process)."""
+    children = [
+        subprocess.Popen([sys.executable, "-c", CHILD, w], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for w in what
+    ]
+    found = []
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+        found.append(json.loads(out.strip().splitlines()[-1]))
+    return found
 
 
 def test_probe_needs_no_more_memory_than_a_training_step():
     """The issue's 200M-parameter MLP (800 MiB in float32): a float64 copy alone would be 1.6 GiB, twice what a
     training step needs (its gradients and activations, ~800 MiB); the probe needs about half a step."""
-    step, probe = _measure("step"), _measure("probe")
+    step, probe = _measure("step", "probe")
     ok, parameter_verdict, float64, notes = probe["verdicts"]
     assert ok and parameter_verdict == "pass" and float64 and not any("weaker" in note for note in notes)
     assert probe["extra"] < step["extra"], (probe["extra"] / 2**20, step["extra"] / 2**20)
