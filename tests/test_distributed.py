@@ -1,15 +1,15 @@
 """DDP and DDP-spawn with 2 CPU processes (gloo): shared-out probes, one decision, no deadlock.
 
 The DDP scenarios run one after another in the same two processes (started once: a process's start is most of
-a small fit's time here); each is its own fit, with its own model and callback.
+a small fit's time here); each is its own fit, with its own model and callback. The DDP and DDP-spawn launches
+run side by side.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow  # two processes per run
 
@@ -17,23 +17,27 @@ SCRIPT = Path(__file__).parent / "ddp_script.py"
 DDP_SCENARIOS = {"stop": "scale:stop", "correct": "ok:stop", "budget": "ok:warn:0.05", "raise": "scale:raise"}
 
 
-def _run(out, strategy, scenarios):
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), strategy, str(out), *scenarios], capture_output=True, text=True, timeout=400
-    )
-    results = []
-    for n in range(len(scenarios)):
-        written = Path(out, f"result-{n}-0.json")
-        assert written.exists(), completed.stdout[-2000:] + completed.stderr[-4000:]
-        results.append(json.loads(written.read_text()))
-    return results, completed
-
-
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
-    """Rank zero's result of each DDP scenario, by name (the "raise" one last: it ends its fit by an exception)."""
-    results, completed = _run(tmp_path_factory.mktemp("ddp"), "ddp", list(DDP_SCENARIOS.values()))
-    return {name: (result, completed) for name, result in zip(DDP_SCENARIOS, results, strict=True)}
+def runs(tmp_path_factory):
+    """Rank zero's result of each scenario, by name (DDP's "raise" last: it ends its fit by an exception)."""
+    out = {strategy: tmp_path_factory.mktemp(strategy) for strategy in ("ddp", "ddp_spawn")}
+    scenarios = {"ddp": list(DDP_SCENARIOS.values()), "ddp_spawn": [DDP_SCENARIOS["stop"]]}
+    commands = {strategy: [SCRIPT, strategy, out[strategy], *scenarios[strategy]] for strategy in out}
+    with side_by_side(commands) as launches:
+        yield _Results(launches, out, scenarios)
+
+
+class _Results:
+    def __init__(self, launches, out, scenarios) -> None:
+        self.launches, self.out, self.scenarios = launches, out, scenarios
+
+    def __call__(self, strategy: str, name: str) -> tuple[dict, str]:
+        """Rank zero's result of scenario ``name`` under ``strategy``, and the launch's standard error."""
+        completed = self.launches[strategy]
+        n = self.scenarios[strategy].index(DDP_SCENARIOS[name])
+        written = Path(self.out[strategy], f"result-{n}-0.json")
+        assert written.exists(), completed.stdout[-2000:] + completed.stderr[-4000:]
+        return json.loads(written.read_text()), completed.stderr
 
 
 def _check_stop(result, stderr):
@@ -41,31 +45,30 @@ def _check_stop(result, stderr):
     assert result["fail_fraction"] == 1.0
 
 
-def test_ddp_stop_is_decided_together(ddp):
-    result, completed = ddp["stop"]
-    _check_stop(result, completed.stderr)
+def test_ddp_stop_is_decided_together(runs):
+    result, stderr = runs("ddp", "stop")
+    _check_stop(result, stderr)
     # (the trainer's own state is readable in the launching process)
     assert result["should_stop"] and result["epoch"] == 1 and result["probes"] == 1
     assert result["probed_here"] == 4  # each of the 2 ranks probes its share of 8
 
 
-def test_ddp_spawn_stop_is_decided_together(tmp_path):
-    [result], completed = _run(tmp_path, "ddp_spawn", [DDP_SCENARIOS["stop"]])
-    _check_stop(result, completed.stderr)
+def test_ddp_spawn_stop_is_decided_together(runs):
+    _check_stop(*runs("ddp_spawn", "stop"))
 
 
-def test_ddp_raise_on_every_rank_without_deadlock(ddp):
-    result, completed = ddp["raise"]
-    assert result["outcome"] == "GradientCheckError", completed.stderr[-3000:]
+def test_ddp_raise_on_every_rank_without_deadlock(runs):
+    result, stderr = runs("ddp", "raise")
+    assert result["outcome"] == "GradientCheckError", stderr[-3000:]
 
 
-def test_ddp_correct_model_trains_through(ddp):
-    result, _ = ddp["correct"]
+def test_ddp_correct_model_trains_through(runs):
+    result, _ = runs("ddp", "correct")
     assert result["outcome"] == "finished" and result["epoch"] == 4 and result["fail_fraction"] == 0.0
 
 
-def test_ddp_overhead_budget_decided_by_rank_zero(ddp):
+def test_ddp_overhead_budget_decided_by_rank_zero(runs):
     """Timings differ per process; rank zero's budget decision is broadcast, so no rank probes (and gathers) alone."""
-    result, _ = ddp["budget"]
+    result, _ = runs("ddp", "budget")
     assert result["outcome"] == "finished" and result["epoch"] == 4
     assert result["probes"] >= 1 and result["probes"] + result["postponed"] == 4

@@ -1,81 +1,104 @@
-"""Every example runs (reduced sizes) and shows what it claims."""
+"""Every example runs (reduced sizes) and shows what it claims.
 
-import subprocess
-import sys
+The examples are whole fits, each mostly one busy core: they run side by side (``side_by_side``).
+"""
+
 from pathlib import Path
 
 import pytest
+from side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow  # each example is a whole fit
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def _run(*args, timeout=300):
-    done = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout
+def _commands(root: Path) -> dict[str, list]:
+    logs = {name: root / name for name in ("digits", "tabular", "text", "cli")}
+    return {
+        "digits": ["digits_cnn.py", "--epochs", "2", "--samples", "400", "--logdir", logs["digits"]],
+        "tabular": ["tabular_diabetes.py", "--epochs", "5", "--logdir", logs["tabular"]],
+        "bug": ["bug_caught.py", "--epochs", "3"],
+        "bug fixed": ["bug_caught.py", "--epochs", "3", "--fixed"],
+        "pinn": ["pinn_second_order.py", "--epochs", "3"],
+        "pinn fixed": ["pinn_second_order.py", "--epochs", "3", "--fixed"],
+        "text": ["text_transformer.py", "--epochs", "2", "--samples", "64", "--logdir", logs["text"]],
+        "classic": ["classic_question.py"],
+        "cli": [
+            "cli.py", "fit", "--config", EXAMPLES / "cli_config.yaml", "--trainer.max_epochs", "1",
+            "--trainer.logger.init_args.save_dir", logs["cli"], "--trainer.default_root_dir", logs["cli"],
+        ],
+    }  # fmt: skip
 
 
-def test_digits_demo(tmp_path):
-    out = _run(EXAMPLES / "digits_cnn.py", "--epochs", "2", "--samples", "400", "--logdir", tmp_path)
+class _Examples:
+    """Each example's standard output (it must exit 0), by name, and the root of their log directories."""
+
+    def __init__(self, launches, root: Path) -> None:
+        self.launches, self.root = launches, root
+
+    def __getitem__(self, name: str) -> str:
+        done = self.launches[name]
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    commands = {name: [EXAMPLES / args[0], *args[1:]] for name, args in _commands(root).items()}
+    with side_by_side(commands) as launches:
+        yield _Examples(launches, root)
+
+
+def test_digits_demo(examples):
+    out = examples["digits"]
     assert "tensorboard --logdir" in out and "ProbeReport: OK" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
     assert rows  # at least one probe (more when the overhead budget allows)
     assert all(row[1] == "0%" and row[-1] == "-" for row in rows)  # no failure, no alert
 
 
-def test_tabular_example(tmp_path):
-    out = _run(EXAMPLES / "tabular_diabetes.py", "--epochs", "5", "--logdir", tmp_path)
+def test_tabular_example(examples):
+    out, logs = examples["tabular"], examples.root / "tabular"
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 1 and rows[0][1] == "0%" and rows[0][-1] == "-"  # one probe, no failure, no alert
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    (events_file,) = (p for p in tmp_path.rglob("events.out.tfevents.*") if "gradprobe_layout" not in str(p))
+    (events_file,) = (p for p in logs.rglob("events.out.tfevents.*") if "gradprobe_layout" not in str(p))
     events = EventAccumulator(str(events_file.parent), size_guidance={"images": 0})
     events.Reload()
     assert events.Tags()["images"] == ["gradprobe/saliency"]  # the per-feature chart and heat map
 
 
-def test_bug_caught_and_fixed():
-    out = _run(EXAMPLES / "bug_caught.py", "--epochs", "3")
+def test_bug_caught_and_fixed(examples):
+    out = examples["bug"]
     assert "Stopped after epoch 1" in out and "fail the gradient check" in out
-    out = _run(EXAMPLES / "bug_caught.py", "--epochs", "3", "--fixed")
+    out = examples["bug fixed"]
     assert "Trained all 3 epochs" in out and "no alert" in out
 
 
-def test_pinn_second_order_caught_and_fixed():
-    out = _run(EXAMPLES / "pinn_second_order.py", "--epochs", "3")
+def test_pinn_second_order_caught_and_fixed(examples):
+    out = examples["pinn"]
     assert "Stopped after epoch 1" in out and "fail the second-order check" in out
     assert "culprit: net.1 (Tanh, second-order)" in out and "First-order check: pass 8" in out
-    out = _run(EXAMPLES / "pinn_second_order.py", "--epochs", "3", "--fixed")
+    out = examples["pinn fixed"]
     assert "Trained all 3 epochs" in out and "no alert" in out
 
 
-def test_text_transformer_zero_config(tmp_path):
-    out = _run(EXAMPLES / "text_transformer.py", "--epochs", "2", "--samples", "64", "--logdir", tmp_path)
+def test_text_transformer_zero_config(examples):
+    out = examples["text"]
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
     assert len(rows) == 2 and all(row[1] == "0%" and row[-1] == "-" for row in rows)  # first and last validation
     assert "probed at: bert.bert.embeddings.word_embeddings" in out
 
 
-def test_classic_question():
-    out = _run(EXAMPLES / "classic_question.py")
+def test_classic_question(examples):
+    out = examples["classic"]
     assert "Verdict: pass" in out and "relative error 0." in out
 
 
-def test_lightning_cli_example(tmp_path):
-    out = _run(
-        EXAMPLES / "cli.py",
-        "fit",
-        "--config",
-        EXAMPLES / "cli_config.yaml",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.logger.init_args.save_dir",
-        tmp_path,
-        "--trainer.default_root_dir",
-        tmp_path,
-    )
-    assert list(tmp_path.rglob("events.out.tfevents.*"))
-    assert f"tensorboard --logdir {tmp_path}" in out  # says where its logs went
+def test_lightning_cli_example(examples):
+    out, logs = examples["cli"], examples.root / "cli"
+    assert list(logs.rglob("events.out.tfevents.*"))
+    assert f"tensorboard --logdir {logs}" in out  # says where its logs went

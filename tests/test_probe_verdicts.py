@@ -312,21 +312,33 @@ print("ok", before)
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("setting", "lock"),
-    [
-        ("fp32_precision = 'tf32'", ""),
-        ("cuda.matmul.fp32_precision = 'tf32'", "torch.backends.disable_global_flags()"),
-        ("cudnn.allow_tf32 = True", "torch.backends.disable_global_flags()"),
-        ("mkldnn.matmul.fp32_precision = 'bf16'", ""),
-    ],
-)
-def test_backend_flags_are_never_assigned_and_restored_exactly(setting, lock):
-    """Under PyTorch's test harness (flags locked) and after the current TF32 API was used: no exception."""
+_FLAG_SETTINGS = [
+    ("fp32_precision = 'tf32'", ""),
+    ("cuda.matmul.fp32_precision = 'tf32'", "torch.backends.disable_global_flags()"),
+    ("cudnn.allow_tf32 = True", "torch.backends.disable_global_flags()"),
+    ("mkldnn.matmul.fp32_precision = 'bf16'", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def flag_runs():
+    """Each setting in a fresh process (global flags, and a lock that cannot be undone), the processes side by side."""
     import subprocess
     import sys
 
-    script = _FLAGS_SCRIPT.format(setting=setting, lock=lock)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-2000:]
+    def start(setting: str, lock: str) -> subprocess.Popen:
+        script = _FLAGS_SCRIPT.format(setting=setting, lock=lock)
+        return subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    runs = {setting: start(setting, lock) for setting, lock in _FLAG_SETTINGS}
+    yield {setting: (run, *run.communicate(timeout=120)) for setting, run in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("setting", "lock"), _FLAG_SETTINGS)
+def test_backend_flags_are_never_assigned_and_restored_exactly(flag_runs, setting, lock):
+    """Under PyTorch's test harness (flags locked) and after the current TF32 API was used: no exception."""
+    run, stdout, stderr = flag_runs[setting]
+    assert run.returncode == 0 and stdout.startswith("ok"), stderr[-2000:]

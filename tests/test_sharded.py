@@ -1,22 +1,37 @@
 """Sharded training (FSDP2 through ModelParallelStrategy) on 2 CPU processes with gloo: probed, not skipped."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from side_by_side import side_by_side
 
 from lightning_gradprobe.callback import _unsupported_strategy
 
 ROOT = Path(__file__).parents[1]
+VERDICT_MODELS = ("ok", "bad", "weight", "attention", "tokens", "batchnorm")
 
 
-def _run(*args, timeout=300):
-    completed = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
-    return completed
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """The module's three 2-process launches, side by side; each writes its processes' findings under its folder."""
+    out = {name: tmp_path_factory.mktemp(name) for name in ("wrong", "fixed", "verdicts")}
+    example = ROOT / "examples/sharded_fsdp2.py"
+    commands = {
+        "wrong": [example, "--root", out["wrong"], "--json", out["wrong"] / "seen"],
+        "fixed": [example, "--fixed", "--compare", "--root", out["fixed"], "--json", out["fixed"] / "seen"],
+        "verdicts": [ROOT / "tests/fsdp_probe_script.py", out["verdicts"], *VERDICT_MODELS],
+    }
+    with side_by_side(commands) as running:
+
+        def finished(name: str) -> Path:
+            """Launch ``name``'s folder, once it has exited cleanly."""
+            completed = running[name]
+            assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+            return out[name]
+
+        yield finished
 
 
 def _seen(prefix):
@@ -24,33 +39,31 @@ def _seen(prefix):
 
 
 @pytest.mark.slow
-def test_wrong_backward_stops_every_rank_with_the_culprit(tmp_path):
-    _run(ROOT / "examples/sharded_fsdp2.py", "--root", tmp_path, "--json", tmp_path / "seen")
-    for seen in _seen(tmp_path / "seen"):
+def test_wrong_backward_stops_every_rank_with_the_culprit(launches):
+    for seen in _seen(launches("wrong") / "seen"):
         assert seen["stopped"] and seen["epochs_run"] < 4
         assert seen["culprits"] == ["blocks.0.norm", "blocks.1.norm"]
         assert "blocks.0.norm" in seen["reason"]
 
 
 @pytest.mark.slow
-def test_correct_model_trains_through_probed_and_unperturbed(tmp_path):
-    _run(ROOT / "examples/sharded_fsdp2.py", "--fixed", "--compare", "--root", tmp_path, "--json", tmp_path / "seen")
-    for seen in _seen(tmp_path / "seen"):
+def test_correct_model_trains_through_probed_and_unperturbed(launches):
+    for seen in _seen(launches("fixed") / "seen"):
         assert not seen["stopped"] and seen["epochs_run"] == 4
         assert "gradprobe/checks/fail_fraction" in seen["metrics"]
         assert seen["weights"] == seen["weights_without_probe"]  # bit for bit
 
 
 @pytest.mark.slow
-def test_sharded_verdicts_equal_unsharded_ones(tmp_path):
+def test_sharded_verdicts_equal_unsharded_ones(launches):
     """Input check, localization, parameter check and second order of a 2-process FSDP2 model against the same
     weights unsharded: the same verdicts, margins and culprits. A correct model, a wrong activation backward, a
     wrong weight gradient, attention blocks (``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling
     ``out_proj``), a token model probed at its embedding with a tied head, and BatchNorm whose running statistics
     differ per process (FSDP does not synchronise buffers: every process computes with rank zero's)."""
-    models = ("ok", "bad", "weight", "attention", "tokens", "batchnorm")
-    _run(ROOT / "tests/fsdp_probe_script.py", tmp_path, *models)
-    found = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    models = VERDICT_MODELS
+    out = launches("verdicts")
+    found = [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [f["parallelism"] for f in found] == [{"fsdp": False, "tensor_parallel": True}] * 2  # told apart
     results = [result for f in found for result in f["results"]]
     assert len(results) == 2 * len(models)
