@@ -1,8 +1,8 @@
 """Run GradProbe under a 2-process CPU strategy, one fit per scenario in the same processes (they start once).
 
 Usage: ``ddp_script.py STRATEGY OUT SCENARIO [SCENARIO ...]`` with ``SCENARIO`` = ``bug:on_alert[:max_overhead]``;
-each scenario's rank writes ``OUT/result-<n>-<rank>.json`` (``n``: the scenario's position). Used by
-test_distributed.py.
+each process that runs this script writes ``OUT/result-<n>-<rank>.json`` per scenario (``n``: its position):
+both ranks under ``ddp``, the launching process (rank zero) under ``ddp_spawn``. Used by test_distributed.py.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Run test subprocesses side by side, as many at a time as there are cores.
+"""Run test subprocesses side by side, as many at a time as this process may use cores.
 
 Multi-process fits and whole examples spend most of their time starting Python and importing Lightning, mostly
 on one core: a module's launches start together when its first test asks, and each test reads its own.
@@ -16,9 +16,15 @@ from contextlib import contextmanager
 
 @contextmanager
 def side_by_side(commands: dict[str, Sequence[object]], timeout: float = 400) -> Iterator[Launches]:
-    """Start every ``python *command`` at once (a pool of ``os.cpu_count()``); yield their results by name."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    """Start every ``python *command`` (a pool as wide as the usable cores); yield their results by name.
+
+    On leaving, launches not yet started are cancelled and running ones waited for (each ends by its timeout).
+    """
+    pool = ThreadPoolExecutor(max_workers=_cores())
+    try:
         yield Launches({name: pool.submit(_run, command, timeout) for name, command in commands.items()})
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Launches:
@@ -31,7 +37,22 @@ class Launches:
         return self.futures[name].result()
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every platform)
+        return os.cpu_count() or 2
+
+
 def _run(command: Sequence[object], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *map(str, command)], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    """The completed process; one that ran past ``timeout`` is killed and reported as exit code -9, its output kept."""
+    args = [sys.executable, *map(str, command)]
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as expired:
+        out, err = (_text(stream) for stream in (expired.stdout, expired.stderr))
+        return subprocess.CompletedProcess(args, -9, out, err + f"\n[killed: still running after {timeout:.0f} s]")
+
+
+def _text(stream: bytes | str | None) -> str:
+    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream or ""

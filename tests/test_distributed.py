@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     out = {strategy: tmp_path_factory.mktemp(strategy) for strategy in ("ddp", "ddp_spawn")}
     scenarios = {"ddp": list(DDP_SCENARIOS.values()), "ddp_spawn": [DDP_SCENARIOS["stop"]]}
     commands = {strategy: [SCRIPT, strategy, out[strategy], *scenarios[strategy]] for strategy in out}
-    with side_by_side(commands) as launches:
+    with side_by_side(commands, timeout=600) as launches:  # (four fits one after another in one launch)
         yield _Results(launches, out, scenarios)
 
 
@@ -36,7 +36,7 @@ class _Results:
         completed = self.launches[strategy]
         n = self.scenarios[strategy].index(DDP_SCENARIOS[name])
         written = Path(self.out[strategy], f"result-{n}-0.json")
-        assert written.exists(), completed.stdout[-2000:] + completed.stderr[-4000:]
+        assert written.exists() and completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
         return json.loads(written.read_text()), completed.stderr
 
 

@@ -162,6 +162,26 @@ def test_forward_mode_disagreement_is_its_own_finding():
     assert unsupported.forward_mode_mismatch is None and any("forward mode not checked" in n for n in unsupported.notes)
 
 
+class TenOutputs(nn.Module):
+    """Ten outputs: the check sees them through random output projections (the model's dtype computes one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.b(BadJvp.apply(self.a(x)))
+
+
+def test_forward_mode_through_output_projections():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    report = probe(TenOutputs(), x, check_forward_mode=True)
+    assert set(report.verdicts) == {Verdict.PASS} and report.forward_mode_mismatch == (0, 1, 2, 3, 4, 5)
+    healthy = probe(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 10)), x, check_forward_mode=True)
+    assert healthy.forward_mode_mismatch == () and healthy.ok
+
+
 def test_localization_budget_is_reported():
     torch.manual_seed(0)
     report = probe(Deep("scale"), torch.randn(4, 8), localize=True, localize_budget=(6, 30.0))

@@ -1,10 +1,9 @@
 """A probe fits in the memory of a training step: peak RSS in fresh processes, on a model where a float64 copy shows."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from side_by_side import side_by_side
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +36,12 @@ print(json.dumps({"extra": peak - before, "model": model_bytes, "verdicts": verd
 
 def _measure(*what):
     """Each measurement in its own fresh process, the processes side by side (peak RSS is per process)."""
-    children = [
-        subprocess.Popen([sys.executable, "-c", CHILD, w], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for w in what
-    ]
-    found = []
-    for child in children:
-        out, err = child.communicate(timeout=300)
-        assert child.returncode == 0, err[-3000:]
-        found.append(json.loads(out.strip().splitlines()[-1]))
+    with side_by_side({w: ["-c", CHILD, w] for w in what}, timeout=300) as launches:
+        found = []
+        for w in what:
+            done = launches[w]
+            assert done.returncode == 0, done.stderr[-3000:]
+            found.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return found
 
 

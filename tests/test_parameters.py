@@ -12,6 +12,9 @@ from zoo import FusedLinear, correct_models, weight_bug_classes
 
 from lightning_gradprobe import CulpritKind, GradProbe, GradProbeStoppingReason, Verdict, probe
 from lightning_gradprobe.alerts import AlertCondition
+from lightning_gradprobe.core import _parameters as parameters_module
+from lightning_gradprobe.core._functions import build_parameter_function
+from lightning_gradprobe.core._parameters import ParameterSpace
 
 
 @pytest.mark.parametrize("name", sorted(weight_bug_classes(0)))
@@ -100,3 +103,25 @@ def test_a_shared_submodule_is_left_exactly_as_it_was_and_checked_as_one_paramet
     assert report.parameter_check.parameters == sum(p.numel() for p in model.parameters())
     model(torch.randn(2, 3)).sum().backward()  # training goes on
     assert weight.grad is not None
+
+
+def test_a_big_models_signs_moves_and_reductions_agree(monkeypatch):
+    """Directions drawn again a chunk at a time (a big model's path), on tensors whose sizes are not multiples of
+    the eight signs a random byte gives: the move and the reduction read the same direction."""
+    monkeypatch.setattr(parameters_module, "_KEPT_DIRECTION_BYTES", 0)
+    monkeypatch.setattr(parameters_module, "_CHUNK", 5)
+    model = nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 1))  # 28, 7, 7 and 1 weights
+    function = build_parameter_function(model, forward=None, output=None)
+    space = ParameterSpace(function, torch.float64, torch.Generator().manual_seed(0), 2)
+    for i, source in enumerate(space.sources):
+        for d in range(2):
+            direction = space.direction(d, i, torch.float64)
+            assert direction.shape == source.shape and set(direction.abs().unique().tolist()) == {space.sizes[i]}
+            gradient = torch.randn(source.shape, dtype=torch.float64)
+            along, square = space.reduce(i, gradient)
+            assert along[d].item() == pytest.approx(float((gradient * direction).sum()), rel=1e-12)
+            assert square.item() == pytest.approx(float(gradient.pow(2).sum()), rel=1e-12)
+            moved = space.displace_(source.double().clone(), d, i, 1e-3)
+            assert torch.allclose(moved, source.double() + 1e-3 * direction, rtol=0, atol=1e-15)
+    signs = torch.cat([space.signs(d, i) for d in range(2) for i in range(len(space.sources))])
+    assert 0.3 < signs.float().mean().item() < 0.7  # both signs drawn

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from side_by_side import side_by_side
 from torch import nn
 from zoo import buggy_models, correct_models, exact_zero_models, kernel_bug_classes
 
@@ -323,22 +324,52 @@ _FLAG_SETTINGS = [
 @pytest.fixture(scope="module")
 def flag_runs():
     """Each setting in a fresh process (global flags, and a lock that cannot be undone), the processes side by side."""
-    import subprocess
-    import sys
-
-    def start(setting: str, lock: str) -> subprocess.Popen:
-        script = _FLAGS_SCRIPT.format(setting=setting, lock=lock)
-        return subprocess.Popen(
-            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    runs = {setting: start(setting, lock) for setting, lock in _FLAG_SETTINGS}
-    yield {setting: (run, *run.communicate(timeout=120)) for setting, run in runs.items()}
+    scripts = {setting: ["-c", _FLAGS_SCRIPT.format(setting=setting, lock=lock)] for setting, lock in _FLAG_SETTINGS}
+    with side_by_side(scripts, timeout=120) as launches:
+        yield launches
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("setting", "lock"), _FLAG_SETTINGS)
 def test_backend_flags_are_never_assigned_and_restored_exactly(flag_runs, setting, lock):
     """Under PyTorch's test harness (flags locked) and after the current TF32 API was used: no exception."""
-    run, stdout, stderr = flag_runs[setting]
-    assert run.returncode == 0 and stdout.startswith("ok"), stderr[-2000:]
+    done = flag_runs[setting]
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+class _Float32Kernel(torch.autograd.Function):
+    """A tanh whose hand-written backward refuses float64 (a float32-only kernel), optionally scaled (wrong)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if grad.dtype == torch.float64:
+            raise RuntimeError("this kernel has no float64 backward")
+        return grad * (1 - torch.tanh(x) ** 2) * ctx.scale, None
+
+
+class _Float32KernelModel(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.a, self.b, self.scale = nn.Linear(5, 12), nn.Linear(12, 10), scale
+
+    def forward(self, x):
+        return self.b(_Float32Kernel.apply(self.a(x), self.scale))
+
+
+@pytest.mark.parametrize(("scale", "verdict"), [(1.0, Verdict.PASS), (1.1, Verdict.FAIL)])
+def test_a_float64_backward_that_fails_leaves_the_model_judged_along_every_projection(scale, verdict):
+    """Ten outputs, so random projections: the model's own backward is then judged against float64 finite
+    differences along all of them (the forward pass computed only the one a float64 reference is compared along)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = probe(_Float32KernelModel(scale), torch.randn(8, 5), check_parameters=False)
+    assert set(report.verdicts) == {verdict}
+    assert any("the float64 backward failed" in note for note in report.notes)

@@ -154,7 +154,11 @@ def compare_forward_mode(
     generator: torch.Generator,
     notes: Notes,
 ) -> tuple[int, ...] | None:
-    """Samples whose jvp along a random direction disagrees with the reverse-mode rows (``None``: not checked)."""
+    """Samples whose jvp along a random direction disagrees with the reverse-mode rows (``None``: not checked).
+
+    Compared along the output projections the forward pass computed rows for (the first, where a float64
+    reference judges the formula).
+    """
     sub = checked.to(x.device)
     xc, ic = x[sub], forward.index[sub]
     tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, problem.free).to(xc)

@@ -33,7 +33,7 @@ from ._cast import LazyCast, use_lazy_casts
 from ._finite_differences import Comparison, Directional, Stencil, compare_directional
 from ._functions import ParameterFunction
 from ._sharding import unsharded
-from ._verdicts import Problem, consistent, default_rtol
+from ._verdicts import Problem, central_derivative, consistent, default_rtol
 from .report import ParameterCheck, Verdict
 
 __all__ = ["ParameterSpace", "check_parameter_gradients"]
@@ -42,6 +42,8 @@ PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is 
 PARAMETER_DIRECTIONS = 2  # random directions in parameter space: one can miss a small block (1 in 100 measured)
 _CHUNK = 1 << 20  # weights moved or reduced by one call: 8 MiB of float64 at a time
 _KEPT_DIRECTION_BYTES = 16 << 20  # directions kept whole up to this size (a model of up to 1M weights)
+# A failure stands this many times farther from D(h/8) than D(h) and D(h/8) are from each other.
+_NOISE_SPREAD = 4.0
 # Directional derivatives below this fraction of the problem's own scale (|s| / |theta|) are round-off.
 _FLOOR = 1e-6
 
@@ -165,10 +167,13 @@ class ParameterSpace:
         return len(self.seeds) if self._kept is None else self._kept.shape[0]
 
     def signs(self, direction: int, i: int) -> Tensor:
-        """Direction ``direction``'s signs on parameter ``i``, flat: drawn afresh from their own seed.
+        """Direction ``direction``'s signs on parameter ``i``, flat (``True``: ``+``).
 
-        Drawn as random bytes, eight signs each (4x faster than a draw per sign).
+        A small model's are read from its kept directions; a big model's are drawn afresh from their own seed, as
+        random bytes of eight signs each (4x faster than a draw per sign).
         """
+        if self._kept is not None:
+            return self.direction(direction, i, self._kept.dtype).reshape(-1) > 0
         source = self.sources[i]
         draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
         n = source.numel()
@@ -279,8 +284,9 @@ class ParameterSpace:
         """Autograd's ``grad . v`` against central differences of ``value_at`` along each direction.
 
         A clean first check passes; anything else is checked again with step / 8, where a failure must repeat
-        with the same finite-difference derivative (``D(h) = D(h/8)``). Returns the verdict, the worst margin of
-        the deciding checks, and the worst relative error.
+        with the same finite-difference derivative (``D(h) = D(h/8)``), farther from it than the two differences
+        are from each other (see :func:`_beyond_their_spread`). Returns the verdict, the worst margin of the
+        deciding checks, and the worst relative error.
         """
         value, along, spread = self.gradient(value_at)
         dtype = value.dtype
@@ -298,6 +304,7 @@ class ParameterSpace:
         finer_stencil, finer = check(step / 8)
         same = consistent(stencil, finer_stencil)
         failed = (first.reliable & ~first.passed) & (finer.reliable & ~finer.passed) & same
+        failed &= _beyond_their_spread(stencil, finer_stencil, finer)
         judged = clean | (finer.passed & finer.reliable & finer.resolved)
         margin = float(torch.where(clean, first.margin, finer.margin).max())
         relative_error = float(torch.where(clean, first.relative_error, finer.relative_error).max())
@@ -371,6 +378,18 @@ class ParameterSpace:
             torch.finfo(dtype).eps,
         )
         return stencil, autograd
+
+
+def _beyond_their_spread(coarse: Stencil, fine: Stencil, comparison: Comparison) -> Tensor:
+    """Whether autograd is farther from ``D(h/8)`` than ``_NOISE_SPREAD`` times ``|D(h) - D(h/8)|``, ``(1, k)``.
+
+    A function computed through cancellation (``1 - tanh(z)^2`` at a saturated unit) carries noise far above
+    ``eps |f|``, which a stencil's second difference may show small by chance; two stencils' derivatives then
+    differ by about that noise. A failure must stand out of it (a wrong gradient does, by its whole error).
+    """
+    (a, _), (b, length) = central_derivative(coarse), central_derivative(fine)
+    spread = (a - b).norm(dim=-1) * length
+    return comparison.relative_error * comparison.scale > _NOISE_SPREAD * spread
 
 
 def _plus_minus_one(signs: Tensor, dtype: torch.dtype) -> Tensor:

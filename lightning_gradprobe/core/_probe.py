@@ -42,7 +42,7 @@ from ._parameters import check_parameter_gradients
 from ._prepare import Forward, PreparedBatch, check_finite_batch, device_of, prepare_batch
 from ._reference import reference_problem
 from ._second_order import check_second_order
-from ._verdicts import Problem, default_rtol
+from ._verdicts import MODEL_DTYPE_ROWS, Problem, default_rtol
 from .localize import Localization, localize, record_inputs
 from .report import CulpritKind, ParameterCheck, ProbeReport, SecondOrderReport, Verdict
 
@@ -266,7 +266,7 @@ def _forward_pass(
         generator=generator,
         notes=notes,
         check_rows=True,
-        model_projections=1 if batch.model_dtype != (options.fd_dtype or batch.model_dtype) else None,
+        model_projections=MODEL_DTYPE_ROWS if batch.model_dtype != (options.fd_dtype or batch.model_dtype) else None,
     )
 
 

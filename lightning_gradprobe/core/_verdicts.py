@@ -7,10 +7,11 @@ Two questions, judged apart:
    The tolerance is the stencil's own measured error plus ``default_rtol(float64)``, five orders of
    magnitude below float32's, so a 5e-4 formula error shows.
 2. **Is the model dtype's Jacobian the reference one, up to round-off?** No finite difference needed: the
-   model-dtype Jacobian is compared with the float64 one. Beyond its dtype's tolerance of the Jacobian's
-   scale (and 10 eps of the problem's own scale, ``|f| / |x|``) it is ``precision-limited``; beyond ``1e4 eps``
-   of the problem's own scale, at the sample and at a nearby point, a float32 backward is ``fail`` (a kernel can
-   be wrong in one dtype only).
+   model-dtype Jacobian is compared with the float64 one (along the first output projection, where there are
+   projections: the model's dtype computes that one, ``MODEL_DTYPE_ROWS``). Beyond its dtype's tolerance of
+   the Jacobian's scale (and 10 eps of the problem's own scale, ``|f| / |x|``) it is ``precision-limited``;
+   beyond ``1e4 eps`` of the problem's own scale, at the sample and at a nearby point, a float32 backward is
+   ``fail`` (a kernel can be wrong in one dtype only).
    Half-precision Jacobians are never failed here: their ties route gradients differently.
 
 The rules each direction of question 1 follows:
@@ -27,7 +28,7 @@ The rules each direction of question 1 follows:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -50,6 +51,7 @@ from .report import Verdict, dtype_name
 __all__ = [
     "FAIL",
     "INCONCLUSIVE",
+    "MODEL_DTYPE_ROWS",
     "PASS",
     "PRECISION",
     "FirstCheck",
@@ -57,6 +59,7 @@ __all__ = [
     "Problem",
     "Recheck",
     "Setting",
+    "central_derivative",
     "consistent",
     "default_rtol",
     "first_check",
@@ -77,6 +80,9 @@ _MIN_GROWTH, _MAX_GROWTH = 64.0, 16384.0  # step growth when round-off limited t
 _GROWTH_TARGET = RESOLUTION / 4  # the step grows until round-off is a quarter of the 1% a pass certifies
 _JITTER = 1e-2  # distance of the nearby re-check point, relative to the input's scale
 _MAX_ROWS = 2  # output projections compared in the reference dtype (one reference backward each)
+# Of them, those the model's own dtype computes where a separate reference judges the formula: the model dtype is
+# only compared with the reference (question 2), and one projection does that at one backward.
+MODEL_DTYPE_ROWS = 1
 # A second difference carries up to this many eps of |f(x)| from round-off alone, curvature or not.
 _CURVATURE_ROUNDOFF_EPS = 32.0
 # Step / 8 divides a second difference by 8 at a kink (it falls as h) and by 64 where the function is smooth
@@ -214,7 +220,8 @@ def judge_samples(
 
     Args:
         problem: The functions, dtypes, tolerance and output projection.
-        jac: ``(n, q, ...)`` the model-dtype Jacobian rows of these samples, seen through ``problem.projection``.
+        jac: ``(n, q, ...)`` the model-dtype Jacobian rows of these samples, seen through ``problem.projection``
+            (its first ``MODEL_DTYPE_ROWS`` columns only, where a separate reference judges the formula).
         x: ``(n, ...)`` the samples, in the inputs' dtype.
         index: ``(n,)`` per-sample output indices for the selection.
         generator: The probe's own generator.
@@ -349,8 +356,10 @@ def first_check(setting: Setting, jac: Tensor) -> FirstCheck:
     everyone = torch.arange(n, device=setting.x.device)
     if not separate and problem.projection is not None and model_rows.shape[1] < problem.projection.shape[1]:
         # The forward pass computed the one projection a float64 reference is compared along; judged alone, the
-        # model's own backward is judged along all of them.
-        model_rows = reference_rows = setting.model_rows_at(setting.x, everyone)
+        # model's own backward is judged along all of them: the others are computed now (one backward each).
+        others = replace(problem, reference=problem.function)
+        rest, _ = _reference_rows(others, setting.x, setting.index, problem.projection[:, model_rows.shape[1] :])
+        model_rows = reference_rows = torch.cat([model_rows, rest.to(model_rows)], dim=1)
     raw = setting.stencil(setting.x_reference, everyone, setting.step, f0)
     stencil = project(raw, problem.projection)
     gain = _gain(stencil.f0, setting.x_reference, reference_rows, problem.free)
@@ -708,9 +717,12 @@ def _dtype_gap(
     own scale (half precision: ``rtol`` only, it is described, never failed). Fails beyond ``rtol`` of the
     Jacobian's scale and ``_DTYPE_FAIL`` eps of the problem's own scale (or in underflow).
     """
-    reference_rows = reference_rows[:, : model_rows.shape[1]]  # (the projections the model dtype computed)
-    difference = model_rows.double() - reference_rows.double()
+    # Along the projections the model dtype computed (the first, where it is compared with a separate reference),
+    # grown to the size a gap has along all of them: random projections share a gap's square alike.
+    computed, every = model_rows.shape[1], reference_rows.shape[1]
+    difference = model_rows.double() - reference_rows[:, :computed].double()
     gap = torch.einsum("nqd,nkd->nkq", difference.nan_to_num(nan=float("inf")), displacement.double()).norm(dim=-1)
+    gap = gap * (every / computed) ** 0.5
     gap = gap.nan_to_num(nan=float("inf"))
     info = torch.finfo(dtype)
     if dtype in (torch.float16, torch.bfloat16):
@@ -801,7 +813,7 @@ def _nearby(
     return near, near.to(dtype)
 
 
-def _derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
+def central_derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
     """The stencil's central-difference derivative per direction ``(n, k, M)``, and its displacement lengths."""
     length = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
     return (stencil.f_plus - stencil.f_minus) / length.unsqueeze(-1), length
@@ -809,7 +821,7 @@ def _derivative(stencil: Stencil) -> tuple[Tensor, Tensor]:
 
 def consistent(fine: Stencil, coarse: Stencil, tolerance: float = _SELF_CONSISTENCY) -> Tensor:
     """Whether two stencils along the same directions (steps h and 2h) give the same derivative, ``(n, k)``."""
-    (a, _), (b, _) = _derivative(fine), _derivative(coarse)
+    (a, _), (b, _) = central_derivative(fine), central_derivative(coarse)
     gap = (a - b).norm(dim=-1)
     return gap <= tolerance * torch.maximum(a.norm(dim=-1), b.norm(dim=-1))
 
@@ -827,7 +839,7 @@ def unit_rms(directions: Tensor, lead: int, free: Tensor | None = None) -> Tenso
 
 def _agree(first: Stencil, first_check: Comparison, rows: Tensor, second: Stencil, second_check: Comparison) -> Tensor:
     """Whether two stencils at different steps measure the same derivative within their own error bounds."""
-    (a, length_a), (b, length_b) = _derivative(first), _derivative(second)
+    (a, length_a), (b, length_b) = central_derivative(first), central_derivative(second)
     bound_a = first_check.fd_error[rows] * first_check.scale[rows] / length_a
     bound_b = second_check.fd_error * second_check.scale / length_b
     return (a - b).norm(dim=-1) <= _AGREEMENT_BOUNDS * (bound_a + bound_b)
