@@ -138,9 +138,9 @@ class BadJvp(torch.autograd.Function):
 
 
 class JvpModel(nn.Module):
-    def __init__(self):
+    def __init__(self, n_outputs: int = 2):
         super().__init__()
-        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 2)
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, n_outputs)
 
     def forward(self, x):
         return self.b(BadJvp.apply(self.a(x)))
@@ -162,21 +162,11 @@ def test_forward_mode_disagreement_is_its_own_finding():
     assert unsupported.forward_mode_mismatch is None and any("forward mode not checked" in n for n in unsupported.notes)
 
 
-class TenOutputs(nn.Module):
-    """Ten outputs: the check sees them through random output projections (the model's dtype computes one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.b(BadJvp.apply(self.a(x)))
-
-
 def test_forward_mode_through_output_projections():
+    """Ten outputs: the check sees them through random output projections (the model's dtype computes one)."""
     torch.manual_seed(0)
     x = torch.randn(6, 5)
-    report = probe(TenOutputs(), x, check_forward_mode=True)
+    report = probe(JvpModel(n_outputs=10), x, check_forward_mode=True)
     assert set(report.verdicts) == {Verdict.PASS} and report.forward_mode_mismatch == (0, 1, 2, 3, 4, 5)
     healthy = probe(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 10)), x, check_forward_mode=True)
     assert healthy.forward_mode_mismatch == () and healthy.ok
