@@ -36,6 +36,12 @@ class Launches:
     def __getitem__(self, name: str) -> subprocess.CompletedProcess[str]:
         return self.futures[name].result()
 
+    def succeeded(self, name: str) -> subprocess.CompletedProcess[str]:
+        """``self[name]``, asserted to have exited 0 (the failure shows the ends of its output)."""
+        done = self[name]
+        assert done.returncode == 0, f"{name} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        return done
+
 
 def _cores() -> int:
     try:

@@ -38,9 +38,7 @@ class _Examples:
         self.launches, self.root = launches, root
 
     def __getitem__(self, name: str) -> str:
-        done = self.launches[name]
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        return done.stdout
+        return self.launches.succeeded(name).stdout
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,7 @@ def _measure(*what):
     with side_by_side({w: ["-c", CHILD, w] for w in what}, timeout=300) as launches:
         found = []
         for w in what:
-            done = launches[w]
-            assert done.returncode == 0, done.stderr[-3000:]
+            done = launches.succeeded(w)
             found.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return found
 

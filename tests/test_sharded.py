@@ -27,8 +27,7 @@ def launches(tmp_path_factory):
 
         def finished(name: str) -> Path:
             """Launch ``name``'s folder, once it has exited cleanly."""
-            completed = running[name]
-            assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+            running.succeeded(name)
             return out[name]
 
         yield finished
