@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -44,3 +45,68 @@ def test_a_forward_that_mixes_samples_is_still_found():
         report = probe(mixing_forwards()["batch-centering"]().eval(), torch.randn(8, 10), seed=seed)
         assert report.batch_independent is False and len(report.leaking_pairs) == 8 * 7
         assert report.verdicts == (Verdict.INCONCLUSIVE,) * 8
+
+
+class _CountedTanh(torch.autograd.Function):
+    """``tanh``, counting its backwards by dtype; optionally mixing samples in the model dtype's backward, and
+    raising in float64's (a kernel with no float64 backward)."""
+
+    calls: ClassVar[dict[torch.dtype, int]] = {}
+    mixing = False
+    float64_backward_raises = False
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        _CountedTanh.calls[g.dtype] = _CountedTanh.calls.get(g.dtype, 0) + 1
+        if g.dtype == torch.float64 and _CountedTanh.float64_backward_raises:
+            raise RuntimeError("this kernel has no float64 backward")
+        grad = g * (1 - y * y)
+        return grad + grad.mean(0, keepdim=True) if _CountedTanh.mixing else grad
+
+
+@pytest.fixture
+def counted_tanh():
+    _CountedTanh.calls, _CountedTanh.mixing, _CountedTanh.float64_backward_raises = {}, False, False
+    yield _CountedTanh
+    _CountedTanh.calls, _CountedTanh.mixing, _CountedTanh.float64_backward_raises = {}, False, False
+
+
+def _counted_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 12), Apply(_CountedTanh), nn.Linear(12, 10)).eval()
+
+
+def test_independence_is_read_from_the_float64_rows_without_a_backward_of_its_own(counted_tanh):
+    """10 outputs, a float64 reference: the model's dtype runs the saliency row and one projection, nothing more.
+    Asked for a subset of samples (the float64 rows then cover only those), the check runs its own backward."""
+    x = torch.randn(8, 10)
+    report = probe(_counted_model(), x, check_parameters=False)
+    assert report.ok and report.batch_independent is True
+    assert counted_tanh.calls[torch.float32] == 2
+    counted_tanh.calls = {}
+    assert probe(_counted_model(), x, check_parameters=False, check_samples=[0, 3]).batch_independent is True
+    assert counted_tanh.calls[torch.float32] == 3
+
+
+def test_mixing_backward_found_with_and_without_float64_rows(counted_tanh):
+    """The same batch-mixing backward, caught through the float64 rows, and by the model dtype's own backward when
+    the float64 backward raises (no float64 rows to compare with)."""
+    counted_tanh.mixing = True
+    x = torch.randn(8, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        through_rows = probe(_counted_model(), x, check_parameters=False)
+        counted_tanh.float64_backward_raises, counted_tanh.calls = True, {}
+        alone = probe(_counted_model(), x, check_parameters=False)
+    assert counted_tanh.calls[torch.float64] == 1  # tried once, raised: nothing to compare with
+    for report in (through_rows, alone):
+        assert report.verdicts == (Verdict.FAIL,) * 8 and report.mixing_pairs and report.leaking_pairs == ()

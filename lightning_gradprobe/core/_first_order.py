@@ -15,12 +15,35 @@ import torch
 from torch import Tensor
 
 from ._forward import ForwardPass
-from ._jacobian import CrossSampleCheck, check_cross_sample, leak_tolerance, leaking_pairs
+from ._jacobian import (
+    CrossSampleCheck,
+    check_cross_sample,
+    leak_tolerance,
+    leaking_against,
+    leaking_inputs,
+    leaking_pairs,
+)
 from ._notes import Notes, describe_error
-from ._verdicts import FAIL, INCONCLUSIVE, Judgement, Problem, judge_samples, sample_verdicts, unit_rms
+from ._verdicts import (
+    FAIL,
+    INCONCLUSIVE,
+    Judgement,
+    Problem,
+    ReferenceRows,
+    judge_samples,
+    sample_verdicts,
+    unit_rms,
+)
 from .report import Verdict
 
-__all__ = ["FirstOrder", "check_batch_independence", "choose_samples", "compare_forward_mode", "judge_first_order"]
+__all__ = [
+    "FirstOrder",
+    "check_batch_independence",
+    "choose_samples",
+    "compare_forward_mode",
+    "judge_first_order",
+    "reference_rows",
+]
 
 NO_CROSS_SAMPLE_GRADIENTS = CrossSampleCheck((), (), (), 0, {}, {})
 # Forward mode and reverse mode compute the same derivative with different round-off: a gap beyond this many
@@ -51,11 +74,32 @@ class FirstOrder:
         return [i for i, v in enumerate(self.verdicts) if v is Verdict.FAIL]
 
 
+def reference_rows(forward: ForwardPass, problem: Problem, x: Tensor) -> ReferenceRows | None:
+    """The reference's rows of every sample, computed before the checks that read them.
+
+    When the forward pass left batch independence to a comparison with them; ``None`` otherwise (the first check
+    computes its own).
+    """
+    if forward.sample_factors is None or not problem.separate_reference:
+        return None
+    return ReferenceRows.compute(problem, x, forward.index)
+
+
 def check_batch_independence(
-    forward: ForwardPass, problem: Problem, x: Tensor, generator: torch.Generator
+    forward: ForwardPass,
+    problem: Problem,
+    x: Tensor,
+    generator: torch.Generator,
+    reference: ReferenceRows | None = None,
 ) -> CrossSampleCheck:
-    """Cross-sample gradients autograd claims, checked against finite differences across samples."""
+    """Cross-sample gradients autograd claims, checked against finite differences across samples.
+
+    Where the forward pass scaled its rows per sample, the inputs other samples reach are read from a comparison
+    with the ``reference`` rows; without them (no reference, or its backward failed), from a backward of their own.
+    """
     leaking = forward.gradients.leaking_inputs
+    if forward.sample_factors is not None:
+        leaking = _leaking_inputs(forward, reference, generator)
     if leaking is None or not bool(leaking.any()):
         return NO_CROSS_SAMPLE_GRADIENTS
     selected = forward.selection(forward.outputs, forward.index)
@@ -74,6 +118,21 @@ def check_batch_independence(
         rtol=problem.rtol,
         free=problem.free,
     )
+
+
+def _leaking_inputs(forward: ForwardPass, reference: ReferenceRows | None, generator: torch.Generator) -> Tensor:
+    """``(N,)`` the inputs other samples' outputs reach, for a forward pass whose rows were scaled per sample.
+
+    Rows that match the reference's show no leak. A gap (a leak, or the model dtype's own rounding, as on deeply
+    saturated units) or no reference rows: the batch graph tells, by a backward of its own.
+    """
+    rows = forward.checked_rows
+    theirs = reference.rows if reference is not None else None
+    if theirs is not None and not bool(leaking_against(rows, theirs, rows.dtype).any()):
+        return torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    assert forward.cotangents is not None
+    selected = forward.selection(forward.outputs, forward.index)
+    return leaking_inputs(selected, forward.leaf, forward.cotangents, forward.jacobians, generator)
 
 
 def choose_samples(check_samples: int | Sequence[int] | None, n: int, generator: torch.Generator) -> Tensor:
@@ -97,8 +156,12 @@ def judge_first_order(
     n_directions: int,
     generator: torch.Generator,
     notes: Notes,
+    reference: ReferenceRows | None = None,
 ) -> FirstOrder:
-    """Settle the samples the cross-sample check implicates, judge the others one by one."""
+    """Settle the samples the cross-sample check implicates, judge the others one by one.
+
+    ``reference``: the reference's rows of every sample, when already computed.
+    """
     n = x.shape[0]
     evidence = Judgement.empty(n, n_directions)
     implicated = _settle_cross_sample(cross, checked, evidence, notes)
@@ -112,6 +175,7 @@ def judge_first_order(
             forward.index[rows],
             generator=generator,
             n_directions=n_directions,
+            reference=reference.take(rows) if reference is not None else None,
         )
         evidence.fill(judged, judgement)
         notes.extend(judgement.notes)

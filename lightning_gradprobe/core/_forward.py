@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._functions import BatchFunction, OutputSelector, Selection, Target, build_batch_function, build_selection
-from ._jacobian import Gradients, compute_gradients
+from ._jacobian import ENGINE_FUNC, Gradients, compute_gradients, leak_tolerance
 from ._notes import Notes
 from ._verdicts import output_projection
 
@@ -31,6 +31,10 @@ class ForwardPass:
         gradients: The Jacobian rows, the engine that computed them, and the batch-independence evidence.
         projection: ``(M, q)`` random output projections the checked rows are seen through, or ``None`` when the
             rows are the full Jacobians (then row 0 of ``gradients`` is not a separate saliency row).
+        sample_factors: ``(N,)`` random factors the checked rows' cotangents were scaled by, one per sample (and
+            divided out again), when batch independence is to be read from a comparison with the reference's
+            rows (see :func:`~._jacobian.leaking_against`); ``None`` when ``gradients`` checked it on their own.
+        cotangents: ``(P, N, M)`` the rows' cotangents, unscaled (for an independence check of their own).
 
     """
 
@@ -41,6 +45,13 @@ class ForwardPass:
     index: Tensor
     gradients: Gradients
     projection: Tensor | None
+    sample_factors: Tensor | None = None
+    cotangents: Tensor | None = None
+
+    @property
+    def first_checked_row(self) -> int:
+        """Index of the first checked row in ``gradients.jacobians`` (after the saliency row, if separate)."""
+        return 0 if self.projection is None else 1
 
     @property
     def jacobians(self) -> Tensor:
@@ -58,8 +69,7 @@ class ForwardPass:
     @property
     def checked_rows(self) -> Tensor:
         """``(N, q, ...)`` the rows the check compares (all of them, or their random projections)."""
-        jac = self.jacobians
-        return jac[:, 1:] if self.projection is not None else jac
+        return self.jacobians[:, self.first_checked_row :]
 
 
 def forward_and_jacobians(
@@ -79,6 +89,7 @@ def forward_and_jacobians(
     notes: Notes | None = None,
     check_rows: bool = False,
     model_projections: int | None = None,
+    independence_from_reference: bool = False,
 ) -> ForwardPass:
     """One forward of the batch (the model gets a copy it may write into), the selection, the Jacobians.
 
@@ -86,6 +97,11 @@ def forward_and_jacobians(
     the saliency row, then the random output projections the check sees (``ForwardPass.projection``), the first
     ``model_projections`` of them (all with ``None``: when a float64 reference judges the formula, the model's
     own dtype is only compared with it, and one projection does that).
+
+    With ``independence_from_reference`` (a float64 reference will compute the checked rows of every sample), batch
+    independence costs no backward here: the checked rows get a random factor per sample
+    (``ForwardPass.sample_factors``), to be compared with the reference's rows. Not in half precision, whose
+    rounding reaches the leak tolerance, nor under ``torch.func``, whose rows never see the batch.
     """
     function = build_batch_function(model, forward=forward, output=output, dtype=None)
     outputs = function(leaf.clone())
@@ -103,12 +119,20 @@ def forward_and_jacobians(
     if notes is not None and selection.kind == "projected":
         _note_projection(notes, outputs[0].numel(), selection.n_outputs, max_full_outputs)
     projection = output_projection(selection.n_outputs, generator, leaf.device) if check_rows else None
+    n, first = leaf.shape[0], 0 if projection is None else 1
     cotangents = None
     if projection is not None:
-        n = leaf.shape[0]
         salient = _saliency_cotangent(selection, outputs.detach(), index).double()
         computed = projection.T[:model_projections]
         cotangents = torch.cat([salient[None], computed[:, None, :].expand(-1, n, -1)])
+    fold = independence_from_reference and check_batch and n > 1 and engine != ENGINE_FUNC
+    factors = _sample_factors(n, generator).to(leaf.device) if fold and _foldable(outputs.dtype) else None
+    scaled = cotangents
+    if factors is not None:
+        if cotangents is None:  # every output's row: the full Jacobians
+            eye = torch.eye(selection.n_outputs, dtype=torch.float64, device=leaf.device)
+            cotangents = eye[:, None, :].expand(-1, n, -1)
+        scaled = torch.cat([cotangents[:first], cotangents[first:] * factors[None, :, None]])
     gradients = compute_gradients(
         function,
         selection,
@@ -116,15 +140,31 @@ def forward_and_jacobians(
         outputs,
         index,
         engine=engine,
-        check_batch=check_batch,
+        check_batch=check_batch and factors is None,
         generator=generator,
         chunk_size=chunk_size,
         owner=model,
-        cotangents=cotangents,
+        cotangents=scaled,
     )
+    if factors is not None:
+        jac = gradients.jacobians
+        shape = (n, 1) + (1,) * (jac.ndim - 2)
+        unscaled = torch.cat([jac[:, :first], jac[:, first:] / factors.to(jac.dtype).reshape(shape)], dim=1)
+        gradients = replace(gradients, jacobians=unscaled)
     if notes is not None and gradients.fallback_reason:
         notes.add(f"torch.func could not run the model ({gradients.fallback_reason}); plain autograd was used")
-    return ForwardPass(function, leaf, outputs, selection, index, gradients, projection)
+    return ForwardPass(function, leaf, outputs, selection, index, gradients, projection, factors, cotangents)
+
+
+def _foldable(dtype: torch.dtype) -> bool:
+    """Whether the dtype's rounding sits far below its leak tolerance (not capped at 1%: not half precision)."""
+    return leak_tolerance(dtype) < 1e-2
+
+
+def _sample_factors(n: int, generator: torch.Generator) -> Tensor:
+    """``(N,)`` random factors of either sign and magnitude in [1, 2): two samples' ratio is never 1 but by chance."""
+    uniform = torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1
+    return torch.where(uniform >= 0, uniform + 1, uniform - 1)
 
 
 def _note_projection(notes: Notes, n_outputs: int, n_compared: int, max_full_outputs: int) -> None:

@@ -13,8 +13,10 @@ Two engines:
 
 Independence check: one more batched cotangent, random ``u``. Through the batch graph it gives
 ``g_j = sum_i J_ij^T u_i``; from the per-sample rows, ``sum_m u_jm J_j[m]``. They differ exactly
-when some sample's outputs depend on another sample's input. The offending pairs are then found
-with :func:`leaking_pairs`.
+when some sample's outputs depend on another sample's input (:func:`leaking_inputs`). Where a float64
+reference computes the same rows anyway, no backward is added: the model's rows get a random factor per
+sample on their cotangents, and differ from the reference's where samples mix (:func:`leaking_against`).
+The offending pairs are then found with :func:`leaking_pairs`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = [
     "compute_gradients",
     "jacobians_of",
     "leak_tolerance",
+    "leaking_against",
+    "leaking_inputs",
     "leaking_pairs",
 ]
 
@@ -101,23 +105,14 @@ def compute_gradients(
         eye = torch.eye(n_outputs, dtype=selected.dtype, device=selected.device)
         cotangents = eye[:, None, :].expand(n_outputs, n, n_outputs)
     cotangents = cotangents.to(selected)
-    n_rows = cotangents.shape[0]
-    rows = [cotangents]
-    probe_weights = None
-    if check_batch and n > 1:
-        # One more cotangent, a random per-sample combination of the rows' own: through the batch it reaches
-        # input j as sum_i J_ij^T u_i, from the per-sample rows as sum_p c_jp row_jp; they differ exactly when
-        # some sample's outputs depend on another sample's input.
-        probe_weights = torch.randn((n, n_rows), generator=generator, dtype=torch.float64).to(selected)
-        rows.append(torch.einsum("np,pnm->nm", probe_weights, cotangents)[None])
     reason = None
     used = ENGINE_AUTOGRAD
+    jac = None
     if engine == ENGINE_FUNC:
         try:
             full = _jacobians_func(function, selection, leaf, index, chunk_size)
             jac = torch.einsum("pnm,nm...->np...", cotangents, full)
             used = ENGINE_FUNC
-            rows = rows[1:]
         except Exception as error:  # any failure under the transforms: fall back, warn once
             reason = f"{describe_error(error, 200)}"
             warn_once(
@@ -127,19 +122,48 @@ def compute_gradients(
                 "autograd and batched cotangents instead (same verdicts). This warning is shown once.",
                 stacklevel=3,
             )
-    grads = _batched_grad(selected, leaf, torch.cat(rows)) if rows else None
-    if used == ENGINE_AUTOGRAD:
-        assert grads is not None
-        jac, grads = grads[:n_rows].transpose(0, 1), grads[n_rows:]
-    leaking = None
-    if probe_weights is not None:
-        assert grads is not None
-        through_batch = grads[0].reshape(n, -1).double()
-        per_sample = torch.einsum("np,npd->nd", probe_weights.double(), jac.reshape(n, n_rows, -1).double())
-        gap = (through_batch - per_sample).norm(dim=1).nan_to_num(nan=math.inf)
-        scale = torch.maximum(through_batch.norm(dim=1), per_sample.norm(dim=1)).nan_to_num(nan=0.0).max()
-        leaking = gap > leak_tolerance(selected.dtype) * scale.clamp_min(torch.finfo(torch.float64).tiny)
+    if jac is None:
+        jac = _batched_grad(selected, leaf, cotangents).transpose(0, 1)
+    leaking = leaking_inputs(selected, leaf, cotangents, jac, generator) if check_batch and n > 1 else None
     return Gradients(jac, used, reason, leaking)
+
+
+def leaking_inputs(
+    selected: Tensor, leaf: Tensor, cotangents: Tensor, jac: Tensor, generator: torch.Generator
+) -> Tensor:
+    """``(N,)`` bool: the inputs that other samples' outputs reach, by one more backward through the batch graph.
+
+    Its cotangent is a random per-sample combination of the rows' own (``cotangents``, ``(P, N, M)``): through the
+    batch it reaches input ``j`` as ``sum_i J_ij^T u_i``, from the per-sample rows ``jac`` (``(N, P, ...)``) as
+    ``sum_p c_jp row_jp``; they differ exactly when some sample's outputs depend on another sample's input.
+    """
+    n, n_rows = leaf.shape[0], cotangents.shape[0]
+    probe_weights = torch.randn((n, n_rows), generator=generator, dtype=torch.float64).to(selected)
+    combined = torch.einsum("np,pnm->nm", probe_weights, cotangents.to(selected))
+    through_batch = _batched_grad(selected, leaf, combined[None])[0].reshape(n, -1).double()
+    per_sample = torch.einsum("np,npd->nd", probe_weights.double(), jac.reshape(n, n_rows, -1).double())
+    return _beyond_leak_tolerance(through_batch - per_sample, (through_batch, per_sample), selected.dtype)
+
+
+def leaking_against(rows: Tensor, reference_rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(N,)`` bool: the samples whose rows differ from the reference's beyond the leak tolerance of ``dtype``.
+
+    ``rows`` (``(N, q, D)``) had their cotangents scaled by a random factor ``w`` per sample, divided out again;
+    ``reference_rows`` were not scaled. Through the batch, sample ``j``'s row is ``sum_i (w_i / w_j) J_ij^T c``,
+    the reference's ``sum_i J_ij^T c``: they differ by more than the model dtype's rounding exactly when some other
+    sample's outputs reach input ``j`` (or where ``dtype`` itself is far off, which the search for pairs then tells
+    apart).
+    """
+    model = rows.reshape(rows.shape[0], -1).double()
+    reference = reference_rows[:, : rows.shape[1]].reshape(rows.shape[0], -1).double()
+    return _beyond_leak_tolerance(model - reference, (model, reference), dtype)
+
+
+def _beyond_leak_tolerance(gap: Tensor, sides: tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor:
+    """Where ``gap`` (``(N, D)``) exceeds :func:`leak_tolerance` of the larger side's norm over the batch."""
+    distance = gap.norm(dim=1).nan_to_num(nan=math.inf)
+    scale = torch.maximum(sides[0].norm(dim=1), sides[1].norm(dim=1)).nan_to_num(nan=0.0).max()
+    return distance > leak_tolerance(dtype) * scale.clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def leak_tolerance(dtype: torch.dtype) -> float:

@@ -5,7 +5,8 @@ A probe is a chain of stages, each a function of the values before it (see the R
 1. options: :class:`~._options.ProbeOptions`, validated once;
 2. prepare: :class:`~._prepare.PreparedBatch`, the inputs as one floating batch;
 3. forward and Jacobians: :class:`~._forward.ForwardPass`;
-4. reference: :class:`~._verdicts.Problem`, the model in its own dtype and in float64;
+4. reference: :class:`~._verdicts.Problem`, the model in its own dtype and in float64; and
+   :class:`~._verdicts.ReferenceRows`, float64's rows of every sample, where batch independence is read from them;
 5. cross-sample: :class:`~._jacobian.CrossSampleCheck`, are samples independent?
 6. first order: :class:`~._first_order.FirstOrder`, each checked sample's verdict;
 7. second order: :class:`~.report.SecondOrderReport` (when asked for);
@@ -31,6 +32,7 @@ from ._first_order import (
     choose_samples,
     compare_forward_mode,
     judge_first_order,
+    reference_rows,
 )
 from ._forward import ForwardPass, forward_and_jacobians, saliency_rows
 from ._functions import OutputSelector, Target, build_parameter_function
@@ -179,10 +181,11 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
         batch = prepare_batch(model, inputs, forward=options.forward, layer=options.layer, notes=notes)
         forward_pass = _forward_pass(model, batch, options, generator, notes)
         problem = reference_problem(model, batch, forward_pass, options, notes)
-        cross = check_batch_independence(forward_pass, problem, batch.x, generator)
+        reference = reference_rows(forward_pass, problem, batch.x)
+        cross = check_batch_independence(forward_pass, problem, batch.x, generator, reference)
         checked = choose_samples(options.check_samples, batch.size, generator)
         first = judge_first_order(
-            problem, forward_pass, batch.x, cross, checked, options.n_directions, generator, notes
+            problem, forward_pass, batch.x, cross, checked, options.n_directions, generator, notes, reference
         )
         forward_mode = (
             compare_forward_mode(problem, forward_pass, batch.x, checked, generator=generator, notes=notes)
@@ -252,6 +255,7 @@ def _forward_pass(
     model: Any, batch: PreparedBatch, options: ProbeOptions, generator: torch.Generator, notes: Notes
 ) -> ForwardPass:
     """Stage 3: one forward of the batch, then the saliency row and the rows the check compares."""
+    separate = batch.model_dtype != (options.fd_dtype or batch.model_dtype)
     return forward_and_jacobians(
         model,
         batch.x.detach().requires_grad_(True),
@@ -266,7 +270,8 @@ def _forward_pass(
         generator=generator,
         notes=notes,
         check_rows=True,
-        model_projections=MODEL_DTYPE_ROWS if batch.model_dtype != (options.fd_dtype or batch.model_dtype) else None,
+        model_projections=MODEL_DTYPE_ROWS if separate else None,
+        independence_from_reference=separate and options.check_samples is None,
     )
 
 

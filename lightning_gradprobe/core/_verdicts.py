@@ -52,6 +52,7 @@ __all__ = [
     "FAIL",
     "INCONCLUSIVE",
     "MODEL_DTYPE_ROWS",
+    "ReferenceRows",
     "PASS",
     "PRECISION",
     "FirstCheck",
@@ -211,6 +212,7 @@ def judge_samples(
     *,
     generator: torch.Generator,
     n_directions: int,
+    reference: ReferenceRows | None = None,
 ) -> Judgement:
     """Judge each sample of ``x`` (the checked ones) along ``n_directions`` random directions.
 
@@ -226,10 +228,11 @@ def judge_samples(
         index: ``(n,)`` per-sample output indices for the selection.
         generator: The probe's own generator.
         n_directions: Random directions per sample.
+        reference: The reference's rows and values at ``x``, when already computed.
 
     """
     setting = Setting.draw(problem, x, index, generator, n_directions)
-    first = first_check(setting, jac)
+    first = first_check(setting, jac, reference)
     comparison = first.comparison
     clean = comparison.passed & comparison.reliable & comparison.resolved
     # Non-finite gradients where the function is finite and smooth are wrong, whatever happens nearby.
@@ -329,10 +332,11 @@ class FirstCheck:
         return setting.model_rows_at(points.to(setting.x.dtype), rows).to(points.dtype)
 
 
-def first_check(setting: Setting, jac: Tensor) -> FirstCheck:
+def first_check(setting: Setting, jac: Tensor, reference: ReferenceRows | None = None) -> FirstCheck:
     """The first check: the reference Jacobian rows, the first stencil, and their comparison.
 
-    One reference backward per output projection, whose forward also gives the stencil's ``f(x)``.
+    One reference backward per output projection, whose forward also gives the stencil's ``f(x)`` (unless
+    ``reference`` brings them, computed before).
     """
     problem = setting.problem
     n = setting.x.shape[0]
@@ -341,9 +345,9 @@ def first_check(setting: Setting, jac: Tensor) -> FirstCheck:
     notes: tuple[str, ...] = ()
     if separate:
         try:
-            reference_rows, f0 = _reference_rows(
-                problem, setting.x_reference, setting.index, problem.projection, with_values=True
-            )
+            if reference is None:
+                reference = ReferenceRows.compute(problem, setting.x_reference, setting.index)
+            reference_rows, f0 = reference.unpack()
             rtol = default_rtol(problem.reference_dtype)
         except Exception as error:  # a float64 backward the model cannot run: judge its own dtype's
             separate = False
@@ -788,6 +792,43 @@ def _reference_rows(
         chunk_size=problem.chunk_size,
     ).jacobians
     return jac.reshape(jac.shape[0], jac.shape[1], -1), problem.selection(outputs, index).detach()
+
+
+@dataclass(frozen=True)
+class ReferenceRows:
+    """The reference copy's projected Jacobian rows at a batch and its selected outputs there, or why not.
+
+    Computed once by :meth:`compute` (one reference forward, one backward per projection); read by the first check,
+    and by the batch-independence check before it (see :func:`~._jacobian.leaking_against`).
+    """
+
+    rows: Tensor | None  # (n, q, D), in the reference dtype
+    values: Tensor | None  # (n, M) the selected outputs
+    error: Exception | None = None  # what the reference backward raised (then rows and values are None)
+
+    @classmethod
+    def compute(cls, problem: Problem, x: Tensor, index: Tensor) -> ReferenceRows:
+        """The rows at ``x`` (cast to the reference dtype); an exception is kept, not raised."""
+        try:
+            rows, values = _reference_rows(
+                problem, x.to(problem.reference_dtype), index, problem.projection, with_values=True
+            )
+        except Exception as error:  # a float64 backward the model cannot run: the first check says so
+            return cls(None, None, error)
+        return cls(rows, values)
+
+    def unpack(self) -> tuple[Tensor, Tensor]:
+        """``(rows, values)``; raises what the reference backward raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.rows is not None and self.values is not None
+        return self.rows, self.values
+
+    def take(self, samples: Tensor) -> ReferenceRows:
+        """The same of ``samples`` alone (indices into the batch)."""
+        if self.rows is None or self.values is None:
+            return self
+        return ReferenceRows(self.rows[samples], self.values[samples])
 
 
 def _gain(f0: Tensor, x: Tensor, rows: Tensor, free: Tensor | None = None) -> Tensor:
