@@ -1,6 +1,8 @@
 """Every example runs (reduced sizes) and shows what it claims.
 
-The examples are whole fits, each mostly one busy core: they run side by side (``side_by_side``).
+The examples are whole fits, each mostly one busy core. Importing Lightning is most of a small one's time, so
+they run one after another in two processes (``one_process.py``: each as ``__main__`` with its own arguments and
+output), and the two processes side by side (``side_by_side``).
 """
 
 from pathlib import Path
@@ -11,6 +13,8 @@ from side_by_side import side_by_side
 pytestmark = pytest.mark.slow  # each example is a whole fit
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
+ONE_PROCESS = Path(__file__).parent / "one_process.py"
+GROUPS = (("digits", "tabular", "bug", "bug fixed", "classic"), ("text", "pinn", "pinn fixed", "cli"))
 
 
 def _commands(root: Path) -> dict[str, list]:
@@ -34,19 +38,29 @@ def _commands(root: Path) -> dict[str, list]:
 class _Examples:
     """Each example's standard output (it must exit 0), by name, and the root of their log directories."""
 
-    def __init__(self, launches, root: Path) -> None:
-        self.launches, self.root = launches, root
+    def __init__(self, launches, root: Path, out: Path) -> None:
+        self.launches, self.root, self.out = launches, root, out
 
     def __getitem__(self, name: str) -> str:
-        return self.launches.succeeded(name).stdout
+        (group,) = (i for i, names in enumerate(GROUPS) if name in names)
+        self.launches.succeeded(group)
+        status, out, err = ((self.out / f"{name}.{kind}").read_text() for kind in ("status", "out", "err"))
+        assert status == "0", f"{name} exited {status}:\n{out[-2000:]}\n{err[-4000:]}"
+        return out
 
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
-    commands = {name: [EXAMPLES / args[0], *args[1:]] for name, args in _commands(root).items()}
-    with side_by_side(commands) as launches:
-        yield _Examples(launches, root)
+    out = root / "runs"
+    commands = _commands(root)
+    assert sorted(commands) == sorted(name for names in GROUPS for name in names)
+    launches = {}
+    for i, names in enumerate(GROUPS):
+        scripts = [[name, EXAMPLES / commands[name][0], *commands[name][1:]] for name in names]
+        launches[i] = [ONE_PROCESS, out, *[part for script in scripts for part in [*script, "--"]][:-1]]
+    with side_by_side(launches) as running:
+        yield _Examples(running, root, out)
 
 
 def test_digits_demo(examples):
