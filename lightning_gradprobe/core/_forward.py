@@ -126,7 +126,8 @@ def forward_and_jacobians(
         computed = projection.T[:model_projections]
         cotangents = torch.cat([salient[None], computed[:, None, :].expand(-1, n, -1)])
     fold = independence_from_reference and check_batch and n > 1 and engine != ENGINE_FUNC
-    factors = _sample_factors(n, generator).to(leaf.device) if fold and _foldable(outputs.dtype) else None
+    foldable = _foldable(outputs.dtype) and _foldable(leaf.dtype)
+    factors = _sample_factors(n, generator).to(leaf.device) if fold and foldable else None
     scaled = cotangents
     if factors is not None:
         if cotangents is None:  # every output's row: the full Jacobians
