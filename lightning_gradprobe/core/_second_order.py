@@ -209,8 +209,9 @@ def _check_mixed_term(
 
     ``c`` combines the checked samples and projections at random; the directions in parameter space are random.
 
-    A clean check passes; anything else is checked again with step / 8, where a failure must repeat with the
-    same finite-difference derivative (``D(h) = D(h/8)``).
+    Judged by :meth:`~._parameters.ParameterSpace.judge`'s rules: a clean check passes; anything else is checked
+    again with step / 8, where a failure must repeat with the same finite-difference derivative
+    (``D(h) = D(h/8)``), stand out of their spread, and not pass with step x 8.
     """
     ref = problem.reference_dtype
     xr = x.to(ref)
