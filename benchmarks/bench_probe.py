@@ -10,7 +10,9 @@ Each method and its anchor are timed alternately; the figure is the ratio of med
         (defaults compare all 10 outputs as one vector, so they also pay for the 10 backwards of (b);
          (c') with target="argmax" does the floor's own work: one output per sample)
     (d) probe() defaults (parameter gradients checked)   vs probe(check_parameters=False): the parameter check's
-                                                            own cost; (d') the same on a transformer encoder
+                                                            own cost; (d') the same on a small transformer encoder
+                                                            (2 layers, d=16: per-call overhead dominates), (d'') on
+                                                            one of working size (4 layers, d=128, 64 tokens)
 
 Run:  python benchmarks/bench_probe.py [--repeats 15] [--threads 2]
 """
@@ -84,6 +86,11 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28)
     encoder = _transformer().eval()  # 2 layers, d_model 16, 4 heads, on 16 sequences of 10 tokens
     tokens = torch.randn(16, 10, 16)
+    layer = torch.nn.TransformerEncoderLayer(128, 4, 512, dropout=0.1, batch_first=True)
+    stack = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+    # 4 layers, d_model 128, 4 heads, on 16 sequences of 64 tokens
+    working = torch.nn.Sequential(stack, torch.nn.Flatten(), torch.nn.Linear(64 * 128, 10)).eval()
+    sequences = torch.randn(16, 64, 128)
 
     rows = [
         ("(a) saliency, argmax", lambda: saliency(model, x), lambda: batch_sum_saliency(model, x), 1.2),
@@ -105,6 +112,12 @@ def main() -> None:
             "(d') same, transformer encoder",
             lambda: probe(encoder, tokens),
             lambda: probe(encoder, tokens, check_parameters=False),
+            1.25,
+        ),
+        (
+            "(d'') same, working-size encoder",
+            lambda: probe(working, sequences),
+            lambda: probe(working, sequences, check_parameters=False),
             1.25,
         ),
     ]
