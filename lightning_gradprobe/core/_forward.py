@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -147,11 +147,9 @@ def forward_and_jacobians(
         owner=model,
         cotangents=scaled,
     )
-    if factors is not None:
+    if factors is not None:  # (in place: the rows are this call's own, with no graph)
         jac = gradients.jacobians
-        shape = (n, 1) + (1,) * (jac.ndim - 2)
-        unscaled = torch.cat([jac[:, :first], jac[:, first:] / factors.to(jac.dtype).reshape(shape)], dim=1)
-        gradients = replace(gradients, jacobians=unscaled)
+        jac[:, first:] /= factors.to(jac.dtype).reshape((n, 1) + (1,) * (jac.ndim - 2))
     if notes is not None and gradients.fallback_reason:
         notes.add(f"torch.func could not run the model ({gradients.fallback_reason}); plain autograd was used")
     return ForwardPass(function, leaf, outputs, selection, index, gradients, projection, factors, cotangents)
