@@ -110,3 +110,42 @@ def test_mixing_backward_found_with_and_without_float64_rows(counted_tanh):
     assert counted_tanh.calls[torch.float64] == 1  # tried once, raised: nothing to compare with
     for report in (through_rows, alone):
         assert report.verdicts == (Verdict.FAIL,) * 8 and report.mixing_pairs and report.leaking_pairs == ()
+
+
+class _TanhScaledBackward(torch.autograd.Function):
+    """``tanh`` whose backward is 1.1 times the derivative."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return 1.1 * g * (1 - y * y)
+
+
+class _BatchStatistics(nn.Module):
+    """Normalisation by the batch's own statistics: a forward that really mixes samples (in eval mode too)."""
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, None, None, training=True)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_a_forward_that_mixes_samples_with_a_wrong_backward_is_told_as_a_leak(wrong):
+    """The forward mixes samples; the backward's cross-sample gradients are wrong too (or right): leaking pairs and
+    ``inconclusive`` either way (per-sample gradients are ill-defined), a note on the wrong cross terms, never "a
+    backward that mixes samples the forward keeps apart" (a ``fail`` would not be safe: on a correct model with
+    kinks, one source in eight can disagree)."""
+    torch.manual_seed(0)
+    act = Apply(_TanhScaledBackward) if wrong else nn.Tanh()
+    model = nn.Sequential(nn.Linear(6, 16), _BatchStatistics(), act, nn.Linear(16, 3)).eval()
+    report = probe(model, torch.randn(8, 6), check_parameters=False)
+    assert report.batch_independent is False and report.leaking_pairs and report.mixing_pairs == ()
+    assert report.verdicts == (Verdict.INCONCLUSIVE,) * 8, str(report)
+    assert any("wrong across samples" in note for note in report.notes) == wrong

@@ -6,7 +6,7 @@ import pytest
 import torch
 from side_by_side import side_by_side
 from torch import nn
-from zoo import buggy_models, correct_models, exact_zero_models, kernel_bug_classes
+from zoo import Act, buggy_models, correct_models, exact_zero_models, kernel_bug_classes
 
 from lightning_gradprobe import GradientCheckError, Verdict, probe
 
@@ -235,6 +235,32 @@ def test_half_precision_models_judged_through_float64(dtype):
     assert Verdict.FAIL not in correct
     assert sum(v in (Verdict.PASS, Verdict.PRECISION_LIMITED) for v in correct) == len(correct)
     assert all(v is Verdict.FAIL for v in wrong)
+
+
+class _Float32Logits(nn.Module):
+    """A half-precision network whose forward always returns float32 logits (``.float()``, as for a stable loss):
+    its float64 copy computes the last step in float32, so the model is judged in its own dtype, with a note."""
+
+    def __init__(self, dtype: torch.dtype, bug: str) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), Act("ok" if bug == "ok" else "scale"), nn.Linear(16, 3)).to(dtype)
+
+    def forward(self, x):
+        return self.net(x).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_with_float32_outputs_is_judged(dtype):
+    """(It raised "expected scalar type BFloat16 but found Float": outputs and inputs in different dtypes.)"""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)
+        correct = probe(_Float32Logits(dtype, "ok"), x)
+        torch.manual_seed(0)
+        wrong = probe(_Float32Logits(dtype, "scale"), x)
+    assert Verdict.FAIL not in correct.verdicts and any("weaker check" in note for note in correct.notes)
+    assert Verdict.FAIL in wrong.verdicts
 
 
 BUG_CLASSES = sorted(kernel_bug_classes(0))

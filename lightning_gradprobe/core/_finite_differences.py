@@ -192,13 +192,16 @@ class Directional:
 
 def directional(jacobians: Tensor, stencil: Stencil) -> Directional:
     """:class:`Directional` of ``(n, M, ...)`` Jacobians along the stencil's realized displacements."""
-    jac = jacobians.to(stencil.f0.dtype).reshape(jacobians.shape[0], jacobians.shape[1], -1)
-    predicted = torch.einsum("nmd,nkd->nkm", jac, stencil.d_plus + stencil.d_minus)
+    # (In the wider of the outputs' and the inputs' dtypes: a half-precision model may return float32 outputs.)
+    dtype = torch.promote_types(stencil.f0.dtype, stencil.d_plus.dtype)
+    jac = jacobians.to(dtype).reshape(jacobians.shape[0], jacobians.shape[1], -1)
+    d_plus, d_minus = stencil.d_plus.to(dtype), stencil.d_minus.to(dtype)
+    predicted = torch.einsum("nmd,nkd->nkm", jac, d_plus + d_minus)
     # A tiny correction; a non-finite Jacobian must not make the stencil itself look unreliable.
-    asymmetry = torch.einsum("nmd,nkd->nkm", jac.nan_to_num(0.0, 0.0, 0.0), stencil.d_plus - stencil.d_minus)
+    asymmetry = torch.einsum("nmd,nkd->nkm", jac.nan_to_num(0.0, 0.0, 0.0), d_plus - d_minus)
     # A backward's round-off scales with its terms, not with a result that cancelled by chance:
     # the typical size of J v over random directions is ||J||_F ||v|| / sqrt(D).
-    displacement = (stencil.d_plus + stencil.d_minus).norm(dim=-1)
+    displacement = (d_plus + d_minus).norm(dim=-1)
     typical = (jac.norm(dim=(1, 2)).unsqueeze(1) * displacement / jac.shape[-1] ** 0.5).nan_to_num(nan=0.0)
     return Directional(predicted, asymmetry, displacement, typical)
 

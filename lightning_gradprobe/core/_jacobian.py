@@ -302,16 +302,18 @@ def _cross_sample_kind(result: Any, stencil: Stencil) -> str:
     """What finite differences across samples say of a claimed cross-sample gradient.
 
     ``"forward"``: the finite difference itself resolves a dependence (beyond its own error bound and the
-    tolerance) and autograd agrees with it; ``"backward"``: autograd reliably disagrees (a wrong backward);
+    tolerance) and autograd agrees with it; ``"wrong forward"``: it resolves one and autograd reliably disagrees
+    with it (the forward mixes samples, whatever the backward's cross terms); ``"backward"``: it
+    resolves none and autograd reliably claims one (a backward that mixes samples the forward keeps apart);
     ``"negligible"``: the finite difference sees no dependence and the claim is within tolerance of none;
     ``"unverified"``: a kink inside the stencil.
     """
     if not bool(result.reliable):
         return "unverified"
-    if not bool(result.passed):
-        return "backward"
     seen = float((stencil.f_plus - stencil.f_minus).abs().max())
     noise = float(result.fd_error * result.scale) * 2 + float(result.scale) * _RESOLVED_DEPENDENCE
+    if not bool(result.passed):
+        return "wrong forward" if seen > noise else "backward"
     return "forward" if seen > noise else "negligible"
 
 
@@ -322,6 +324,9 @@ class CrossSampleCheck:
     Attributes:
         forward: ``(i, j)`` pairs where the *forward* really mixes samples (output ``i`` moves with input ``j``).
         backward_only: Pairs the backward claims but the forward does not have: a wrong backward.
+        wrong_across: Those of ``forward`` where autograd's cross-sample gradient disagrees with the finite
+            difference that shows the dependence (said in a note where every source disagrees; not judged: per-sample
+            gradients are ill-defined, and a stencil across a kink can disagree by itself).
         unverified: Pairs whose finite differences were unreliable (kink) and not inherited.
         sources_checked: How many source samples were checked by finite differences.
         relative_error: Per source checked, the relative error of the claimed cross term.
@@ -335,6 +340,7 @@ class CrossSampleCheck:
     sources_checked: int
     relative_error: dict[int, float]
     margin: dict[int, float]
+    wrong_across: tuple[tuple[int, int], ...] = ()
 
 
 def check_cross_sample(
@@ -413,14 +419,17 @@ def check_cross_sample(
         kinds[j] = _cross_sample_kind(result, stencil)
     agreed = set(kinds.values()) - {"negligible"}
     inherited = next(iter(agreed)) if len(agreed) == 1 else "unverified" if agreed else "negligible"
-    sorted_pairs: dict[str, list[tuple[int, int]]] = {"forward": [], "backward": [], "unverified": [], "negligible": []}
+    sorted_pairs: dict[str, list[tuple[int, int]]] = {
+        kind: [] for kind in ("forward", "wrong forward", "backward", "unverified", "negligible")
+    }
     for pair in pairs:
         sorted_pairs[kinds.get(pair[1], inherited)].append(pair)
     return CrossSampleCheck(
-        tuple(sorted_pairs["forward"]),
+        tuple(sorted_pairs["forward"] + sorted_pairs["wrong forward"]),
         tuple(sorted_pairs["backward"]),
         tuple(sorted_pairs["unverified"]),
         len(sources),
         errors,
         margins,
+        wrong_across=tuple(sorted_pairs["wrong forward"]),
     )
