@@ -198,7 +198,7 @@ def _settle_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: Jud
         disagreeing = {j for _, j in cross.wrong_across}
         if disagreeing and len(disagreeing) == cross.sources_checked:
             notes.add(
-                f"and autograd's cross-sample gradients disagree with those finite differences for every source "
+                f"autograd's cross-sample gradients disagree with those finite differences for every source "
                 f"sample checked ({cross.sources_checked}; pairs {list(cross.wrong_across[:6])}): the backward may be "
                 "wrong across samples too (not judged: the forward mixes them)"
             )
