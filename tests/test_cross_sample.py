@@ -9,6 +9,7 @@ import pytest
 import torch
 from cross_sample_cases import Apply, RmsBatchMean, mixing_backwards, mixing_forwards
 from torch import nn
+from zoo import Act
 
 from lightning_gradprobe import Verdict, probe
 
@@ -112,23 +113,6 @@ def test_mixing_backward_found_with_and_without_float64_rows(counted_tanh):
         assert report.verdicts == (Verdict.FAIL,) * 8 and report.mixing_pairs and report.leaking_pairs == ()
 
 
-class _TanhScaledBackward(torch.autograd.Function):
-    """``tanh`` whose backward is 1.1 times the derivative."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return 1.1 * g * (1 - y * y)
-
-
 class _BatchStatistics(nn.Module):
     """Normalisation by the batch's own statistics: a forward that really mixes samples (in eval mode too)."""
 
@@ -143,7 +127,7 @@ def test_a_forward_that_mixes_samples_with_a_wrong_backward_is_told_as_a_leak(wr
     backward that mixes samples the forward keeps apart" (a ``fail`` would not be safe: on a correct model with
     kinks, one source in eight can disagree)."""
     torch.manual_seed(0)
-    act = Apply(_TanhScaledBackward) if wrong else nn.Tanh()
+    act = Act("scale" if wrong else "ok")  # tanh; its backward x1.1 when wrong
     model = nn.Sequential(nn.Linear(6, 16), _BatchStatistics(), act, nn.Linear(16, 3)).eval()
     report = probe(model, torch.randn(8, 6), check_parameters=False)
     assert report.batch_independent is False and report.leaking_pairs and report.mixing_pairs == ()
