@@ -89,10 +89,11 @@ def check_parameter_gradients(
 class ParameterSpace:
     """A model's parameters as one point to differentiate at and to step away from, without copies of the model.
 
-    Holds the parameters in ``dtype`` (``values``: plain copies for a small model, :class:`~._cast.LazyCast` casts
-    made op by op for a big or sharded one) and ``n_directions`` random sign directions over the trainable ones
-    (a small model's drawn at once and kept as one matrix; a big one's drawn from per-parameter seeds again when
-    needed, a chunk at a time: then nothing the size of the model is stored). On each parameter
+    Holds the parameters in ``dtype`` (``values``: views of one flat tensor for a small model, plain copies for a
+    mid-sized one, :class:`~._cast.LazyCast` casts made op by op for a big or sharded one) and ``n_directions``
+    random sign directions over the trainable ones (a small model's drawn at once and kept as one matrix, so that
+    ``theta + step v`` is placed with one call; a big one's drawn from per-parameter seeds again when needed, a
+    chunk at a time: then nothing the size of the model is stored). On each parameter
     tensor a direction has the size of that tensor's own RMS (at least 1, as an input's step is sized by the
     input), so that a layer of large weights does not set the step of a layer of small ones. :meth:`judge`
     compares autograd's directional derivative of a scalar function of the parameters with central differences
@@ -127,14 +128,30 @@ class ParameterSpace:
         per_tensor: bool = True,
     ):
         self.sources = function.parameters
-        self.lazy = function.sharded or use_lazy_casts(self.sources, dtype)
-        self.values = [LazyCast(p, dtype) if self.lazy else p.to(dtype, copy=True) for p in self.sources]
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
+        self.lazy = function.sharded or use_lazy_casts(self.sources, dtype)
+        # A small model's directions are kept, drawn at once, as one (directions, weights) matrix: the gradient is
+        # reduced with one product. Its values are then views of one flat tensor, placed at theta + step v with one
+        # call. A big one's directions are drawn again from per-parameter seeds each time they are needed, a chunk
+        # at a time.
+        small = n_directions * self.trainable_count * torch.finfo(dtype).bits // 8 <= _KEPT_DIRECTION_BYTES
+        small &= len({p.device for p in self.sources}) <= 1
+        self._at_rest: Tensor | None = None  # a small model's values where they rest, flat: trainable ones first
+        self._flat: Tensor | None = None
+        if small and not self.lazy:
+            frozen = [i for i, t in enumerate(function.trainable) if not t]
+            order = self.trainable + frozen
+            device = self.sources[0].device if self.sources else torch.device("cpu")
+            self._at_rest = torch.empty(self.count, dtype=dtype, device=device)
+            torch._foreach_copy_(_views(self._at_rest, self.sources, order), [p.detach() for p in self.sources])
+            self._flat = self._at_rest.clone()
+            self.values = _views(self._flat, self.sources, order)
+        else:
+            self.values = [LazyCast(p, dtype) if self.lazy else p.to(dtype, copy=True) for p in self.sources]
         with torch.no_grad():  # per parameter: the size of its direction's entries
-            sums = [torch.linalg.vector_norm(unsharded(p).detach(), dtype=torch.float64) ** 2 for p in self.sources]
-            squares = torch.stack([t.to(sums[0].device) for t in sums]).tolist() if sums else []
+            squares = self._squares()
         self.norm = sum(squares) ** 0.5  # |theta|, every parameter
         trainable_squares = sum(squares[i] for i in self.trainable)
         overall = max(1.0, (trainable_squares / max(self.trainable_count, 1)) ** 0.5)
@@ -142,10 +159,6 @@ class ParameterSpace:
             i: max(1.0, (squares[i] / max(self.sources[i].numel(), 1)) ** 0.5) if per_tensor else overall
             for i in self.trainable
         }
-        # A small model's directions are kept, drawn at once, as one (directions, weights) matrix: the gradient is
-        # reduced with one product and the parameters moved with one call. A big one's are drawn again from
-        # per-parameter seeds each time they are needed, a chunk at a time.
-        small = n_directions * self.trainable_count * torch.finfo(dtype).bits // 8 <= _KEPT_DIRECTION_BYTES
         self._kept: Tensor | None = None
         self._offsets: dict[int, int] = {}
         self.seeds: list[list[int]] = []
@@ -154,17 +167,28 @@ class ParameterSpace:
         else:
             self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
 
+    def _squares(self) -> list[float]:
+        """``|theta_i|^2`` per parameter, in float64 (one call for a small model's flat values)."""
+        if not self.sources:
+            return []
+        if self._flat is not None and self._flat.dtype == torch.float64:
+            return [float(n) ** 2 for n in torch.stack(torch._foreach_norm(self.values)).tolist()]
+        sums = [torch.linalg.vector_norm(unsharded(p).detach(), dtype=torch.float64) ** 2 for p in self.sources]
+        return torch.stack([t.to(sums[0].device) for t in sums]).tolist()
+
     def _draw_kept(self, generator: torch.Generator, n_directions: int, dtype: torch.dtype) -> Tensor:
-        """Every direction over every trainable weight, ``(directions, weights)``, from one draw."""
+        """Every direction over every trainable weight, ``(directions, weights)``, from one draw of random bytes."""
         offset, sizes, counts = 0, [], []
         for i in self.trainable:
             self._offsets[i], offset = offset, offset + self.sources[i].numel()
             sizes.append(self.sizes[i])
             counts.append(self.sources[i].numel())
-        signs = torch.randint(0, 2, (n_directions, offset), generator=generator, dtype=torch.uint8)
-        entries = torch.tensor(sizes, dtype=dtype).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+        packed = torch.randint(0, 256, (n_directions, (offset + 7) // 8), generator=generator, dtype=torch.uint8)
         device = self.sources[self.trainable[0]].device if self.trainable else torch.device("cpu")
-        return ((2 * signs.to(dtype) - 1) * entries).to(device)
+        kept = _unpack(packed.to(device))[:, :offset].to(dtype).mul_(2).sub_(1)  # +-1 (elementwise passes: cheap)
+        for row in kept if counts else ():
+            torch._foreach_mul_(list(row.split(counts)), sizes)
+        return kept
 
     @property
     def n_directions(self) -> int:
@@ -183,8 +207,7 @@ class ParameterSpace:
         draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
         n = source.numel()
         packed = torch.randint(0, 256, ((n + 7) // 8,), generator=draw, dtype=torch.uint8, device=source.device)
-        bits = torch.arange(8, dtype=torch.uint8, device=source.device)
-        return ((packed[:, None] >> bits) & 1).view(-1)[:n].view(torch.bool)
+        return _unpack(packed)[:n]
 
     def _drawn(self, direction: int, i: int, dtype: torch.dtype) -> Tensor:
         source = self.sources[i]
@@ -276,14 +299,16 @@ class ParameterSpace:
             value = value_at(self.values)
             if not value.requires_grad:
                 return value.detach(), torch.zeros(self.n_directions, dtype=torch.float64), 0.0
-            grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+            grads = [g.detach() for g in torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)]
         finally:
             for leaf in leaves:
                 leaf.requires_grad_(False)
-        flat = torch.cat([g.detach().reshape(-1) for g in grads]).to(self._kept.dtype)
-        along = (self._kept @ flat).double().cpu()
-        spread = float((flat.nan_to_num(0.0, 0.0, 0.0).pow(2) * self._kept[0].pow(2)).sum())
-        return value.detach(), along, spread
+        along = (self._kept @ torch.cat([g.reshape(-1) for g in grads]).to(self._kept.dtype)).double().cpu()
+        norms = torch.stack(torch._foreach_norm(grads)).double()
+        if not bool(norms.isfinite().all()):  # (non-finite entries count as 0)
+            norms = torch.stack([g.nan_to_num(0.0, 0.0, 0.0).double().norm() for g in grads])
+        sizes = torch.tensor([self.sizes[i] for i in self.trainable], dtype=torch.float64, device=norms.device)
+        return value.detach(), along, float((norms.pow(2) * sizes.pow(2)).sum())
 
     def judge(self, value_at: ValueAt, *, rtol: float, floor: float) -> tuple[Verdict, float, float]:
         """Autograd's ``grad . v`` against central differences of ``value_at`` along each direction.
@@ -320,12 +345,14 @@ class ParameterSpace:
             return Verdict.FAIL, margin, relative_error
         return (Verdict.PASS if bool(judged.all()) else Verdict.INCONCLUSIVE), margin, relative_error
 
-    def _move(self, direction: int, step: float) -> None:
-        """Move the values from where they rest by ``step`` along ``direction``."""
-        if self._kept is not None and not self.lazy:  # one call for every parameter
-            moves = [self.direction(direction, i, self.values[i].dtype) for i in self.trainable]
-            torch._foreach_add_([self.values[i] for i in self.trainable], moves, alpha=step)
+    def _place(self, direction: int, step: float) -> None:
+        """Put the values at ``theta + step v`` along ``direction``: exactly, from where they rest."""
+        if self._flat is not None and self._kept is not None:  # one call for every parameter
+            n = self._kept.shape[1]
+            assert self._at_rest is not None
+            torch.add(self._at_rest[:n], self._kept[direction], alpha=step, out=self._flat[:n])
             return
+        self._rest()
         for i in self.trainable:
             value = self.values[i]
             if isinstance(value, LazyCast):  # moved as each cast is made
@@ -335,13 +362,16 @@ class ParameterSpace:
 
     def _rest(self) -> None:
         """Put the values back exactly where they rest: casts of the model's own tensors."""
-        if self.lazy:
+        if self._flat is not None:
+            assert self._at_rest is not None
+            self._flat.copy_(self._at_rest)
+        elif self.lazy:
             for i in self.trainable:
                 cast = self.values[i]
                 assert isinstance(cast, LazyCast)
                 cast.shift, cast._held = None, None  # (a value the forward wrote into is dropped too)
-            return
-        torch._foreach_copy_([self.values[i] for i in self.trainable], [self.sources[i] for i in self.trainable])
+        else:
+            torch._foreach_copy_([self.values[i] for i in self.trainable], [self.sources[i] for i in self.trainable])
 
     def _stencil(
         self, value_at: ValueAt, value: Tensor, along: Tensor, spread: float, step: float
@@ -360,12 +390,10 @@ class ParameterSpace:
         with torch.no_grad():
             try:
                 for d in range(k):
-                    self._move(d, step)
+                    self._place(d, step)
                     f_plus.append(value_at(self.values).detach())
-                    self._rest()
-                    self._move(d, -step)
+                    self._place(d, -step)
                     f_minus.append(value_at(self.values).detach())
-                    self._rest()
             finally:
                 self._rest()
         # |step v|, and the typical size of grad . (2 step v) over random signs: sqrt(sum_i grad_i^2 v_i^2).
@@ -398,6 +426,22 @@ def _beyond_their_spread(coarse: Stencil, fine: Stencil, comparison: Comparison)
     (a, _), (b, length) = central_derivative(coarse), central_derivative(fine)
     spread = (a - b).norm(dim=-1) * length
     return comparison.relative_error * comparison.scale > _NOISE_SPREAD * spread
+
+
+def _unpack(packed: Tensor) -> Tensor:
+    """Random bytes as eight signs each, along their last dimension (``True``: ``+``)."""
+    bits = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[..., None] >> bits) & 1).flatten(-2).view(torch.bool)
+
+
+def _views(flat: Tensor, sources: Sequence[Tensor], order: Sequence[int]) -> list[Tensor]:
+    """One view of ``flat`` per source, in the sources' order, laid out in ``flat`` in ``order``."""
+    views: list[Tensor] = [flat] * len(sources)
+    start = 0
+    for i in order:
+        views[i] = flat[start : start + sources[i].numel()].view(sources[i].shape)
+        start += sources[i].numel()
+    return views
 
 
 def _plus_minus_one(signs: Tensor, dtype: torch.dtype) -> Tensor:
