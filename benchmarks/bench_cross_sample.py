@@ -2,7 +2,8 @@
 
 For each model of ``tests/cross_sample_cases.py`` and each seed (a fresh model and batch of 8): the verdicts,
 and whether the report claims a forward leak. A backward-only mixing must fail every sample with no invented
-forward leak; a real forward leak must be found every time.
+forward leak; a real forward leak must be found every time, whether the backward claims it ("forward") or is
+blind to it ("blind": batch statistics treated as constants, a detached batch mean).
 
 Run:  python benchmarks/bench_cross_sample.py [--seeds 300]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch
-from cross_sample_cases import mixing_backwards, mixing_forwards
+from cross_sample_cases import blind_backwards, mixing_backwards, mixing_forwards
 
 from lightning_gradprobe import probe
 
@@ -32,7 +33,8 @@ def main() -> None:
     start = time.perf_counter()
     print(f"{args.seeds} seeds x 8 samples per model")
     print(f"{'':9s} {'model':32s} {'fail':>7s} {'incon.':>7s} {'other':>7s} {'probes with a forward leak':>27s}")
-    for kind, models in (("backward", mixing_backwards()), ("forward", mixing_forwards())):
+    kinds = (("backward", mixing_backwards()), ("forward", mixing_forwards()), ("blind", blind_backwards()))
+    for kind, models in kinds:
         for name, make in models.items():
             verdicts: collections.Counter[str] = collections.Counter()
             leaks = 0

@@ -1,5 +1,6 @@
 """Batch-mixing kernels: backwards that reduce over the batch axis while their forwards keep samples apart,
-beside a forward that really mixes samples. Shared by the tests and ``benchmarks/bench_cross_sample.py``."""
+beside forwards that really mix samples, with backwards that see it or are blind to it. Shared by the tests and
+``benchmarks/bench_cross_sample.py``."""
 
 from __future__ import annotations
 
@@ -85,6 +86,28 @@ class BatchCentering(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class ConstantStatistics(torch.autograd.Function):
+    """Normalisation by the batch's own statistics whose backward treats them as constants (no cross terms)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        spread = x.std(0, keepdim=True) + 1e-5
+        ctx.save_for_backward(spread)
+        return (x - x.mean(0, keepdim=True)) / spread
+
+    @staticmethod
+    def backward(ctx, g):
+        (spread,) = ctx.saved_tensors
+        return g / spread  # bug: the mean and the spread depend on every sample
+
+
+class DetachedCentering(nn.Module):
+    """Each sample minus the batch mean, the mean detached: a stray ``.detach()`` on a batch statistic."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True).detach()
+
+
 def mixing_backwards() -> dict[str, Callable[[], nn.Module]]:
     """Models whose forward keeps samples apart and whose backward mixes them: every sample must fail."""
     return {
@@ -101,3 +124,15 @@ def mixing_backwards() -> dict[str, Callable[[], nn.Module]]:
 def mixing_forwards() -> dict[str, Callable[[], nn.Module]]:
     """Models whose forward really mixes samples: leaking pairs, every sample inconclusive."""
     return {"batch-centering": lambda: nn.Sequential(nn.Linear(10, 12), BatchCentering(), nn.Tanh(), nn.Linear(12, 3))}
+
+
+def blind_backwards() -> dict[str, Callable[[], nn.Module]]:
+    """Models whose forward really mixes samples and whose backward claims no cross-sample gradient at all."""
+    return {
+        "batch-statistics-as-constants": lambda: nn.Sequential(
+            nn.Linear(10, 12), Apply(ConstantStatistics), nn.Tanh(), nn.Linear(12, 3)
+        ),
+        "detached-batch-mean": lambda: nn.Sequential(
+            nn.Linear(10, 12), DetachedCentering(), nn.Tanh(), nn.Linear(12, 3)
+        ),
+    }

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from cross_sample_cases import Apply, RmsBatchMean, mixing_backwards, mixing_forwards
+from cross_sample_cases import Apply, RmsBatchMean, blind_backwards, mixing_backwards, mixing_forwards
 from torch import nn
 from zoo import Act
 
@@ -46,6 +46,37 @@ def test_a_forward_that_mixes_samples_is_still_found():
         report = probe(mixing_forwards()["batch-centering"]().eval(), torch.randn(8, 10), seed=seed)
         assert report.batch_independent is False and len(report.leaking_pairs) == 8 * 7
         assert report.verdicts == (Verdict.INCONCLUSIVE,) * 8
+
+
+@pytest.mark.parametrize("name", sorted(blind_backwards()))
+def test_a_forward_that_mixes_samples_is_found_when_the_backward_claims_no_cross_term(name):
+    """Batch statistics the backward treats as constants: autograd claims nothing across samples, and the per-sample
+    finite differences (every sample moved at once) keep the statistics in place. Their correct twin, autograd
+    through the statistics, is a leak found through its claims (above); this one is found by the forward alone,
+    with a note on the blind backward, never passed."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        report = probe(blind_backwards()[name]().eval(), torch.randn(8, 10), seed=seed)
+        assert report.batch_independent is False and report.leaking_pairs and not report.ok, str(report)
+        assert report.verdicts == (Verdict.INCONCLUSIVE,) * 8
+        assert any("claims no cross-sample gradient" in note for note in report.notes)
+    correct = probe(mixing_forwards()["batch-centering"]().eval(), torch.randn(8, 10))
+    assert not any("claims no cross-sample gradient" in note for note in correct.notes)
+
+
+def test_a_model_that_cannot_run_part_of_its_batch_says_so():
+    """A forward that refuses small batches: the forward-only leak test (part of the batch) cannot run; the report
+    says so and judges the samples as before."""
+
+    class NeedsTenSamples(nn.Module):
+        def forward(self, x):
+            if x.shape[0] < 10:
+                raise ValueError("at least 10 samples per batch")
+            return x.tanh()
+
+    report = probe(NeedsTenSamples(), torch.randn(12, 4))
+    assert report.batch_independent is True and set(report.verdicts) == {Verdict.PASS}, str(report)
+    assert any("autograd's cross-sample gradients only" in note for note in report.notes)
 
 
 class _CountedTanh(torch.autograd.Function):

@@ -9,7 +9,7 @@ samples along random directions (:func:`~._verdicts.judge_samples`) and combines
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from ._jacobian import (
     leaking_against,
     leaking_inputs,
     leaking_pairs,
+    unclaimed_leaks,
 )
 from ._notes import Notes, describe_error
 from ._verdicts import (
@@ -91,12 +92,45 @@ def check_batch_independence(
     x: Tensor,
     generator: torch.Generator,
     reference: ReferenceRows | None = None,
+    *,
+    notes: Notes | None = None,
+    forward_only: bool = False,
 ) -> CrossSampleCheck:
     """Cross-sample gradients autograd claims, checked against finite differences across samples.
 
     Where the forward pass scaled its rows per sample, the inputs other samples reach are read from a comparison
     with the ``reference`` rows; without them (no reference, or its backward failed), from a backward of their own.
+    With ``forward_only``, where autograd claims no cross-sample gradient, the forward alone is tested for a
+    dependence across samples too (:func:`~._jacobian.unclaimed_leaks`): a backward blind to one the forward has is
+    not a pass.
     """
+    claimed = _claimed_cross_sample(forward, problem, x, generator, reference)
+    if not forward_only or claimed.forward or claimed.backward_only or claimed.unverified:
+        return claimed
+    try:
+        unclaimed = unclaimed_leaks(
+            problem.reference,
+            problem.selection,
+            x.to(problem.reference_dtype),
+            forward.index,
+            generator=generator,
+            free=problem.free,
+        )
+    except Exception as error:  # a model that cannot run on part of its batch: autograd's claims alone, said
+        if notes is not None:
+            notes.add(
+                f"batch independence checked through autograd's cross-sample gradients only: {describe_error(error)}"
+            )
+        return claimed
+    if not unclaimed:
+        return claimed
+    return replace(claimed, forward=claimed.forward + unclaimed, unclaimed=unclaimed)
+
+
+def _claimed_cross_sample(
+    forward: ForwardPass, problem: Problem, x: Tensor, generator: torch.Generator, reference: ReferenceRows | None
+) -> CrossSampleCheck:
+    """The cross-sample gradients autograd claims, each checked against finite differences across samples."""
     leaking = forward.gradients.leaking_inputs
     if forward.sample_factors is not None:
         leaking = _leaking_inputs(forward, reference, generator)
@@ -195,6 +229,13 @@ def _settle_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: Jud
             "samples leak into each other through the forward (confirmed by finite differences across samples), "
             "so per-sample gradients are ill-defined: not checked"
         )
+        if cross.unclaimed:
+            notes.add(
+                f"outputs move with other samples' inputs (pairs {list(cross.unclaimed[:6])}: of two samples run as "
+                "a batch, moving one moved the other's outputs), yet autograd claims no cross-sample gradient at all: "
+                "the backward treats something computed across the batch as a constant (batch statistics in a "
+                "hand-written backward, or a deliberate stop-gradient)"
+            )
         disagreeing = {j for _, j in cross.wrong_across}
         if disagreeing and len(disagreeing) == cross.sources_checked:
             notes.add(
@@ -226,24 +267,28 @@ def compare_forward_mode(
     generator: torch.Generator,
     notes: Notes,
 ) -> tuple[int, ...] | None:
-    """Samples whose jvp along a random direction disagrees with the reverse-mode rows (``None``: not checked).
+    """Samples whose jvp disagrees with the reverse-mode rows (``None``: not checked).
 
     Compared along the output projections the forward pass computed rows for (the first, where a float64
-    reference judges the formula).
+    reference judges the formula). The tangent is half the first reverse-mode row's direction, half a random
+    one: along a random direction alone the rows' product can be near zero by chance, and a wrong jvp with it.
     """
     sub = checked.to(x.device)
     xc, ic = x[sub], forward.index[sub]
-    tangent = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, problem.free).to(xc)
+    rows = forward.checked_rows
+    rows_c = rows[sub].reshape(len(sub), rows.shape[1], -1).double()
+    claimed = rows_c[:, 0].reshape(xc.shape).nan_to_num(0.0, 0.0, 0.0)
+    claimed = torch.where(claimed.reshape(len(sub), -1).any(1).reshape(-1, *[1] * (xc.ndim - 1)), claimed, 1.0)
+    random = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, problem.free)
+    tangent = unit_rms(unit_rms(claimed, 1, problem.free) + random.to(claimed), 1, problem.free).to(xc)
     try:
         forward_mode = torch.func.jvp(lambda t: problem.selection(problem.function(t), ic), (xc,), (tangent,))[1]
         forward_mode = forward_mode.double()
     except Exception as error:  # custom Functions without a jvp rule, ops without forward AD
         notes.add(f"forward mode not checked: {describe_error(error)}")
         return None
-    rows = forward.checked_rows
     if forward.projection is not None:
         forward_mode = forward_mode @ forward.projection[:, : rows.shape[1]].to(forward_mode)
-    rows_c = rows[sub].reshape(len(sub), rows.shape[1], -1).double()
     flat_tangent = tangent.reshape(len(sub), -1).double()
     reverse = torch.einsum("nmd,nd->nm", rows_c, flat_tangent)
     typical = rows_c.norm(dim=(1, 2)) * flat_tangent.norm(dim=1) / rows_c.shape[-1] ** 0.5

@@ -17,6 +17,10 @@ when some sample's outputs depend on another sample's input (:func:`leaking_inpu
 reference computes the same rows anyway, no backward is added: the model's rows get a random factor per
 sample on their cotangents, and differ from the reference's where samples mix (:func:`leaking_against`).
 The offending pairs are then found with :func:`leaking_pairs`.
+
+A forward can mix samples while its backward claims no cross-sample gradient at all (a hand-written backward that
+treats batch statistics as constants): nothing above sees it, and the per-sample finite differences, which move
+every sample at once, keep the batch's statistics in place. :func:`unclaimed_leaks` looks at the forward alone.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ __all__ = [
     "leaking_against",
     "leaking_inputs",
     "leaking_pairs",
+    "unclaimed_leaks",
 ]
 
 ENGINE_FUNC = "torch.func"
@@ -56,6 +61,11 @@ ENGINE_AUTOGRAD = "autograd"
 # A forward dependence across samples counts when the finite difference shows it beyond twice its own error bound
 # plus this fraction of the comparison's scale (the float64 resolution of a pass).
 _RESOLVED_DEPENDENCE = 1e-6
+# The forward-only leak test: a batch of this many samples, half of it moved by this fraction of the inputs' RMS (at
+# least 1): a dependence shows far above round-off, and a batch-independent model moves nothing else. Two samples
+# show any mixing through batch statistics; a larger batch costs more where the model's forward is dear.
+_UNCLAIMED_BATCH = 2
+_UNCLAIMED_MOVE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -327,6 +337,8 @@ class CrossSampleCheck:
         wrong_across: Those of ``forward`` where autograd's cross-sample gradient disagrees with the finite
             difference that shows the dependence (said in a note where every source disagrees; not judged: per-sample
             gradients are ill-defined, and a stencil across a kink can disagree by itself).
+        unclaimed: Those of ``forward`` found by the forward alone, where autograd claims no cross-sample gradient
+            at all (:func:`unclaimed_leaks`).
         unverified: Pairs whose finite differences were unreliable (kink) and not inherited.
         sources_checked: How many source samples were checked by finite differences.
         relative_error: Per source checked, the relative error of the claimed cross term.
@@ -341,6 +353,7 @@ class CrossSampleCheck:
     relative_error: dict[int, float]
     margin: dict[int, float]
     wrong_across: tuple[tuple[int, int], ...] = ()
+    unclaimed: tuple[tuple[int, int], ...] = ()
 
 
 def check_cross_sample(
@@ -433,3 +446,57 @@ def check_cross_sample(
         margins,
         wrong_across=tuple(sorted_pairs["wrong forward"]),
     )
+
+
+def unclaimed_leaks(
+    reference: BatchFunction,
+    selection: Selector,
+    x: Tensor,
+    index: Tensor,
+    *,
+    generator: torch.Generator,
+    free: Tensor | None = None,
+) -> tuple[tuple[int, int], ...]:
+    """``(i, j)`` pairs where output ``i`` moves with input ``j``, seen by the forward alone.
+
+    For a model whose backward claims no cross-sample gradient: a batch of two of the samples, drawn at random,
+    runs twice through ``reference`` (no grad), as it is and with one of them moved along a random direction by
+    ``1e-3`` of the inputs' RMS. A batch-independent model computes the other bit for bit alike (the same kernels
+    on the same shapes); where its outputs move beyond ``1000 eps`` of the outputs' scale, it depends on the moved
+    sample. Two samples show any mixing through batch statistics (a mean, a variance, a sum); a dependence on an
+    extreme of the batch shows when the moved sample holds it.
+
+    Example:
+        >>> centred = lambda batch: batch - batch.mean(0)  # mixes samples; a backward may still claim it does not
+        >>> x, index = torch.randn(6, 3, dtype=torch.float64), torch.zeros(6, dtype=torch.long)
+        >>> len(unclaimed_leaks(centred, lambda out, _: out, x, index, generator=torch.Generator().manual_seed(0)))
+        1
+        >>> unclaimed_leaks(torch.tanh, lambda out, _: out, x, index, generator=torch.Generator().manual_seed(0))
+        ()
+
+    """
+    n = x.shape[0]
+    if n < 2:
+        return ()
+    batch = torch.randperm(n, generator=generator)[:_UNCLAIMED_BATCH].sort().values
+    m = len(batch)
+    moved = torch.zeros(m, dtype=torch.bool)
+    moved[torch.randperm(m, generator=generator)[: m // 2]] = True
+    direction = torch.randn((int(moved.sum()), *x.shape[1:]), generator=generator, dtype=torch.float64)
+    if free is not None:
+        direction = direction * free.cpu().to(direction).reshape(x.shape[1:])
+    direction = direction / direction.pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    batch, moved = batch.to(x.device), moved.to(x.device)
+    xs = x[batch].detach()
+    size = _UNCLAIMED_MOVE * max(1.0, float(xs[moved].double().pow(2).mean().sqrt()))
+    shifted = xs.clone()
+    shifted[moved] += (size * direction).to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        before = selection(reference(xs), index[batch]).double().reshape(m, -1)
+        after = selection(reference(shifted), index[batch]).double().reshape(m, -1)
+    watched = ~moved
+    change = (after[watched] - before[watched]).abs().amax(dim=1)
+    scale = before[watched].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    receivers = batch[watched][change > leak_tolerance(x.dtype) * scale].tolist()
+    sources = batch[moved].tolist()
+    return tuple((i, j) for i in receivers for j in sources)

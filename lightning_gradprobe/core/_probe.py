@@ -182,7 +182,9 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
         forward_pass = _forward_pass(model, batch, options, generator, notes)
         problem = reference_problem(model, batch, forward_pass, options, notes)
         reference = reference_rows(forward_pass, problem, batch.x)
-        cross = check_batch_independence(forward_pass, problem, batch.x, generator, reference)
+        cross = check_batch_independence(
+            forward_pass, problem, batch.x, generator, reference, notes=notes, forward_only=options.check_batch
+        )
         checked = choose_samples(options.check_samples, batch.size, generator)
         first = judge_first_order(
             problem, forward_pass, batch.x, cross, checked, options.n_directions, generator, notes, reference
