@@ -84,6 +84,8 @@ _COUNTS = (
     "inconclusive",
     "nonfinite",
     "leaking_pairs",
+    "mixing_pairs",
+    "blind_pairs",
     "vanishing",
     "wrong_parameters",
     "second_order_checked",
@@ -105,6 +107,8 @@ class ProbeFigures:
     inconclusive: int = 0
     nonfinite: int = 0
     leaking_pairs: int = 0
+    mixing_pairs: int = 0
+    blind_pairs: int = 0
     vanishing: int = 0
     wrong_parameters: int = 0
     second_order_checked: int = 0
@@ -161,6 +165,8 @@ def figures_from_report(report: ProbeReport) -> ProbeFigures:
         inconclusive=sum(v is Verdict.INCONCLUSIVE for v in report.verdicts),
         nonfinite=int((report.nonfinite_count > 0).sum()),
         leaking_pairs=len(report.leaking_pairs),
+        mixing_pairs=len(report.mixing_pairs),
+        blind_pairs=len(report.blind_pairs),
         vanishing=int((report.zero_fraction == 1).sum()),
         wrong_parameters=max(
             sum(1 for c in report.culprits if c.kind is CulpritKind.PARAMETER),
@@ -242,10 +248,16 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
         if fraction > thresholds.fail_fraction:
             inputs = _of_kind(figures.culprits, CulpritKind.INPUT)
             where = f"; culprit: {_labels(inputs)}" if inputs else ""
+            mixing = (
+                f"; it mixes samples the forward keeps apart ({figures.mixing_pairs} (output, input) pairs: a "
+                "reduction over the batch axis in a hand-written backward?)"
+                if figures.mixing_pairs
+                else ""
+            )
             message = (
                 f"{figures.failed} of {figures.checked} probed samples fail the gradient check: the backward "
                 f"disagrees with finite differences (worst margin {figures.worst_margin:.3g}: error / allowed "
-                f"error){where}"
+                f"error){mixing}{where}"
             )
             condition = AlertCondition.FAILED_CHECKS
             alerts.append(
@@ -259,6 +271,11 @@ def evaluate_alerts(figures: ProbeFigures, thresholds: AlertThresholds, step: in
             f"{figures.leaking_pairs} (output, input) sample pairs leak through the batch: per-sample gradients "
             "mix samples (BatchNorm on batch statistics, or a reshape/transpose across the batch dimension?)"
         )
+        if figures.blind_pairs:
+            message += (
+                f"; for {figures.blind_pairs} of them the backward claims no cross-sample gradient at all: it treats "
+                "a batch statistic as a constant (a hand-written backward, or a detached batch statistic)"
+            )
         alerts.append(Alert(AlertCondition.BATCH_LEAKAGE, figures.leaking_pairs, 0, step, (), message))
     if figures.wrong_parameters:
         weights = _of_kind(figures.culprits, CulpritKind.PARAMETER)

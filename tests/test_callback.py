@@ -70,10 +70,19 @@ def test_on_alert_callable_and_thresholds(tmp_path):
     assert received == []
 
 
-def test_leakage_alert(tmp_path):
+@pytest.mark.parametrize("leak", [True, "blind"])
+def test_leakage_alert(tmp_path, leak):
+    """A forward that mixes neighbouring samples, its backward right or blind to it (the mix detached: autograd
+    claims no cross-sample gradient, and every per-sample check would pass): the same alert, which says which. The
+    detached mix also leaves the weights' gradients without it: the parameter check says so."""
     received: list[Alert] = []
-    _fit(tmp_path, DigitsModule(leak=True), GradProbe(max_overhead=None, on_alert=received.append))
-    assert {a.condition for a in received} == {AlertCondition.BATCH_LEAKAGE}
+    _fit(tmp_path, DigitsModule(leak=leak), GradProbe(max_overhead=None, on_alert=received.append))
+    leakage = [a for a in received if a.condition is AlertCondition.BATCH_LEAKAGE]
+    assert len(leakage) == 2 and all(
+        ("claims no cross-sample gradient" in a.message) == (leak == "blind") for a in leakage
+    )
+    expected = {AlertCondition.BATCH_LEAKAGE} | ({AlertCondition.PARAMETER_GRADIENTS} if leak == "blind" else set())
+    assert {a.condition for a in received} == expected
 
 
 @pytest.mark.parametrize(

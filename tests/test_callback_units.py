@@ -172,6 +172,21 @@ def test_alert_text_is_built_from_culprits_of_each_kind():
     assert alerts[AlertCondition.PARAMETER_GRADIENTS].culprits == (weights,)
 
 
+def test_alert_text_says_what_kind_of_batch_mixing():
+    """A backward that mixes samples names it in the failed-checks alert; a leak the backward is blind to, in the
+    leakage alert. Counts add across processes like the others."""
+    mixing = ProbeFigures(probed=8, checked=8, failed=8, mixing_pairs=56)
+    (failed,) = evaluate_alerts(mixing, AlertThresholds(), step=1)
+    assert "mixes samples the forward keeps apart (56" in failed.message
+    blind = ProbeFigures(probed=8, checked=8, inconclusive=8, leaking_pairs=3, blind_pairs=3)
+    (leakage,) = evaluate_alerts(blind, AlertThresholds(), step=1)
+    assert leakage.condition is AlertCondition.BATCH_LEAKAGE and "for 3 of them the backward claims" in leakage.message
+    both = ProbeFigures.from_gathered(torch.stack([blind.to_tensor(), mixing.to_tensor()]))
+    assert (both.blind_pairs, both.mixing_pairs, both.leaking_pairs) == (3, 56, 3)
+    (plain,) = evaluate_alerts(ProbeFigures(probed=8, checked=8, leaking_pairs=3), AlertThresholds(), step=1)
+    assert "claims" not in plain.message
+
+
 def test_notes_warn_once_per_model_and_reason():
     notes = Notes(subject=torch.nn.Linear(2, 2))
     notes.add("a remark")

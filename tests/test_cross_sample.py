@@ -46,6 +46,8 @@ def test_a_forward_that_mixes_samples_is_still_found():
         report = probe(mixing_forwards()["batch-centering"]().eval(), torch.randn(8, 10), seed=seed)
         assert report.batch_independent is False and len(report.leaking_pairs) == 8 * 7
         assert report.verdicts == (Verdict.INCONCLUSIVE,) * 8
+    second = probe(mixing_forwards()["batch-centering"]().eval(), torch.randn(8, 10), second_order=True)
+    assert second.second_order is None and any("second order not checked" in note for note in second.notes)
 
 
 @pytest.mark.parametrize("name", sorted(blind_backwards()))
@@ -60,8 +62,10 @@ def test_a_forward_that_mixes_samples_is_found_when_the_backward_claims_no_cross
         assert report.batch_independent is False and report.leaking_pairs and not report.ok, str(report)
         assert report.verdicts == (Verdict.INCONCLUSIVE,) * 8
         assert any("claims no cross-sample gradient" in note for note in report.notes)
+        assert report.blind_pairs and set(report.blind_pairs) <= set(report.leaking_pairs)
+        assert "batch statistics treated as constants" in report.problems()[-1]
     correct = probe(mixing_forwards()["batch-centering"]().eval(), torch.randn(8, 10))
-    assert not any("claims no cross-sample gradient" in note for note in correct.notes)
+    assert not any("claims no cross-sample gradient" in note for note in correct.notes) and not correct.blind_pairs
 
 
 def test_a_model_that_cannot_run_part_of_its_batch_says_so():

@@ -194,7 +194,7 @@ def run_probe(model: Any, inputs: Any, options: ProbeOptions) -> ProbeReport:
             if options.check_forward_mode and len(checked)
             else None
         )
-        second = _second_order(model, batch, forward_pass, problem, first, options, generator)
+        second = _second_order(model, batch, forward_pass, problem, first, options, generator, notes)
         parameters = _parameter_check(model, batch, forward_pass, problem, first, options, generator, notes)
     notes.say_warnings(stacklevel=4)
     culprits = find_culprits(model, batch, first, second, parameters, options, check=probe)
@@ -285,9 +285,16 @@ def _second_order(
     first: FirstOrder,
     options: ProbeOptions,
     generator: torch.Generator,
+    notes: Notes,
 ) -> SecondOrderReport | None:
     """Stage 7: the double backward through the input, on the samples first order judged (when asked for)."""
-    if not options.second_order or not len(first.judged):
+    if not options.second_order:
+        return None
+    if not len(first.judged):
+        notes.add(
+            "second order not checked: no sample was judged one by one at first order (the cross-sample check "
+            "settled every one)"
+        )
         return None
     parameters = (
         build_parameter_function(model, forward=batch.forward, output=options.output)
@@ -362,6 +369,7 @@ def _report(
         batch_independent=(not cross.forward and not cross.unverified) if options.check_batch and n > 1 else None,
         leaking_pairs=cross.forward + cross.unverified,
         mixing_pairs=cross.backward_only,
+        blind_pairs=cross.unclaimed,
         checked=first.checked,
         relative_error=evidence.relative_error,
         fd_error=evidence.fd_error,

@@ -221,6 +221,9 @@ class ProbeReport:
             mixes samples, confirmed by finite differences across samples).
         mixing_pairs: ``(i, j)`` pairs where the *backward* sends output ``i``'s gradient to input ``j`` although
             the forward keeps them apart (finite differences show no dependence): a wrong backward, ``fail``.
+        blind_pairs: Those of ``leaking_pairs`` found by the forward alone, where the backward claims no
+            cross-sample gradient at all: it treats something computed across the batch as a constant (batch
+            statistics in a hand-written backward, a detached batch statistic).
         checked: Indices of the samples that were spot-checked against finite differences.
         relative_error: ``(N, k)`` relative error of the backward's formula per direction, as decided: the
             reference-dtype (float64) Jacobian against finite differences (NaN: unchecked).
@@ -286,6 +289,7 @@ class ProbeReport:
     localization_note: str | None = None
     forward_mode_mismatch: tuple[int, ...] | None = None
     mixing_pairs: tuple[tuple[int, int], ...] = ()
+    blind_pairs: tuple[tuple[int, int], ...] = ()
     second_order: SecondOrderReport | None = None
     layer: str | None = None
     token_scores: dict[str, Tensor] | None = None
@@ -361,9 +365,14 @@ class ProbeReport:
                 )
             found.append("second order: " + "; ".join(whats) + "".join(f"; culprit: {c}" for c in second.culprits[:3]))
         if self.batch_independent is False:
+            blind = (
+                "; the backward claims no cross-sample gradient for them (batch statistics treated as constants?)"
+                if self.blind_pairs
+                else ""
+            )
             found.append(
                 f"samples are not independent: outputs depend on other samples' inputs, e.g. (output, input) "
-                f"pairs {list(self.leaking_pairs[:6])}"
+                f"pairs {list(self.leaking_pairs[:6])}{blind}"
             )
         return found
 
