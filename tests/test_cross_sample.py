@@ -68,6 +68,25 @@ def test_a_forward_that_mixes_samples_is_found_when_the_backward_claims_no_cross
     assert not any("claims no cross-sample gradient" in note for note in correct.notes) and not correct.blind_pairs
 
 
+def test_a_forward_that_draws_random_numbers_is_not_called_a_leak():
+    """A VAE-style forward samples noise in eval mode: the same batch twice differs, so the forward-only test cannot
+    tell mixing from noise; it says so, and claims no leak (a review found it claimed one)."""
+
+    class Sampling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode, self.decode = nn.Linear(6, 8), nn.Linear(4, 6)
+
+        def forward(self, x):
+            mean, log_var = self.encode(x).chunk(2, -1)
+            return self.decode(mean + torch.randn_like(mean) * (0.5 * log_var).exp() * 1e-6)
+
+    torch.manual_seed(0)
+    report = probe(Sampling(), torch.randn(8, 6), check_parameters=False)
+    assert report.batch_independent is True and report.blind_pairs == () and report.ok
+    assert any("not deterministic" in note for note in report.notes)
+
+
 def test_a_model_that_cannot_run_part_of_its_batch_says_so():
     """A forward that refuses small batches: the forward-only leak test (part of the batch) cannot run; the report
     says so and judges the samples as before."""

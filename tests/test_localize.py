@@ -162,6 +162,24 @@ def test_forward_mode_disagreement_is_its_own_finding():
     assert unsupported.forward_mode_mismatch is None and any("forward mode not checked" in n for n in unsupported.notes)
 
 
+def test_forward_mode_with_gradients_whose_squares_underflow():
+    """float64 gradients near 1e-170: the tangent along the reverse-mode row is scaled before its RMS is taken (its
+    squares underflowed to 0, the tangent became NaN, and every sample was reported as a forward-mode mismatch)."""
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return torch.exp(self.linear(x) - 460.0)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    report = probe(Tiny(), x, check_forward_mode=True, check_parameters=False)
+    assert report.forward_mode_mismatch == () and report.ok, str(report)
+
+
 def test_forward_mode_through_output_projections():
     """Ten outputs: the check sees them through random output projections (the model's dtype computes one)."""
     torch.manual_seed(0)

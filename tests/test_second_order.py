@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from zoo import TanhWithBackward, second_order_models
 
 from lightning_gradprobe import Verdict, probe
@@ -134,3 +135,11 @@ def test_callback_logs_second_order_and_names_the_culprit(tmp_path):
     margin = events.Scalars("gradprobe/second_order/margin_max")
     assert [e.value for e in fail] == [1.0] and margin[0].value > 1
     assert [e.value for e in events.Scalars("gradprobe/checks/fail_fraction")] == [0.0]  # first order is right
+
+
+def test_every_parameter_frozen_leaves_no_mixed_term():
+    """No trainable parameter: nothing for a gradient penalty to send to the weights (it raised "`inputs` argument to
+    `grad()` cannot be empty")."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).requires_grad_(False)
+    report = probe(model, torch.randn(4, 3), second_order=True)
+    assert report.second_order is not None and report.second_order.mixed_term is None and report.ok

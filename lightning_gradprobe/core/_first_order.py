@@ -271,16 +271,19 @@ def compare_forward_mode(
 
     Compared along the output projections the forward pass computed rows for (the first, where a float64
     reference judges the formula). The tangent is half the first reverse-mode row's direction, half a random
-    one: along a random direction alone the rows' product can be near zero by chance, and a wrong jvp with it.
+    one: along a random direction alone the rows' product can be near zero by chance, and a wrong jvp with it
+    (a row that is zero, or has no free coordinate, leaves the random half alone).
     """
     sub = checked.to(x.device)
     xc, ic = x[sub], forward.index[sub]
     rows = forward.checked_rows
     rows_c = rows[sub].reshape(len(sub), rows.shape[1], -1).double()
-    claimed = rows_c[:, 0].reshape(xc.shape).nan_to_num(0.0, 0.0, 0.0)
-    claimed = torch.where(claimed.reshape(len(sub), -1).any(1).reshape(-1, *[1] * (xc.ndim - 1)), claimed, 1.0)
+    claimed = rows_c[:, 0].reshape(len(sub), -1).nan_to_num(0.0, 0.0, 0.0)
+    claimed = claimed / claimed.abs().amax(1, keepdim=True)  # (first to 1: tiny rows' squares underflow)
+    claimed = unit_rms(claimed.reshape(xc.shape), 1, problem.free)
     random = unit_rms(torch.randn(xc.shape, generator=generator).double(), 1, problem.free)
-    tangent = unit_rms(unit_rms(claimed, 1, problem.free) + random.to(claimed), 1, problem.free).to(xc)
+    usable = claimed.reshape(len(sub), -1).isfinite().all(1).reshape(-1, *[1] * (xc.ndim - 1))
+    tangent = unit_rms(torch.where(usable, claimed, 0.0) + random.to(claimed), 1, problem.free).to(xc)
     try:
         forward_mode = torch.func.jvp(lambda t: problem.selection(problem.function(t), ic), (xc,), (tangent,))[1]
         forward_mode = forward_mode.double()

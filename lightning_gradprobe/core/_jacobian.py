@@ -53,6 +53,7 @@ __all__ = [
     "leaking_against",
     "leaking_inputs",
     "leaking_pairs",
+    "NondeterministicForward",
     "unclaimed_leaks",
 ]
 
@@ -463,7 +464,9 @@ def unclaimed_leaks(
     runs twice through ``reference`` (no grad), as it is and with one of them moved along a random direction by
     ``1e-3`` of the inputs' RMS. A batch-independent model computes the other bit for bit alike (the same kernels
     on the same shapes); where its outputs move beyond ``1000 eps`` of the outputs' scale, it depends on the moved
-    sample. Two samples show any mixing through batch statistics (a mean, a variance, a sum); a dependence on an
+    sample, unless a third run of the unmoved batch moves them too: then the forward is not a function of its
+    inputs (random numbers drawn in eval mode, state kept between calls), and :class:`NondeterministicForward` is
+    raised. Two samples show any mixing through batch statistics (a mean, a variance, a sum); a dependence on an
     extreme of the batch shows when the moved sample holds it.
 
     Example:
@@ -488,15 +491,31 @@ def unclaimed_leaks(
     direction = direction / direction.pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     batch, moved = batch.to(x.device), moved.to(x.device)
     xs = x[batch].detach()
-    size = _UNCLAIMED_MOVE * max(1.0, float(xs[moved].double().pow(2).mean().sqrt()))
+    inputs = xs[moved].double().reshape(int(moved.sum()), -1)
+    if free is not None:  # (the RMS of the differentiated coordinates, not of packed token ids)
+        inputs = inputs[:, free.to(device=x.device, dtype=torch.bool)]
+    size = _UNCLAIMED_MOVE * max(1.0, float(inputs.pow(2).mean().sqrt().nan_to_num(1.0)))
     shifted = xs.clone()
     shifted[moved] += (size * direction).to(device=x.device, dtype=x.dtype)
-    with torch.no_grad():
-        before = selection(reference(xs), index[batch]).double().reshape(m, -1)
-        after = selection(reference(shifted), index[batch]).double().reshape(m, -1)
     watched = ~moved
-    change = (after[watched] - before[watched]).abs().amax(dim=1)
-    scale = before[watched].abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    receivers = batch[watched][change > leak_tolerance(x.dtype) * scale].tolist()
-    sources = batch[moved].tolist()
+
+    def outputs(batch_inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return selection(reference(batch_inputs), index[batch]).double().reshape(m, -1)[watched]
+
+    before = outputs(xs)
+    tolerance = leak_tolerance(x.dtype) * before.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    moves = (outputs(shifted) - before).abs().amax(dim=1) > tolerance
+    if not bool(moves.any()):
+        return ()
+    if bool(((outputs(xs) - before).abs().amax(dim=1) > tolerance).any()):  # the same batch again: not the same
+        raise NondeterministicForward(
+            "the forward is not deterministic (the same batch twice gave different outputs: random numbers drawn in "
+            "eval mode, or state kept between calls), so whether samples mix cannot be told from it"
+        )
+    receivers, sources = batch[watched][moves].tolist(), batch[moved].tolist()
     return tuple((i, j) for i in receivers for j in sources)
+
+
+class NondeterministicForward(RuntimeError):
+    """The same batch through the forward twice gave different outputs (see :func:`unclaimed_leaks`)."""
