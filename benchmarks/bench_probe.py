@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="gradprobe:")  # (its notes: token models probed at the embedding)
     torch.manual_seed(0)
     model = SmallCNN(n_classes=10, side=28).eval()
     model64 = SmallCNN(n_classes=10, side=28).double().eval()
@@ -159,12 +161,12 @@ def main() -> None:
             1.25,
         ),
     ]
-    for name, model, inputs in hugging_face_models():
+    for label, network, inputs in hugging_face_models():  # (names of their own: the rows above read model, x)
         rows.append(
             (
-                f"(e) same, {name}",
-                lambda m=model, x=inputs: probe(m, x),
-                lambda m=model, x=inputs: probe(m, x, check_parameters=False),
+                f"(e) same, {label}",
+                lambda m=network, b=inputs: probe(m, b),
+                lambda m=network, b=inputs: probe(m, b, check_parameters=False),
                 1.25,
             )
         )
