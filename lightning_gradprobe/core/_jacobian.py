@@ -46,6 +46,7 @@ __all__ = [
     "ENGINE_FUNC",
     "CrossSampleCheck",
     "Gradients",
+    "NondeterministicForward",
     "check_cross_sample",
     "compute_gradients",
     "jacobians_of",
@@ -53,7 +54,6 @@ __all__ = [
     "leaking_against",
     "leaking_inputs",
     "leaking_pairs",
-    "NondeterministicForward",
     "unclaimed_leaks",
 ]
 
