@@ -8,7 +8,7 @@ import pytest
 import torch
 from lit_models import DigitsModule, trainer
 from torch import nn
-from zoo import FusedLinear, correct_models, weight_bug_classes
+from zoo import FusedEmbedding, FusedLinear, correct_models, weight_bug_classes
 
 from lightning_gradprobe import CulpritKind, GradProbe, GradProbeStoppingReason, Verdict, probe
 from lightning_gradprobe.alerts import AlertCondition
@@ -125,3 +125,22 @@ def test_a_big_models_signs_moves_and_reductions_agree(monkeypatch):
             assert torch.allclose(moved, source.double() + 1e-3 * direction, rtol=0, atol=1e-15)
     signs = torch.cat([space.signs(d, i) for d in range(2) for i in range(len(space.sources))])
     assert 0.3 < signs.float().mean().item() < 0.7  # both signs drawn
+
+
+@pytest.mark.parametrize("path", ["kept", "drawn"])
+def test_an_embeddings_padding_row_is_not_moved(monkeypatch, path):
+    """PyTorch gives an embedding's ``padding_idx`` row no gradient, on purpose; where pad tokens reach the outputs,
+    moving that row moves the outputs. The check leaves the row where it is (it failed every probe), and a wrong
+    gradient of the other rows is still caught, on a small model's kept directions and a big one's drawn ones."""
+    if path == "drawn":
+        monkeypatch.setattr(parameters_module, "_KEPT_DIRECTION_BYTES", 0)
+    ids = torch.randint(1, 10, (8, 5), generator=torch.Generator().manual_seed(0))
+    ids[:, 3:] = 0  # padding, not masked: it reaches the head
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(20, 3))
+        report = probe(model, ids, seed=seed)
+        assert report.ok and report.parameter_check.verdict is Verdict.PASS, str(report)
+        wrong = nn.Sequential(FusedEmbedding(10, 4, scale=1.1), nn.Flatten(), nn.Linear(20, 3))
+        wrong[0].padding_idx = 0
+        assert probe(wrong, ids, seed=seed).parameter_check.verdict is Verdict.FAIL

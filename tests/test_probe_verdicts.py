@@ -402,3 +402,33 @@ def test_a_float64_backward_that_fails_leaves_the_model_judged_along_every_proje
         report = probe(_Float32KernelModel(scale), torch.randn(8, 5), check_parameters=False)
     assert set(report.verdicts) == {verdict}
     assert any("the float64 backward failed" in note for note in report.notes)
+
+
+class _CastingNorm(nn.Module):
+    """RMS norm that computes in float32 whatever its input (as Llama's does): a half-precision model's float64
+    copy computes part of it in float32."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_whose_float64_copy_casts_inside_is_judged_in_float32(dtype):
+    """Its float64 copy is no reference (part of it computes in float32); the model's own dtype made a poor one (a
+    correct bf16 model failed most samples). A float32 copy is: a weaker-check note, no fail, and the wrong twin
+    fails."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(8, 6).to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            correct = probe(nn.Sequential(nn.Linear(6, 16), _CastingNorm(16), Act("ok"), nn.Linear(16, 3)).to(dtype), x)
+            wrong = probe(nn.Sequential(nn.Linear(6, 16), _CastingNorm(16), Act("sign"), nn.Linear(16, 3)).to(dtype), x)
+        assert correct.fd_dtype == torch.float32 and Verdict.FAIL not in correct.verdicts, str(correct)
+        assert any("weaker check" in note and "judged in float32" in note for note in correct.notes)
+        assert Verdict.FAIL in wrong.verdicts

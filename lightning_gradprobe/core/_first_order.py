@@ -115,6 +115,7 @@ def check_batch_independence(
             forward.index,
             generator=generator,
             free=problem.free,
+            tolerance=leak_tolerance(forward.outputs.dtype),
         )
     except Exception as error:  # a model that cannot run on part of its batch: autograd's claims alone, said
         if notes is not None:
@@ -225,16 +226,18 @@ def _settle_cross_sample(cross: CrossSampleCheck, checked: Tensor, evidence: Jud
     chosen = set(checked.tolist())
     if cross.forward or cross.unverified:
         evidence.codes[checked] = INCONCLUSIVE
+        shown = "moving one of three samples run as a batch" if cross.unclaimed else "finite differences across samples"
         notes.add(
-            "samples leak into each other through the forward (confirmed by finite differences across samples), "
-            "so per-sample gradients are ill-defined: not checked"
+            f"samples leak into each other through the forward (shown by {shown}), so per-sample gradients are "
+            "ill-defined: not checked"
         )
         if cross.unclaimed:
             notes.add(
-                f"outputs move with other samples' inputs (pairs {list(cross.unclaimed[:6])}: of two samples run as "
-                "a batch, moving one moved the other's outputs), yet autograd claims no cross-sample gradient at all: "
-                "the backward treats something computed across the batch as a constant (batch statistics in a "
-                "hand-written backward, or a deliberate stop-gradient)"
+                f"outputs move with other samples' inputs (pairs {list(cross.unclaimed[:6])}: of three samples run "
+                "as a batch, moving one moved another's outputs beyond the model dtype's precision), yet autograd "
+                "claims no cross-sample gradient at all: the backward treats something computed across the batch "
+                "as a constant (batch statistics in a hand-written backward, a deliberate stop-gradient, or a choice "
+                "made over the whole batch, such as an adaptive solver's step size)"
             )
         disagreeing = {j for _, j in cross.wrong_across}
         if disagreeing and len(disagreeing) == cross.sources_checked:

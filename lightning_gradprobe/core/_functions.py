@@ -152,13 +152,15 @@ class ParameterFunction:
     shards and the values must be :class:`~._cast.LazyCast` casts: each is pointed at its parameter as FSDP
     gathers it, when its submodule runs. Buffers are cloned and follow the values' dtype,
     so the same function runs the float64 reference when given float64 copies. ``trainable`` says, per
-    parameter, whether it requires grad.
+    parameter, whether it requires grad. ``fixed_rows`` holds ``(parameter, row)`` pairs whose gradient PyTorch
+    leaves at zero on purpose (an embedding's ``padding_idx`` row): a check must not move them.
     """
 
     parameters: tuple[Tensor, ...]
     trainable: tuple[bool, ...]
     call: Callable[[Sequence[Tensor], Tensor], Tensor]
     sharded: bool = False
+    fixed_rows: tuple[tuple[int, int], ...] = ()
 
 
 def build_parameter_function(
@@ -186,7 +188,12 @@ def build_parameter_function(
         tensors.update({k: _cast(v, values[0].dtype) for k, v in buffers.items()})
         return _pick_output(functional_call(root, tensors, (x,), strict=False, tie_weights=False), output)
 
-    return ParameterFunction(tuple(p.detach() for p in unique), tuple(p.requires_grad for p in unique), call)
+    return ParameterFunction(
+        tuple(p.detach() for p in unique),
+        tuple(p.requires_grad for p in unique),
+        call,
+        fixed_rows=_padding_rows(model, position),
+    )
 
 
 def _sharded_parameter_function(
@@ -214,7 +221,29 @@ def _sharded_parameter_function(
         return _call_swapped(model, forward, output, swap, x)
 
     parameters = tuple(p.detach() for p in unique)
-    return ParameterFunction(parameters, tuple(p.requires_grad for p in unique), call, sharded=True)
+    fixed = tuple(
+        (slots[(id(module), "weight")], row)
+        for module, row in _padded_embeddings(model)
+        if (id(module), "weight") in slots
+    )
+    return ParameterFunction(parameters, tuple(p.requires_grad for p in unique), call, sharded=True, fixed_rows=fixed)
+
+
+def _padded_embeddings(model: nn.Module) -> list[tuple[nn.Module, int]]:
+    """Embeddings with a ``padding_idx``, and that row: PyTorch gives it no gradient, on purpose."""
+    found: list[tuple[nn.Module, int]] = []
+    for module in model.modules():
+        padding = getattr(module, "padding_idx", None)
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and padding is not None:
+            found.append((module, int(padding) % module.num_embeddings))
+    return found
+
+
+def _padding_rows(model: nn.Module, position: dict[int, int]) -> tuple[tuple[int, int], ...]:
+    """``(parameter, row)`` of every padded embedding among the unique parameters (see :func:`_padded_embeddings`)."""
+    return tuple(
+        (position[id(module.weight)], row) for module, row in _padded_embeddings(model) if id(module.weight) in position
+    )
 
 
 def _call_swapped(

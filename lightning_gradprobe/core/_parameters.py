@@ -167,6 +167,11 @@ class ParameterSpace:
         self._kept: Tensor | None = None
         self._offsets: dict[int, int] = {}
         self.seeds: list[list[int]] = []
+        # Rows PyTorch gives no gradient on purpose (an embedding's padding row) are never moved.
+        self.fixed_rows: dict[int, list[int]] = {}
+        for i, row in function.fixed_rows:
+            if i in self.sizes:
+                self.fixed_rows.setdefault(i, []).append(row)
         if small:
             self._kept = self._draw_kept(generator, n_directions, dtype)
         else:
@@ -193,6 +198,9 @@ class ParameterSpace:
         kept = _unpack(packed.to(device))[:, :offset].to(dtype).mul_(2).sub_(1)  # +-1 (elementwise passes: cheap)
         for row in kept if counts else ():
             torch._foreach_mul_(list(row.split(counts)), sizes)
+        for i, rows in self.fixed_rows.items():  # (a view per parameter, its fixed rows zeroed)
+            shape = (n_directions, *self.sources[i].shape)
+            kept[:, self._offsets[i] : self._offsets[i] + self.sources[i].numel()].view(shape)[:, rows] = 0
         return kept
 
     @property
@@ -254,6 +262,9 @@ class ParameterSpace:
             flat[start : start + _CHUNK].add_(
                 _plus_minus_one(signs[start : start + _CHUNK], value.dtype), alpha=step * self.sizes[i]
             )
+        if i in self.fixed_rows:  # put back where they rest (the value is the parameter's whole cast)
+            rows = self.fixed_rows[i]
+            value[rows] = unsharded(self.sources[i])[rows].to(device=value.device, dtype=value.dtype)
         return value
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, Tensor, float]:

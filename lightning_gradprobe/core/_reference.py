@@ -89,33 +89,53 @@ def _reference_function(
     fd_dtype: torch.dtype,
     notes: Notes,
 ) -> tuple[BatchFunction, torch.dtype]:
-    """The model in ``fd_dtype`` if it runs there, else the model as it is (with a note)."""
+    """The model in ``fd_dtype`` if it runs there, else in float32 for a half-precision model, else as it is.
+
+    Each fallback says, in a note, that the check runs weaker.
+    """
     x: Tensor = batch.x
     own = model_dtype(model, x)
     if fd_dtype == own:
         return function, own
     candidate = build_batch_function(model, forward=batch.forward, output=output, dtype=fd_dtype)
-    try:
-        try:  # one sample tells (a cheap check); a model that needs its batch is run on all of it
-            result, found = _watched(candidate, x[:1], fd_dtype)
-        except Exception:
-            result, found = _watched(candidate, x, fd_dtype)
-        if result.dtype == fd_dtype and found is None:
-            return candidate, fd_dtype
-        # A copy that computes part of the model in a lower precision (norms that cast to float32, as in
-        # Hugging Face's T5 and Llama) is not a float64 reference: its finite differences would be float32
-        # round-off at a float64 step.
-        reason = f"it returned {result.dtype}" if found is None else found
-    except Exception as error:  # the model cannot run in fd_dtype (MPS, float32-only kernels)
-        reason = f"{describe_error(error)}"
-    hint = (
-        "pass the nn.Module itself, with `forward=lambda m, x: ...`, so that a float64 copy can be made"
-        if not isinstance(model, nn.Module)
-        else "the formula could not be judged in float64"
-    )
+    reason = _cannot_run(candidate, x, fd_dtype)
+    if reason is None:
+        return candidate, fd_dtype
+    if not isinstance(model, nn.Module):
+        hint = "pass the nn.Module itself, with `forward=lambda m, x: ...`, so that a float64 copy can be made"
+    else:
+        hint = "the formula could not be judged in float64"
+    fallback, fallback_dtype = function, own
+    half = torch.finfo(own).eps > torch.finfo(torch.float32).eps
+    if isinstance(model, nn.Module) and half and fd_dtype != torch.float32:
+        # A half-precision model whose float64 copy computes part in float32 (norms that cast, as in Llama) runs
+        # whole in float32: far finer finite differences than its own dtype's, and no cast inside.
+        wider = build_batch_function(model, forward=batch.forward, output=output, dtype=torch.float32)
+        if _cannot_run(wider, x, torch.float32) is None:
+            fallback, fallback_dtype = wider, torch.float32
+            hint = "the formula was judged in float32"
     notes.add(
-        f"finite differences ran in {dtype_name(own)}, not {dtype_name(fd_dtype)}, with a step sized for it: "
-        f"the model cannot run in {dtype_name(fd_dtype)} ({reason}); {hint}",
+        f"finite differences ran in {dtype_name(fallback_dtype)}, not {dtype_name(fd_dtype)}, with a step sized for "
+        f"it: the model cannot run in {dtype_name(fd_dtype)} ({reason}); {hint}",
         weaker=True,
     )
-    return function, own
+    return fallback, fallback_dtype
+
+
+def _cannot_run(candidate: BatchFunction, x: Tensor, dtype: torch.dtype) -> str | None:
+    """Why ``candidate`` is no reference in ``dtype`` (``None``: it is one).
+
+    One sample tells (a cheap check); a model that needs its batch is run on all of it. A copy that computes part
+    of the model in a lower precision (norms that cast to float32, as in Hugging Face's T5 and Llama) is no
+    reference: its finite differences would be that precision's round-off at a step sized for ``dtype``.
+    """
+    try:
+        try:
+            result, found = _watched(candidate, x[:1], dtype)
+        except Exception:
+            result, found = _watched(candidate, x, dtype)
+    except Exception as error:  # the model cannot run in dtype (MPS, float32-only kernels)
+        return describe_error(error)
+    if result.dtype == dtype and found is None:
+        return None
+    return f"it returned {result.dtype}" if found is None else found
