@@ -257,14 +257,15 @@ class ParameterSpace:
             return value.add_(self.direction(direction, i, value.dtype), alpha=step)
         if not value.is_contiguous():  # (channels_last weights): the signs run in the parameter's logical order
             return value.copy_(self.displace_(value.contiguous(), direction, i, step))
+        rows = self.fixed_rows.get(i)
+        resting = value[rows].clone() if rows else None  # (moved from where it rests: these rows stay there)
         signs, flat = self.signs(direction, i).to(value.device), value.view(-1)
         for start in range(0, flat.numel(), _CHUNK):
             flat[start : start + _CHUNK].add_(
                 _plus_minus_one(signs[start : start + _CHUNK], value.dtype), alpha=step * self.sizes[i]
             )
-        if i in self.fixed_rows:  # put back where they rest (the value is the parameter's whole cast)
-            rows = self.fixed_rows[i]
-            value[rows] = unsharded(self.sources[i])[rows].to(device=value.device, dtype=value.dtype)
+        if resting is not None:
+            value[rows] = resting
         return value
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, Tensor, float]:
