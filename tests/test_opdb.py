@@ -79,7 +79,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def tally() -> Tally:
-    return sweep(find_ops(SLICE), max_samples=4, seeds=(0, 1))
+    return sweep(find_ops(SLICE), max_samples=4, seeds=(0,))  # (the benchmark sweeps every op over more seeds)
 
 
 def test_every_slice_op_is_swept(tally: Tally) -> None:
