@@ -1,7 +1,10 @@
-"""Run test subprocesses side by side, as many at a time as this process may use cores.
+"""Run test subprocesses side by side, and alongside the tests of this process.
 
-Multi-process fits and whole examples spend most of their time starting Python and importing Lightning, mostly
-on one core: a module's launches start together when its first test asks, and each test reads its own.
+Multi-process fits, whole examples and fresh-process measurements spend most of their time starting Python and
+importing Lightning, mostly on one core. A test module that defines ``launch(root) -> {name: command}`` gets its
+launches started in the background when collection ends (``conftest.py``), in a pool as wide as the usable cores,
+while the tests of this process run (those modules' tests run last); its tests read them with
+``BACKGROUND.launches(__name__)``, which waits for the ones asked for.
 """
 
 from __future__ import annotations
@@ -9,29 +12,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from pathlib import Path
 
-
-@contextmanager
-def side_by_side(commands: dict[str, Sequence[object]], timeout: float = 400) -> Iterator[Launches]:
-    """Start every ``python *command`` (a pool as wide as the usable cores); yield their results by name.
-
-    On leaving, launches not yet started are cancelled and running ones waited for (each ends by its timeout).
-    """
-    pool = ThreadPoolExecutor(max_workers=_cores())
-    try:
-        yield Launches({name: pool.submit(_run, command, timeout) for name, command in commands.items()})
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+Command = Sequence[object]
 
 
 class Launches:
-    """The launches of one module, by name: ``launches[name]`` waits for that one's completed process."""
+    """The launches of one module, by name: ``launches[name]`` waits for that one's completed process.
 
-    def __init__(self, futures: dict[str, Future[subprocess.CompletedProcess[str]]]) -> None:
-        self.futures = futures
+    ``root`` is the folder they were given to write under.
+    """
+
+    def __init__(self, futures: dict[str, Future[subprocess.CompletedProcess[str]]], root: Path) -> None:
+        self.futures, self.root = futures, root
+        self.ended: dict[str, float] = {}
 
     def __getitem__(self, name: str) -> subprocess.CompletedProcess[str]:
         return self.futures[name].result()
@@ -43,6 +40,48 @@ class Launches:
         return done
 
 
+class Background:
+    """Every module's launches, started in the order given, as many at a time as this process may use cores."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._modules: dict[str, Launches] = {}
+        self._started = 0.0
+
+    def start(self, module: str, commands: dict[str, Command], root: Path, timeout: float) -> None:
+        """Queue ``python *command`` for each command of ``module`` (which write under ``root``); each is killed past
+        ``timeout`` seconds."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="launch")
+            self._started = time.monotonic()
+        pool = self._pool
+        launches = Launches({}, root)
+        for name, command in commands.items():
+            launches.futures[name] = pool.submit(_run, command, timeout, launches.ended, name)
+        self._modules[module] = launches
+
+    def launches(self, module: str) -> Launches:
+        """``module``'s launches (started by ``conftest.py`` when its tests were collected)."""
+        return self._modules[module]
+
+    def summary(self) -> str:
+        """When each module's launches ended, in seconds since the first was queued (for the session's summary)."""
+        ends = []
+        for module, launches in self._modules.items():
+            if launches.ended:
+                ends.append(f"{module} {max(launches.ended.values()) - self._started:.0f} s")
+        return ", ".join(ends)
+
+    def close(self) -> None:
+        """Cancel the launches not yet started and wait for the running ones (each ends by its timeout)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+BACKGROUND = Background()
+
+
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -50,11 +89,22 @@ def _cores() -> int:
         return os.cpu_count() or 2
 
 
-def _run(command: Sequence[object], timeout: float) -> subprocess.CompletedProcess[str]:
-    """The completed process; one that ran past ``timeout`` is killed and reported as exit code -9, its output kept."""
-    args = [sys.executable, *map(str, command)]
+def _run(command: Command, timeout: float, ended: dict[str, float], name: str) -> subprocess.CompletedProcess[str]:
+    """The completed process; one that ran past ``timeout`` is killed and reported as exit code -9, its output kept.
+
+    ``ended[name]`` gets the time it ended.
+    """
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+        return _completed(command, timeout)
+    finally:
+        ended[name] = time.monotonic()
+
+
+def _completed(command: Command, timeout: float) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, *map(str, command)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # (one thread per process: they already share the cores)
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, env=env)
     except subprocess.TimeoutExpired as expired:
         out, err = (_text(stream) for stream in (expired.stdout, expired.stderr))
         return subprocess.CompletedProcess(args, -9, out, err + f"\n[killed: still running after {timeout:.0f} s]")

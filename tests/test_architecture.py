@@ -1,9 +1,9 @@
 """The layers show themselves: the engine and the alert logic import without Lightning or TensorBoard."""
 
-import subprocess
 import sys
 
 import pytest
+from side_by_side import BACKGROUND
 
 CODE = """
 import sys
@@ -19,10 +19,18 @@ print("ok")
 """
 
 
+LAUNCH_TIMEOUT = 120
+
+
+def launch(root):
+    """A fresh process, where Lightning, TensorBoard and matplotlib cannot be imported."""
+    return {"core": ["-c", CODE]}
+
+
 @pytest.mark.slow
+@pytest.mark.launched
 def test_core_and_alerts_need_neither_lightning_nor_tensorboard():
-    done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert BACKGROUND.launches(__name__).succeeded("core").stdout.strip() == "ok"
 
 
 def test_public_surface_is_declared():

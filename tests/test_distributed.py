@@ -9,33 +9,38 @@ import json
 from pathlib import Path
 
 import pytest
-from side_by_side import side_by_side
+from side_by_side import BACKGROUND
 
-pytestmark = pytest.mark.slow  # two processes per run
+pytestmark = [pytest.mark.slow, pytest.mark.launched]  # two processes per run
 
 SCRIPT = Path(__file__).parent / "ddp_script.py"
 DDP_SCENARIOS = {"stop": "scale:stop", "correct": "ok:stop", "budget": "ok:warn:0.05", "raise": "scale:raise"}
+SCENARIOS = {"ddp": list(DDP_SCENARIOS.values()), "ddp_spawn": [DDP_SCENARIOS["stop"]]}
+LAUNCH_TIMEOUT = 600  # (four fits one after another in one launch)
+
+
+def launch(root):
+    """One launch per strategy (DDP's "raise" last: it ends its fit by an exception), each writing under its folder."""
+    for strategy in SCENARIOS:
+        (root / strategy).mkdir()
+    return {strategy: [SCRIPT, strategy, root / strategy, *SCENARIOS[strategy]] for strategy in SCENARIOS}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Rank zero's result of each scenario, by name (DDP's "raise" last: it ends its fit by an exception)."""
-    out = {strategy: tmp_path_factory.mktemp(strategy) for strategy in ("ddp", "ddp_spawn")}
-    scenarios = {"ddp": list(DDP_SCENARIOS.values()), "ddp_spawn": [DDP_SCENARIOS["stop"]]}
-    commands = {strategy: [SCRIPT, strategy, out[strategy], *scenarios[strategy]] for strategy in out}
-    with side_by_side(commands, timeout=600) as launches:  # (four fits one after another in one launch)
-        yield _Results(launches, out, scenarios)
+def runs():
+    """Rank zero's result of each scenario, by name."""
+    return _Results(BACKGROUND.launches(__name__))
 
 
 class _Results:
-    def __init__(self, launches, out, scenarios) -> None:
-        self.launches, self.out, self.scenarios = launches, out, scenarios
+    def __init__(self, launches) -> None:
+        self.launches = launches
 
     def __call__(self, strategy: str, name: str) -> tuple[dict, str]:
         """Rank zero's result of scenario ``name`` under ``strategy``, and the launch's standard error."""
         completed = self.launches.succeeded(strategy)
-        n = self.scenarios[strategy].index(DDP_SCENARIOS[name])
-        written = Path(self.out[strategy], f"result-{n}-0.json")
+        n = SCENARIOS[strategy].index(DDP_SCENARIOS[name])
+        written = self.launches.root / strategy / f"result-{n}-0.json"
         assert written.exists(), completed.stdout[-2000:] + completed.stderr[-4000:]
         return json.loads(written.read_text()), completed.stderr
 

@@ -2,15 +2,15 @@
 
 The examples are whole fits, each mostly one busy core. Importing Lightning is most of a small one's time, so
 they run one after another in two processes (``one_process.py``: each as ``__main__`` with its own arguments and
-output), and the two processes side by side (``side_by_side``).
+output), the two processes side by side and alongside the other tests (``side_by_side``).
 """
 
 from pathlib import Path
 
 import pytest
-from side_by_side import side_by_side
+from side_by_side import BACKGROUND
 
-pytestmark = pytest.mark.slow  # each example is a whole fit
+pytestmark = [pytest.mark.slow, pytest.mark.launched]  # each example is a whole fit
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 ONE_PROCESS = Path(__file__).parent / "one_process.py"
@@ -49,9 +49,8 @@ class _Examples:
         return out
 
 
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("examples")
+def launch(root):
+    """Each group's examples one after another in one process, writing under ``root``."""
     out = root / "runs"
     commands = _commands(root)
     assert sorted(commands) == sorted(name for names in GROUPS for name in names)
@@ -59,8 +58,13 @@ def examples(tmp_path_factory):
     for i, names in enumerate(GROUPS):
         scripts = [[name, EXAMPLES / commands[name][0], *commands[name][1:]] for name in names]
         launches[i] = [ONE_PROCESS, out, *[part for script in scripts for part in [*script, "--"]][:-1]]
-    with side_by_side(launches) as running:
-        yield _Examples(running, root, out)
+    return launches
+
+
+@pytest.fixture(scope="module")
+def examples():
+    launches = BACKGROUND.launches(__name__)
+    return _Examples(launches, launches.root, launches.root / "runs")
 
 
 def test_digits_demo(examples):

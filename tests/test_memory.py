@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from side_by_side import side_by_side
+from side_by_side import BACKGROUND
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.launched]
+LAUNCH_TIMEOUT = 300
 
 CHILD = r"""
 import json, resource, sys
@@ -35,21 +36,20 @@ print(json.dumps({"extra": peak - before, "model": model_bytes, "verdicts": verd
 """
 
 
-def _measure(*what):
-    """Each measurement in its own fresh process, the processes side by side (peak RSS is per process)."""
-    with side_by_side({w: ["-c", CHILD, w] for w in what}, timeout=300) as launches:
-        found = []
-        for w in what:
-            done = launches.succeeded(w)
-            found.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return found
+def launch(root):
+    """Each measurement in its own fresh process (peak RSS is per process)."""
+    return {what: ["-c", CHILD, what] for what in ("step", "probe")}
+
+
+def _measured(what):
+    return json.loads(BACKGROUND.launches(__name__).succeeded(what).stdout.strip().splitlines()[-1])
 
 
 def test_probe_needs_no_more_memory_than_a_training_step():
     """A 50M-parameter MLP (192 MiB in float32; ``benchmarks/bench_memory.py`` measures 200M and 400M): a float64
     copy alone would be 384 MiB, about twice what a training step needs (its gradients and activations, ~210 MiB);
     the probe needs about half a step."""
-    step, probe = _measure("step", "probe")
+    step, probe = _measured("step"), _measured("probe")
     ok, parameter_verdict, float64, notes = probe["verdicts"]
     assert ok and parameter_verdict == "pass" and float64 and not any("weaker" in note for note in notes)
     assert probe["extra"] < step["extra"], (probe["extra"] / 2**20, step["extra"] / 2**20)

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from side_by_side import side_by_side
+from side_by_side import BACKGROUND
 from torch import nn
 from zoo import Act, buggy_models, correct_models, exact_zero_models, kernel_bug_classes
 
@@ -350,15 +350,21 @@ _FLAG_SETTINGS = [
 ]
 
 
+def launch(root):
+    """Each setting in a fresh process (global flags, and a lock that cannot be undone)."""
+    return {setting: ["-c", _FLAGS_SCRIPT.format(setting=setting, lock=lock)] for setting, lock in _FLAG_SETTINGS}
+
+
+LAUNCH_TIMEOUT = 120
+
+
 @pytest.fixture(scope="module")
 def flag_runs():
-    """Each setting in a fresh process (global flags, and a lock that cannot be undone), the processes side by side."""
-    scripts = {setting: ["-c", _FLAGS_SCRIPT.format(setting=setting, lock=lock)] for setting, lock in _FLAG_SETTINGS}
-    with side_by_side(scripts, timeout=120) as launches:
-        yield launches
+    return BACKGROUND.launches(__name__)
 
 
 @pytest.mark.slow
+@pytest.mark.launched
 @pytest.mark.parametrize(("setting", "lock"), _FLAG_SETTINGS)
 def test_backend_flags_are_never_assigned_and_restored_exactly(flag_runs, setting, lock):
     """Under PyTorch's test harness (flags locked) and after the current TF32 API was used: no exception."""

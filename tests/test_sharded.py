@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from side_by_side import side_by_side
+from side_by_side import BACKGROUND
 
 from lightning_gradprobe.callback import _unsupported_strategy
 
@@ -13,24 +13,29 @@ ROOT = Path(__file__).parents[1]
 VERDICT_MODELS = ("ok", "bad", "weight", "attention", "tokens", "batchnorm")
 
 
-@pytest.fixture(scope="module")
-def launches(tmp_path_factory):
-    """The module's three 2-process launches, side by side; each writes its processes' findings under its folder."""
-    out = {name: tmp_path_factory.mktemp(name) for name in ("wrong", "fixed", "verdicts")}
+def launch(root):
+    """The module's three 2-process launches; each writes its processes' findings under its folder."""
+    out = {name: root / name for name in ("wrong", "fixed", "verdicts")}
+    for folder in out.values():
+        folder.mkdir()
     example = ROOT / "examples/sharded_fsdp2.py"
-    commands = {
+    return {
         "wrong": [example, "--root", out["wrong"], "--json", out["wrong"] / "seen"],
         "fixed": [example, "--fixed", "--compare", "--root", out["fixed"], "--json", out["fixed"] / "seen"],
         "verdicts": [ROOT / "tests/fsdp_probe_script.py", out["verdicts"], *VERDICT_MODELS],
     }
-    with side_by_side(commands) as running:
 
-        def finished(name: str) -> Path:
-            """Launch ``name``'s folder, once it has exited cleanly."""
-            running.succeeded(name)
-            return out[name]
 
-        yield finished
+@pytest.fixture(scope="module")
+def launches():
+    """Launch ``name``'s folder, once it has exited cleanly."""
+    running = BACKGROUND.launches(__name__)
+
+    def finished(name: str) -> Path:
+        running.succeeded(name)
+        return running.root / name
+
+    return finished
 
 
 def _seen(prefix):
@@ -38,6 +43,7 @@ def _seen(prefix):
 
 
 @pytest.mark.slow
+@pytest.mark.launched
 def test_wrong_backward_stops_every_rank_with_the_culprit(launches):
     for seen in _seen(launches("wrong") / "seen"):
         assert seen["stopped"] and seen["epochs_run"] < 4
@@ -46,6 +52,7 @@ def test_wrong_backward_stops_every_rank_with_the_culprit(launches):
 
 
 @pytest.mark.slow
+@pytest.mark.launched
 def test_correct_model_trains_through_probed_and_unperturbed(launches):
     for seen in _seen(launches("fixed") / "seen"):
         assert not seen["stopped"] and seen["epochs_run"] == 4
@@ -54,6 +61,7 @@ def test_correct_model_trains_through_probed_and_unperturbed(launches):
 
 
 @pytest.mark.slow
+@pytest.mark.launched
 def test_sharded_verdicts_equal_unsharded_ones(launches):
     """Input check, localization, parameter check and second order of a 2-process FSDP2 model against the same
     weights unsharded: the same verdicts, margins and culprits. A correct model, a wrong activation backward, a
