@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .core._inputs import is_additive_mask
+
 __all__ = [
     "BatchKey",
     "BatchLayoutError",
@@ -220,11 +222,11 @@ def take_rows(inputs: Any, rows: Any) -> Any:
 
 
 def finite_rows(inputs: Any) -> Tensor:
-    """``(N,)`` whether each sample's floating inputs are all finite."""
+    """``(N,)`` whether each sample's floating inputs are all finite (additive masks, holding -inf, aside)."""
     first = leaves(inputs)[0]
     keep = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
     for tensor in leaves(inputs):
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not is_additive_mask(tensor):
             keep &= tensor.reshape(tensor.shape[0], -1).isfinite().all(1)
     return keep
 

@@ -294,3 +294,51 @@ def test_target_out_of_range_pauses_training_goes_on_and_strict_raises(tmp_path)
         trainer(tmp_path, [GradProbe(target=99, strict=True)], max_epochs=2).fit(
             PixelValuesModule(), *PixelValuesModule.loaders()
         )
+
+
+class MaskedTokensModule(Base):
+    """``forward(tokens, mask)`` with a float key-padding mask (0 kept, -inf padded); batches ``(tokens, mask, y)``."""
+
+    def __init__(self, bug: str = "ok"):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.act, self.head = Act(bug), nn.Linear(8, 10)
+
+    def forward(self, tokens, mask):
+        attended, _ = self.attention(tokens, tokens, tokens, key_padding_mask=mask)
+        kept = mask.isfinite().to(tokens.dtype).unsqueeze(-1)
+        return self.head(self.act((attended * kept).sum(1) / kept.sum(1)))
+
+    def training_step(self, batch, batch_idx):
+        tokens, mask, y = batch
+        return self._loss(self(tokens, mask), y)
+
+    def validation_step(self, batch, batch_idx):
+        tokens, mask, y = batch
+        self._loss(self(tokens, mask), y)
+
+    @staticmethod
+    def loaders():
+        x, y = digits(320)
+        tokens = x.reshape(320, 8, 8)  # the rows of each image, as 8 tokens
+        lengths = 3 + torch.arange(320) % 6  # every sample padded to its own length
+        mask = torch.zeros(320, 8).masked_fill(torch.arange(8) >= lengths[:, None], float("-inf"))
+        train = TensorDataset(tokens[:256], mask[:256], y[:256])
+        val = TensorDataset(tokens[256:], mask[256:], y[256:])
+        return DataLoader(train, batch_size=32), DataLoader(val, batch_size=32)
+
+
+@pytest.mark.parametrize("bug", ["ok", "scale"])
+def test_additive_masks_are_inputs_not_rows_to_leave_out(tmp_path, bug):
+    """Every validation row holds -inf in its mask: all are probed (none left out as non-finite), with the mask
+    passed through; a wrong backward stops the fit."""
+    torch.manual_seed(0)
+    callback = GradProbe(max_overhead=None, on_alert="stop")
+    run, events = _fit(tmp_path, MaskedTokensModule(bug), MaskedTokensModule.loaders(), callback, max_epochs=2)
+    report = callback.last_report
+    assert callback.samples.nonfinite_inputs == 0 and len(report.verdicts) == 8
+    assert any("additive mask" in note for note in report.notes)
+    if bug == "ok":
+        assert run.current_epoch == 2 and _fail_fractions(events) == [0.0, 0.0] and report.ok
+    else:
+        assert run.current_epoch == 1 and report.verdicts == (Verdict.FAIL,) * 8

@@ -190,3 +190,61 @@ def test_frozen_floating_inputs_are_not_differentiated():
     report = probe(Mixed(), (torch.randint(0, 10, (3, 6)), torch.randn(3, 5, 5)), layer="embed")
     assert report.ok and report.saliency.shape == (3, 6, 4)
     assert float(report.margin.max()) < 0.1
+
+
+class MaskedAttention(nn.Module):
+    """Self-attention over the tokens a float key-padding mask keeps (0 attended, -inf padded), mean-pooled where
+    kept; ``bug`` plants a x1.1 backward after the attention."""
+
+    def __init__(self, bug: bool = False, as_attn_mask: bool = False) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.act, self.head, self.as_attn_mask = Act("scale" if bug else "ok"), nn.Linear(8, 3), as_attn_mask
+
+    def forward(self, x, mask):
+        if self.as_attn_mask:  # (N, T) -> (N * heads, T, T), as scaled_dot_product_attention takes it
+            square = mask[:, None, :].expand(-1, x.shape[1], -1).repeat_interleave(2, 0)
+            attended, _ = self.attention(x, x, x, attn_mask=square)
+        else:
+            attended, _ = self.attention(x, x, x, key_padding_mask=mask)
+        kept = mask.isfinite().to(x.dtype).unsqueeze(-1)
+        return self.head(self.act((attended * kept).sum(1) / kept.sum(1)))
+
+
+def _padded(seed: int, n: int = 6, length: int = 7):
+    """Tokens and an additive mask padding each sample to its own length (every sample a different one)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, 8, generator=g)
+    lengths = torch.randperm(length - 1, generator=g)[:n] + 2
+    mask = torch.zeros(n, length).masked_fill(torch.arange(length) >= lengths[:, None], float("-inf"))
+    return x, mask
+
+
+@pytest.mark.parametrize("as_attn_mask", [False, True])
+def test_additive_masks_travel_with_their_samples_and_are_not_differentiated(as_attn_mask):
+    """A float mask of 0 and -inf is an input, not data to differentiate: each sample gets its own mask back, in
+    every subset and repetition of rows the checks evaluate; a wrong backward beside it is still caught."""
+    torch.manual_seed(0)
+    good, bad = MaskedAttention(as_attn_mask=as_attn_mask).eval(), MaskedAttention(True, as_attn_mask).eval()
+    bad.load_state_dict(good.state_dict())
+    x, mask = _padded(0)
+    report = probe(good, (x, mask), target="argmax")
+    assert report.ok and all(v is Verdict.PASS for v in report.verdicts), str(report)
+    assert any("additive mask" in note for note in report.notes)
+    assert report.saliency[1] is None  # no gradient for the mask
+    for i in range(len(x)):  # each sample's saliency is the gradient of its own outputs under its own mask
+        leaf = x[i : i + 1].clone().requires_grad_()
+        out = good(leaf, mask[i : i + 1])
+        (expected,) = torch.autograd.grad(out[0, out[0].argmax()], leaf)
+        torch.testing.assert_close(report.saliency[0][i], expected[0])
+    caught = probe(bad, (x, mask))
+    assert all(v is Verdict.FAIL for v in caught.verdicts), str(caught)
+
+
+def test_infinite_inputs_get_clear_errors():
+    """Infinities in the only floating input, or NaN anywhere: nothing finite to differentiate, said."""
+    x, mask = _padded(1)
+    with pytest.raises(ValueError, match="every floating input holds infinities"):
+        probe(lambda m, n: m.nan_to_num().sum(1) + n.sum(1), (mask, mask.clone()))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        probe(MaskedAttention(), (x, mask.masked_fill(mask.isinf(), float("nan"))))

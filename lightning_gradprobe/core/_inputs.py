@@ -7,6 +7,10 @@ one floating batch ``X`` of shape ``(N, D)``: each floating input, divided by a 
 entry, carried along as *frozen* coordinates (exact: integers below 2^24 in float32) that no direction, jitter
 or step ever moves and that the model receives back in their own dtype. Because frozen entries travel inside
 ``X``, any subset or repetition of rows the checks evaluate keeps each sample's mask with its own inputs.
+
+A floating entry holding infinities but no NaN is an additive mask (0 where attended, ``-inf`` where not, as
+``nn.MultiheadAttention`` and ``scaled_dot_product_attention`` take): it is frozen, not differentiated, and travels
+as its sample's index (``X`` stays finite), the model receiving that sample's mask back.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Packed", "free_only", "pack"]
+__all__ = ["Packed", "free_only", "is_additive_mask", "pack"]
 
 _EXACT_INTEGER = {torch.float32: 2**24, torch.float64: 2**53}
 
@@ -33,6 +37,7 @@ class _Entry:
     stop: int
     free: bool
     scale: float  # floating entries: stored divided by this power of two
+    rows: Tensor | None = None  # an entry stored as each sample's index: its values, (N, *shape)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,10 @@ class Packed:
         """
         values: dict[Any, Any] = dict(self.constants)
         for entry in self.entries:
+            if entry.rows is not None:
+                samples = x[:, entry.start].detach().round().long().to(entry.rows.device)
+                values[entry.key] = entry.rows[samples].to(dtype or entry.dtype)
+                continue
             part = x[:, entry.start : entry.stop].reshape(x.shape[0], *entry.shape)
             if entry.free:
                 part = part * entry.scale
@@ -76,6 +85,11 @@ class Packed:
             return values
         ordered = [values[i] for i in range(len(values))]
         return tuple(ordered) if self.kind == "tuple" else ordered
+
+    @property
+    def masks(self) -> list[Any]:
+        """The keys of the floating entries frozen as additive masks (holding infinities)."""
+        return [entry.key for entry in self.entries if entry.rows is not None]
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -103,7 +117,8 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
     Args:
         inputs: The structure. Tensors with the batch dimension are per-sample entries; anything else (``None``,
             a number, a tensor of another batch size) is passed through unchanged.
-        differentiate: ``(key, tensor) -> bool`` choosing the differentiated entries (default: the floating ones).
+        differentiate: ``(key, tensor) -> bool`` choosing the differentiated entries (default: the floating ones, but
+            additive masks: those holding infinities and no NaN).
 
     Raises:
         ValueError: If no entry is a per-sample tensor, or none is differentiated.
@@ -126,10 +141,15 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
     batch = next((v.shape[0] for _, v in items if isinstance(v, Tensor) and v.ndim > 0), None)
     if batch is None:
         raise ValueError("probe: `inputs` holds no tensor with a batch dimension first.")
-    chosen = differentiate or (lambda _key, value: value.is_floating_point())
+    chosen = differentiate or (lambda _key, value: not is_additive_mask(value))
     per_sample = [(k, v) for k, v in items if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == batch]
     constants = {k: v for k, v in items if not any(k == key for key, _ in per_sample)}
     free_items = [(k, v) for k, v in per_sample if v.is_floating_point() and chosen(k, v)]
+    if not free_items and any(is_additive_mask(v) for _, v in per_sample):
+        raise ValueError(
+            "probe: every floating input holds infinities (additive masks are not differentiated); finite differences "
+            "need a finite floating input to differentiate."
+        )
     if not free_items:
         names = [k for k, _ in per_sample]
         raise ValueError(
@@ -147,13 +167,33 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
     entries, columns, offset = [], [], 0
     for key, value in [*free_items, *frozen_items]:
         free = any(key == k for k, _ in free_items)
-        width = math.prod(value.shape[1:])
+        shape = tuple(value.shape[1:])
+        if not free and value.is_floating_point() and not bool(value.isfinite().all()):  # as each sample's index
+            entries.append(_Entry(key, shape, value.dtype, offset, offset + 1, free, 1.0, value.detach()))
+            columns.append(torch.arange(batch, dtype=pack_dtype, device=value.device)[:, None])
+            offset += 1
+            continue
+        width = math.prod(shape)
         scale = _power_of_two_scale(value) if free else 1.0
-        entries.append(_Entry(key, tuple(value.shape[1:]), value.dtype, offset, offset + width, free, scale))
+        entries.append(_Entry(key, shape, value.dtype, offset, offset + width, free, scale))
         columns.append(value.detach().reshape(batch, width).to(pack_dtype) / scale)
         offset += width
     free_mask = torch.cat([torch.full((e.stop - e.start,), e.free) for e in entries]).to(columns[0].device)
     return Packed(torch.cat(columns, 1), free_mask, kind, tuple(entries), constants, pack_dtype)
+
+
+def is_additive_mask(value: Tensor) -> bool:
+    """Whether ``value`` is an additive mask: floating, holding infinities and no NaN (0 attended, -inf not).
+
+    Example:
+        >>> import torch
+        >>> is_additive_mask(torch.tensor([[0.0, float("-inf")]])), is_additive_mask(torch.tensor([[0.0, 1.0]]))
+        (True, False)
+
+    """
+    if not value.is_floating_point():
+        return False
+    return not bool(value.isfinite().all()) and not bool(value.isnan().any())
 
 
 def _power_of_two_scale(value: Tensor) -> float:

@@ -101,6 +101,9 @@ def prepare_batch(
     if layer is None:
         if any(isinstance(v, Tensor) and v.is_floating_point() for v in entries.values()):
             packed = pack(inputs)
+            if packed.masks:
+                names = ", ".join(repr(key) for key in packed.masks)
+                notes.add(f"input {names} holds infinities (an additive mask): passed to the model, not differentiated")
             return _checked(
                 PreparedBatch(
                     packed.flat,
