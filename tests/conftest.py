@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from side_by_side import BACKGROUND
 
-_ROOT = Path(tempfile.mkdtemp(prefix="gradprobe-launches-"))
+_ROOTS: list[Path] = []
 
 
 def pytest_configure() -> None:
@@ -31,13 +31,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
     modules = {}
     for item in session.items:
         module = getattr(item, "module", None)
         if item.get_closest_marker("launched") and hasattr(module, "launch"):
             modules.setdefault(module.__name__, module)
+    if modules:
+        _ROOTS.append(Path(tempfile.mkdtemp(prefix="gradprobe-launches-")))
     for name, module in modules.items():
-        root = _ROOT / name
+        root = _ROOTS[0] / name
         root.mkdir()
         BACKGROUND.start(name, module.launch(root), root, timeout=getattr(module, "LAUNCH_TIMEOUT", 400))
 
@@ -47,6 +51,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"background launches ended: {BACKGROUND.summary()} (after collection)")
 
 
-def pytest_sessionfinish() -> None:
-    BACKGROUND.close()
-    shutil.rmtree(_ROOT, ignore_errors=True)
+def pytest_sessionfinish(exitstatus: int) -> None:
+    # (a session that stopped early, -x or Ctrl-C, does not wait for launches no test will read)
+    BACKGROUND.close(kill=exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.TESTS_FAILED))
+    for root in _ROOTS:
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,12 +10,14 @@ while the tests of this process run (those modules' tests run last); its tests r
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from subprocess import PIPE
 
 Command = Sequence[object]
 
@@ -46,18 +48,18 @@ class Background:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._modules: dict[str, Launches] = {}
+        self._running: set[subprocess.Popen[str]] = set()
         self._started = 0.0
 
     def start(self, module: str, commands: dict[str, Command], root: Path, timeout: float) -> None:
-        """Queue ``python *command`` for each command of ``module`` (which write under ``root``); each is killed past
-        ``timeout`` seconds."""
+        """Queue ``python *command`` for each command of ``module`` (which write under ``root``); each is killed, with
+        every process it started, past ``timeout`` seconds."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="launch")
             self._started = time.monotonic()
-        pool = self._pool
         launches = Launches({}, root)
         for name, command in commands.items():
-            launches.futures[name] = pool.submit(_run, command, timeout, launches.ended, name)
+            launches.futures[name] = self._pool.submit(self._run, command, timeout, launches.ended, name)
         self._modules[module] = launches
 
     def launches(self, module: str) -> Launches:
@@ -72,11 +74,38 @@ class Background:
                 ends.append(f"{module} {max(launches.ended.values()) - self._started:.0f} s")
         return ", ".join(ends)
 
-    def close(self) -> None:
-        """Cancel the launches not yet started and wait for the running ones (each ends by its timeout)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, *, kill: bool = False) -> None:
+        """Cancel the launches not yet started; wait for the running ones, or with ``kill`` (a session that stopped
+        early: ``-x``, Ctrl-C) end them."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        pool.shutdown(wait=False, cancel_futures=True)
+        if kill:
+            for process in list(self._running):
+                _kill(process)
+        pool.shutdown(wait=True)
+
+    def _run(
+        self, command: Command, timeout: float, ended: dict[str, float], name: str
+    ) -> subprocess.CompletedProcess[str]:
+        """The completed process (``ended[name]`` gets the time it ended); one that ran past ``timeout`` is killed and
+        reported as exit code -9, its output kept."""
+        args = [sys.executable, *map(str, command)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # (one thread per process: they already share the cores)
+        # (its own session: a timeout kills the processes it starts too, such as a Lightning launcher's ranks)
+        with subprocess.Popen(args, stdout=PIPE, stderr=PIPE, text=True, env=env, start_new_session=True) as process:
+            self._running.add(process)
+            try:
+                out, err = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill(process)
+                out, err = process.communicate()
+                err += f"\n[killed: still running after {timeout:.0f} s]"
+            finally:
+                self._running.discard(process)
+                ended[name] = time.monotonic()
+        return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
 BACKGROUND = Background()
@@ -89,26 +118,9 @@ def _cores() -> int:
         return os.cpu_count() or 2
 
 
-def _run(command: Command, timeout: float, ended: dict[str, float], name: str) -> subprocess.CompletedProcess[str]:
-    """The completed process; one that ran past ``timeout`` is killed and reported as exit code -9, its output kept.
-
-    ``ended[name]`` gets the time it ended.
-    """
+def _kill(process: subprocess.Popen[str]) -> None:
+    """Kill ``process`` and every process of its session."""
     try:
-        return _completed(command, timeout)
-    finally:
-        ended[name] = time.monotonic()
-
-
-def _completed(command: Command, timeout: float) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, *map(str, command)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # (one thread per process: they already share the cores)
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, env=env)
-    except subprocess.TimeoutExpired as expired:
-        out, err = (_text(stream) for stream in (expired.stdout, expired.stderr))
-        return subprocess.CompletedProcess(args, -9, out, err + f"\n[killed: still running after {timeout:.0f} s]")
-
-
-def _text(stream: bytes | str | None) -> str:
-    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream or ""
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, AttributeError):  # gone already, or no process groups here
+        process.kill()

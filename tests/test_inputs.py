@@ -137,6 +137,28 @@ def test_hugging_face_model_zero_config():
     assert report.saliency.shape == (4, 10, 32)
 
 
+@pytest.mark.parametrize("fill", ["-inf", "lowest"])
+def test_hugging_face_token_model_with_a_float_attention_mask_is_probed_at_its_embedding(fill):
+    """Token ids beside a 4-D additive mask (the form Hugging Face builds itself): the mask is no input to
+    differentiate, the embedding's output is; each sample's padded tokens get exactly no saliency."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(1, 100, (4, 10), generator=torch.Generator().manual_seed(0))
+    padded = torch.arange(10) >= torch.tensor([10, 6, 8, 4])[:, None]
+    low = float("-inf") if fill == "-inf" else torch.finfo(torch.float32).min
+    mask = torch.zeros(4, 1, 1, 10).masked_fill(padded[:, None, None], low)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = probe(model, {"input_ids": ids, "attention_mask": mask})
+    assert report.ok and report.layer == "bert.embeddings.word_embeddings", str(report)
+    assert (report.saliency[padded] == 0).all() and (report.saliency[~padded] != 0).any(-1).all()
+
+
 def test_negative_target_counts_from_the_end():
     model = nn.Linear(3, 4)
     x = torch.randn(2, 3)
@@ -211,26 +233,27 @@ class MaskedAttention(nn.Module):
         return self.head(self.act((attended * kept).sum(1) / kept.sum(1)))
 
 
-def _padded(seed: int, n: int = 6, length: int = 7):
+def _padded(seed: int, n: int = 6, length: int = 7, fill: float = float("-inf")):
     """Tokens and an additive mask padding each sample to its own length (every sample a different one)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, length, 8, generator=g)
     lengths = torch.randperm(length - 1, generator=g)[:n] + 2
-    mask = torch.zeros(n, length).masked_fill(torch.arange(length) >= lengths[:, None], float("-inf"))
+    mask = torch.zeros(n, length).masked_fill(torch.arange(length) >= lengths[:, None], fill)
     return x, mask
 
 
-@pytest.mark.parametrize("as_attn_mask", [False, True])
-def test_additive_masks_travel_with_their_samples_and_are_not_differentiated(as_attn_mask):
-    """A float mask of 0 and -inf is an input, not data to differentiate: each sample gets its own mask back, in
-    every subset and repetition of rows the checks evaluate; a wrong backward beside it is still caught."""
+@pytest.mark.parametrize(("as_attn_mask", "fill"), [(False, "-inf"), (True, "-inf"), (False, "lowest")])
+def test_additive_masks_travel_with_their_samples_and_are_not_differentiated(as_attn_mask, fill):
+    """A float mask of 0 and -inf (or the dtype's lowest value, as Hugging Face fills them) is an input, not data to
+    differentiate: each sample gets its own mask back, in every subset and repetition of rows the checks evaluate; a
+    wrong backward beside it is still caught (a lowest-value mask differentiated at its scale, 1e38, hid it)."""
     torch.manual_seed(0)
     good, bad = MaskedAttention(as_attn_mask=as_attn_mask).eval(), MaskedAttention(True, as_attn_mask).eval()
     bad.load_state_dict(good.state_dict())
-    x, mask = _padded(0)
+    x, mask = _padded(0, fill=float("-inf") if fill == "-inf" else torch.finfo(torch.float32).min)
     report = probe(good, (x, mask), target="argmax")
     assert report.ok and all(v is Verdict.PASS for v in report.verdicts), str(report)
-    assert any("additive mask" in note for note in report.notes)
+    assert any("is an additive mask" in note for note in report.notes)
     assert report.saliency[1] is None  # no gradient for the mask
     for i in range(len(x)):  # each sample's saliency is the gradient of its own outputs under its own mask
         leaf = x[i : i + 1].clone().requires_grad_()
@@ -242,9 +265,45 @@ def test_additive_masks_travel_with_their_samples_and_are_not_differentiated(as_
 
 
 def test_infinite_inputs_get_clear_errors():
-    """Infinities in the only floating input, or NaN anywhere: nothing finite to differentiate, said."""
+    """Masks as the only floating inputs, NaN anywhere, or +inf: nothing to differentiate there, said."""
     x, mask = _padded(1)
-    with pytest.raises(ValueError, match="every floating input holds infinities"):
+    with pytest.raises(ValueError, match="every floating input is an additive mask"):
         probe(lambda m, n: m.nan_to_num().sum(1) + n.sum(1), (mask, mask.clone()))
     with pytest.raises(ValueError, match="NaN/Inf"):
         probe(MaskedAttention(), (x, mask.masked_fill(mask.isinf(), float("nan"))))
+    stray = x.flatten(1).clone()
+    stray[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):  # a stray +inf in data is no mask
+        probe(lambda a, b: a.sum(1) + b.nan_to_num().sum(1), (x.flatten(1), stray))
+
+
+class PaddedEncoder(nn.Module):
+    """A stock ``nn.TransformerEncoder`` (nested tensors on, as by default) over padded tokens, mean-pooled."""
+
+    def __init__(self, bug: bool = False) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.act, self.encoder, self.head = (
+            Act("scale" if bug else "ok"),
+            nn.TransformerEncoder(layer, 2),
+            nn.Linear(8, 3),
+        )
+
+    def forward(self, x, src_key_padding_mask):
+        return self.head(self.encoder(self.act(x), src_key_padding_mask=src_key_padding_mask).mean(1))
+
+
+@pytest.mark.parametrize("as_float", [False, True])
+def test_transformer_encoder_nested_tensor_fast_path_is_not_a_second_function(as_float):
+    """Without grad, the encoder's nested-tensor path zeroes padded positions that training's graph computes: the
+    probe checks the function training differentiates (a correct encoder failed every padded sample), and gives the
+    encoder its setting back."""
+    torch.manual_seed(1)
+    good, bad = PaddedEncoder().eval(), PaddedEncoder(bug=True).eval()
+    bad.load_state_dict(good.state_dict())
+    x, mask = _padded(2)
+    mask = mask if as_float else mask.isinf()
+    report = probe(good, (x, mask))
+    assert report.ok and all(v is Verdict.PASS for v in report.verdicts), str(report)
+    assert good.encoder.use_nested_tensor
+    assert all(v is Verdict.FAIL for v in probe(bad, (x, mask)).verdicts)

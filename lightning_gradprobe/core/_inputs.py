@@ -8,9 +8,10 @@ entry, carried along as *frozen* coordinates (exact: integers below 2^24 in floa
 or step ever moves and that the model receives back in their own dtype. Because frozen entries travel inside
 ``X``, any subset or repetition of rows the checks evaluate keeps each sample's mask with its own inputs.
 
-A floating entry holding infinities but no NaN is an additive mask (0 where attended, ``-inf`` where not, as
-``nn.MultiheadAttention`` and ``scaled_dot_product_attention`` take): it is frozen, not differentiated, and travels
-as its sample's index (``X`` stays finite), the model receiving that sample's mask back.
+A floating entry that is an additive mask (0 where attended, ``-inf`` where not, as ``nn.MultiheadAttention`` and
+``scaled_dot_product_attention`` take, or the dtype's lowest value, as Hugging Face builds them) is frozen, not
+differentiated, and travels as its sample's index (``X`` stays finite), the model receiving that sample's mask
+back (:func:`is_additive_mask`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Packed:
 
     @property
     def masks(self) -> list[Any]:
-        """The keys of the floating entries frozen as additive masks (holding infinities)."""
+        """The keys of the floating entries frozen as additive masks (or holding infinities)."""
         return [entry.key for entry in self.entries if entry.rows is not None]
 
     @property
@@ -147,8 +148,8 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
     free_items = [(k, v) for k, v in per_sample if v.is_floating_point() and chosen(k, v)]
     if not free_items and any(is_additive_mask(v) for _, v in per_sample):
         raise ValueError(
-            "probe: every floating input holds infinities (additive masks are not differentiated); finite differences "
-            "need a finite floating input to differentiate."
+            "probe: every floating input is an additive mask (0 and -inf, or 0 and the dtype's lowest value: not "
+            "differentiated); finite differences need a floating input to differentiate."
         )
     if not free_items:
         names = [k for k, _ in per_sample]
@@ -168,7 +169,7 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
     for key, value in [*free_items, *frozen_items]:
         free = any(key == k for k, _ in free_items)
         shape = tuple(value.shape[1:])
-        if not free and value.is_floating_point() and not bool(value.isfinite().all()):  # as each sample's index
+        if not free and value.is_floating_point() and (is_additive_mask(value) or not bool(value.isfinite().all())):
             entries.append(_Entry(key, shape, value.dtype, offset, offset + 1, free, 1.0, value.detach()))
             columns.append(torch.arange(batch, dtype=pack_dtype, device=value.device)[:, None])
             offset += 1
@@ -183,17 +184,27 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
 
 
 def is_additive_mask(value: Tensor) -> bool:
-    """Whether ``value`` is an additive mask: floating, holding infinities and no NaN (0 attended, -inf not).
+    """Whether ``value`` is an additive mask: floating, 0 attended, ``-inf`` or the dtype's lowest value not.
+
+    ``-inf`` is PyTorch's convention, the lowest value Hugging Face's; a mask holds no NaN and no ``+inf``. A mask
+    of ``torch.finfo(dtype).min`` is finite but no input to differentiate: at 1e38 its own directional derivative
+    would swamp the error scale of every other input.
 
     Example:
         >>> import torch
-        >>> is_additive_mask(torch.tensor([[0.0, float("-inf")]])), is_additive_mask(torch.tensor([[0.0, 1.0]]))
-        (True, False)
+        >>> low = torch.finfo(torch.float32).min
+        >>> [is_additive_mask(torch.tensor([[0.0, m]])) for m in (float("-inf"), low, -1e9, float("inf"))]
+        [True, True, False, False]
 
     """
-    if not value.is_floating_point():
+    if not value.is_floating_point() or not value.numel():
         return False
-    return not bool(value.isfinite().all()) and not bool(value.isnan().any())
+    lowest = torch.finfo(value.dtype).min
+    if bool(value.isnan().any()) or bool((value == float("inf")).any()):
+        return False
+    if bool((value == float("-inf")).any()):
+        return True
+    return bool((value == lowest).any()) and bool(((value == 0) | (value == lowest)).all())
 
 
 def _power_of_two_scale(value: Tensor) -> float:

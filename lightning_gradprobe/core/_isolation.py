@@ -29,7 +29,12 @@ _PRECISION_KEYS = (
 
 @contextmanager
 def isolated(model: Any, device: torch.device) -> Iterator[None]:
-    """Run a block with every submodule in eval mode, grad enabled, no autocast, no TF32, RNGs forked.
+    """Run a block in eval mode, grad enabled, no autocast, no TF32, RNGs forked, no nested-tensor fast path.
+
+    Every ``nn.TransformerEncoder``'s nested-tensor fast path is off: it runs only where nothing requires grad (the
+    finite differences, not the graph training differentiates), and it returns zeros at padded positions where the
+    graph's forward does not: two functions in one model, which would fail every padded sample of a correct one.
+    Each encoder's own setting is restored.
 
     ``torch.compile``'d backwards inside it may be retained (see ``_retainable_compiled_backwards``).
 
@@ -43,6 +48,7 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
 
     """
     modes = [(module, module.training) for module in model.modules()] if isinstance(model, nn.Module) else []
+    nested = [module for module, _ in modes if isinstance(module, nn.TransformerEncoder) and module.use_nested_tensor]
     python_state = random.getstate()
     numpy_state = _numpy_state()
     try:
@@ -57,10 +63,14 @@ def isolated(model: Any, device: torch.device) -> Iterator[None]:
             stack.enter_context(_eager_compiled_code())
             for module, _ in modes:
                 module.training = False
+            for encoder in nested:
+                encoder.use_nested_tensor = False
             yield
     finally:
         for module, training in modes:
             module.training = training
+        for encoder in nested:
+            encoder.use_nested_tensor = True
         random.setstate(python_state)
         if numpy_state is not None:
             import numpy

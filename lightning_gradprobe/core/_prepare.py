@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._functions import model_dtype
-from ._inputs import Packed, pack
+from ._inputs import Packed, is_additive_mask, pack
 from ._layers import LAYER, capture_output, find_token_embedding, replaced_output, resolve_layer
 from ._notes import Notes
 
@@ -98,12 +98,15 @@ def prepare_batch(
         return m(*raw) if isinstance(raw, (tuple, list)) else m(raw)
 
     entries = as_entries(inputs)
+    tensors = [v for v in entries.values() if isinstance(v, Tensor)]
+    floating = [v for v in tensors if v.is_floating_point()]
     if layer is None:
-        if any(isinstance(v, Tensor) and v.is_floating_point() for v in entries.values()):
+        # (beside token ids, additive masks alone are no input to differentiate: the embedding's output is)
+        if floating and (not all(map(is_additive_mask, floating)) or all(v.is_floating_point() for v in tensors)):
             packed = pack(inputs)
             if packed.masks:
                 names = ", ".join(repr(key) for key in packed.masks)
-                notes.add(f"input {names} holds infinities (an additive mask): passed to the model, not differentiated")
+                notes.add(f"input {names} is an additive mask: passed to the model, not differentiated")
             return _checked(
                 PreparedBatch(
                     packed.flat,
