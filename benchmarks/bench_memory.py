@@ -2,7 +2,7 @@
 
 The models are MLPs of ``blocks`` blocks ``d -> 4d -> d`` with GELU (float32), batch 8, one thread. Each figure is
 measured in a fresh process: the resident set after building the model, then the process's peak resident set
-after one call (``ru_maxrss``); the difference is what that call needed beyond the model. The process has
+after one call (``VmHWM``); the difference is what that call needed beyond the model. The process has
 imported ``torch._dynamo`` first, as every process that imports Lightning has (a standalone first ``probe()``
 imports it, about 90 MiB once). A training step is a
 forward, cross-entropy and a backward that fills ``.grad``; a probe is ``probe(model, x)`` at its defaults, and
@@ -28,7 +28,7 @@ from pathlib import Path
 SIZES = {50: (1024, 6), 200: (2048, 6), 400: (2048, 12)}  # millions of parameters: (width d, blocks)
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from torch import nn
 torch.set_num_threads(1)
@@ -39,6 +39,10 @@ import torch._dynamo  # as `import lightning` does (the probe's Python dispatch 
 def resident():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096
+
+def peak_resident():  # (VmHWM: this process image's own peak; ru_maxrss keeps the launching process's from before exec)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 torch.manual_seed(0)
 layers = []
@@ -53,14 +57,14 @@ if what == "training step":
 else:
     report = lightning_gradprobe.probe(model, x, check_parameters=what == "probe")
     assert report.ok, report
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_resident()
 print(json.dumps({"parameters": parameters, "extra": peak - before, "seconds": time.perf_counter() - start}))
 """
 
 KINDS = ("training step", "probe", "probe without the parameter check")
 
 SHARDED_CHILD = r"""
-import json, os, resource, socket, sys, time
+import json, os, socket, sys, time
 import torch, torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -70,6 +74,10 @@ width, blocks, what, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys
 def resident():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * 4096
+
+def peak_resident():  # (VmHWM: this process image's own peak; ru_maxrss keeps the launching process's from before exec)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 def run(rank):
     torch.set_num_threads(1)
@@ -95,7 +103,7 @@ def run(rank):
         report = lightning_gradprobe.probe(model.eval(), x)
         assert report.ok, report
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident()
     extra = torch.tensor([float(peak - before)])
     gathered = [torch.zeros(1) for _ in range(2)]
     dist.all_gather(gathered, extra)

@@ -307,3 +307,22 @@ def test_transformer_encoder_nested_tensor_fast_path_is_not_a_second_function(as
     assert report.ok and all(v is Verdict.PASS for v in report.verdicts), str(report)
     assert good.encoder.use_nested_tensor
     assert all(v is Verdict.FAIL for v in probe(bad, (x, mask)).verdicts)
+
+
+def test_a_floating_input_shared_by_every_sample_follows_the_reference_into_float64():
+    """A causal mask without the batch dimension, beside per-sample tokens: cast with them (it made the float64 copy
+    fail, and the check fall back to float32 finite differences)."""
+
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+        def forward(self, x, causal):
+            return self.head(self.attention(x, x, x, attn_mask=causal)[0].mean(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 8)
+    causal = torch.full((5, 5), float("-inf")).triu(1)
+    report = probe(Causal().eval(), (x, causal))
+    assert report.ok and report.fd_dtype == torch.float64 and not any("weaker" in note for note in report.notes)

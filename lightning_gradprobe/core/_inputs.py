@@ -62,11 +62,12 @@ class Packed:
     def unpack(self, x: Tensor, dtype: torch.dtype | None = None) -> Any:
         """The model's inputs for a packed batch ``x`` (rows may be any subset or repetition of samples).
 
-        Floating inputs come back in ``dtype`` (the dtype the model computes in: its own, or float64 for the
-        reference copy), or in their own dtype when ``dtype`` is ``None``; frozen floating inputs are detached
+        Floating inputs (and floating tensors without the batch dimension, such as a causal mask shared by every
+        sample) come back in ``dtype`` (the dtype the model computes in: its own, or float64 for the reference
+        copy), or in their own dtype when ``dtype`` is ``None``; frozen floating inputs are detached
         (they are not differentiated), frozen integer and boolean ones come back exact in their own dtype.
         """
-        values: dict[Any, Any] = dict(self.constants)
+        values: dict[Any, Any] = {key: _constant(value, dtype) for key, value in self.constants.items()}
         for entry in self.entries:
             if entry.rows is not None:
                 samples = x[:, entry.start].detach().round().long().to(entry.rows.device)
@@ -181,6 +182,13 @@ def pack(inputs: Any, *, differentiate: Callable[[Any, Tensor], bool] | None = N
         offset += width
     free_mask = torch.cat([torch.full((e.stop - e.start,), e.free) for e in entries]).to(columns[0].device)
     return Packed(torch.cat(columns, 1), free_mask, kind, tuple(entries), constants, pack_dtype)
+
+
+def _constant(value: Any, dtype: torch.dtype | None) -> Any:
+    """A structure's entry without the batch dimension: floating tensors in ``dtype`` (when given), the rest as is."""
+    if dtype is not None and isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
 
 
 def is_additive_mask(value: Tensor) -> bool:
