@@ -226,8 +226,11 @@ def finite_rows(inputs: Any) -> Tensor:
     first = leaves(inputs)[0]
     keep = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
     for tensor in leaves(inputs):
-        if tensor.is_floating_point() and not is_additive_mask(tensor):
-            keep &= tensor.reshape(tensor.shape[0], -1).isfinite().all(1)
+        if tensor.is_floating_point():
+            finite = tensor.reshape(tensor.shape[0], -1).isfinite().all(1)
+            if not bool(finite.all()) and is_additive_mask(tensor):
+                continue
+            keep &= finite
     return keep
 
 

@@ -208,6 +208,8 @@ def is_additive_mask(value: Tensor) -> bool:
     if not value.is_floating_point() or not value.numel():
         return False
     lowest = torch.finfo(value.dtype).min
+    if bool(value.min() > lowest):  # (one pass: data, the common case; a NaN minimum compares False)
+        return False
     if bool(value.isnan().any()) or bool((value == float("inf")).any()):
         return False
     if bool((value == float("-inf")).any()):
