@@ -3,7 +3,7 @@
 Multi-process fits, whole examples and fresh-process measurements spend most of their time starting Python and
 importing Lightning, mostly on one core. A test module that defines ``launch(root) -> {name: command}`` gets its
 launches started in the background when collection ends (``conftest.py``), in a pool as wide as the usable cores,
-while the tests of this process run (those modules' tests run last); its tests read them with
+while the tests of this process run; its tests that read them (marked ``launched``) run last, through
 ``BACKGROUND.launches(__name__)``, which waits for the ones asked for.
 """
 
