@@ -80,3 +80,49 @@ def test_parameter_moves_of_channels_last_weights(monkeypatch, lazy):
     verdict = space.judge(lambda values: function.call(values, x).pow(2).sum(), rtol=1e-10, floor=1e-6)[0]
     assert verdict.value == "pass"
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+class _PaddedTokens(nn.Module):
+    """Token ids through an embedding with a padding row, then a small head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 6, padding_idx=0)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+
+@pytest.mark.parametrize("kept", [True, False])
+@pytest.mark.parametrize("name", ["padded", "tied", "wrong embedding backward"])
+def test_an_embedding_lookup_casts_and_moves_the_rows_it_reads(monkeypatch, kept, name):
+    """A lookup in a lazily cast table casts (and moves) the rows it reads alone: the report is the whole cast's,
+    bit for bit, with directions kept whole or drawn a chunk at a time, padding rows at rest, tied tables."""
+    from zoo import TiedTokenModel, TokenNet
+
+    if not kept:
+        monkeypatch.setattr(parameters_module, "_KEPT_DIRECTION_BYTES", 0)
+    torch.manual_seed(0)
+    model = {"padded": _PaddedTokens, "tied": TiedTokenModel, "wrong embedding backward": lambda: TokenNet(1.1)}[name]()
+    vocabulary = model.embed.weight.shape[0]
+    ids = torch.randint(0, vocabulary, (6, 5), generator=torch.Generator().manual_seed(2))
+    ids[:, -1] = 0  # (the padding row, read by every sample)
+    eager = probe(model.eval(), ids, localize=True)
+    monkeypatch.setattr(cast_module, "LAZY_CAST_BYTES", -1)  # every model casts op by op
+    lookups = []
+    whole_rows = LazyCast.rows
+
+    def counted(self, index):
+        rows = whole_rows(self, index)
+        lookups.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(LazyCast, "rows", counted)
+    lazy = probe(model.eval(), ids, localize=True)
+    assert any(lookups)  # the rows alone were cast: not the whole table
+    assert lazy.verdicts == eager.verdicts and torch.equal(lazy.margin, eager.margin)
+    assert lazy.parameter_check == eager.parameter_check
+    assert [c.module for c in lazy.culprits] == [c.module for c in eager.culprits]
+    expected = "fail" if name == "wrong embedding backward" else "pass"
+    assert lazy.parameter_check is not None and lazy.parameter_check.verdict.value == expected

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from ._sharding import unsharded
+from ._sharding import _dtensor_type, unsharded
 
 __all__ = ["LAZY_CAST_BYTES", "LazyCast", "as_dtype", "use_lazy_casts"]
 
@@ -108,6 +108,29 @@ class LazyCast(Tensor):
             return source.to(self.dtype)
         return self.shift(source.to(self.dtype, copy=True))  # a copy of its own, moved in place
 
+    def rows(self, index: Tensor) -> Tensor | None:
+        """``value()[index]`` of a 2-D cast, made of those rows alone: an embedding lookup reads a few rows of a big
+        table, and casting (and moving) the whole table for them costs more than the model's forward.
+
+        ``None`` where only the whole value will do: a view, a written (held) value, a shard, or a shift that
+        moves whole tensors only.
+        """
+        dtensor = _dtensor_type()
+        if (
+            self._held is not None
+            or self._base_cast is not None
+            or self.shard is not None
+            or self.source.dim() != 2
+            or (dtensor is not None and isinstance(self.source, dtensor))
+        ):
+            return None
+        index = torch.where(index < 0, index + self.source.shape[0], index)  # (table[-1]; out of range still raises)
+        rows = self.source.index_select(0, index).to(self.dtype)  # (a fresh tensor: index_select copies)
+        if self.shift is None:
+            return rows
+        shift_rows = getattr(self.shift, "rows", None)
+        return None if shift_rows is None else shift_rows(rows, index)
+
     @classmethod
     def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
@@ -123,10 +146,38 @@ class LazyCast(Tensor):
                 base = first if first._base_cast is None else first._base_cast
                 views = (*first._views, (func, args[1:], kwargs))
                 return LazyCast(out, first.dtype, device=first.device, base=base, views=views)
+        lookup = _row_lookup(func, args, kwargs)
+        if lookup is not None:
+            rows = lookup[0].rows(lookup[1].reshape(-1))
+            if rows is not None:
+                return rows.view(*lookup[1].shape, rows.shape[-1])
         for tensor in _written(func, args, kwargs):  # written into: from now on its value is held (a copy of its own)
             if tensor._held is None:
                 tensor._held = tensor.value().clone()
         return func(*_values(args), **_values(kwargs))
+
+
+def _row_lookup(func: Any, args: Any, kwargs: dict[str, Any]) -> tuple[LazyCast, Tensor] | None:
+    """``(table, index)`` where ``func`` reads rows ``index`` of a lazy 2-D ``table`` and nothing else of it.
+
+    An embedding lookup (``F.embedding``: its other arguments change only the backward, which needs no weight),
+    ``table[index]`` and ``table.index_select(0, index)``, with integer indices.
+    """
+    table = args[0] if args else None
+    if not isinstance(table, LazyCast) or table.dim() != 2 or kwargs or len(args) < 2:
+        return None
+    if func is torch.ops.aten.embedding.default:
+        index = args[1]
+    elif func is torch.ops.aten.index.Tensor and len(args[1]) == 1:
+        index = args[1][0]
+    elif func is torch.ops.aten.index_select.default and args[1] in (0, -2):
+        index = args[2]
+    else:
+        return None
+    integer = isinstance(index, Tensor) and not index.is_floating_point() and not index.is_complex()
+    if not integer or index.dtype == torch.bool or isinstance(index, LazyCast):
+        return None
+    return table, index
 
 
 def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> list[LazyCast]:

@@ -26,6 +26,7 @@ it over, then dropped. The comparison needs nothing else (:class:`ParameterSpace
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from ._cast import LazyCast, use_lazy_casts
 from ._finite_differences import Comparison, Directional, Stencil, compare_directional
-from ._functions import ParameterFunction
+from ._functions import BatchFunction, ParameterFunction
 from ._sharding import unsharded
 from ._verdicts import Problem, central_derivative, consistent, default_rtol
 from .report import ParameterCheck, Verdict
@@ -44,6 +45,7 @@ PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is 
 PARAMETER_DIRECTIONS = 2  # random directions in parameter space: one can miss a small block (1 in 100 measured)
 _CHUNK = 1 << 20  # weights moved or reduced by one call: 8 MiB of float64 at a time
 _KEPT_DIRECTION_BYTES = 16 << 20  # directions kept whole up to this size (a model of up to 1M weights)
+_KEPT_SIGN_BYTES = 64 << 20  # beyond it, signs kept as drawn (a byte each: both directions of 32M weights)
 # A failure stands this many times farther from D(h/8) than D(h) and D(h/8) are from each other.
 _NOISE_SPREAD = 4.0
 # A failure must stand with the step grown this much too: at small steps a float64 function computed through
@@ -82,11 +84,15 @@ def check_parameter_gradients(
     combination = torch.randn((xs.shape[0], n_outputs), generator=generator, dtype=torch.float64) / n_outputs**0.5
     combination = combination.to(device=xs.device, dtype=ref)
 
-    def value_at(values: Sequence[Tensor]) -> Tensor:
-        return (problem.selection(parameters.call(values, xs), ixs).to(ref) * combination).sum()
-
     space = ParameterSpace(parameters, ref, generator, PARAMETER_DIRECTIONS)
-    verdict, margin, relative_error = space.judge(value_at, rtol=default_rtol(ref), floor=_FLOOR)
+
+    def judge(model_at: BatchFunction) -> tuple[Verdict, float, float]:
+        def value_at(_: Sequence[Tensor]) -> Tensor:  # (at space.values, held in place: moved, never replaced)
+            return (problem.selection(model_at(xs), ixs).to(ref) * combination).sum()
+
+        return space.judge(value_at, rtol=default_rtol(ref), floor=_FLOOR)
+
+    verdict, margin, relative_error = parameters.held(space.values, judge)
     trainable = space.trainable_count
     return ParameterCheck(verdict, margin, relative_error, trainable, space.count - trainable)
 
@@ -136,6 +142,7 @@ class ParameterSpace:
         self.trainable = [i for i, t in enumerate(function.trainable) if t]
         self.count = sum(p.numel() for p in self.sources)
         self.trainable_count = sum(self.sources[i].numel() for i in self.trainable)
+        self.sharded = function.sharded
         self.lazy = function.sharded or use_lazy_casts(self.sources, dtype)
         # A small model's directions are kept, drawn at once, as one (directions, weights) matrix: the gradient is
         # reduced with one product. Its values are then views of one flat tensor, placed at theta + step v with one
@@ -167,6 +174,8 @@ class ParameterSpace:
         self._kept: Tensor | None = None
         self._offsets: dict[int, int] = {}
         self.seeds: list[list[int]] = []
+        self._signs: dict[tuple[int, int], Tensor] = {}  # a big model's signs, drawn once, up to _KEPT_SIGN_BYTES
+        self._sign_bytes = 0
         # Rows PyTorch gives no gradient on purpose (an embedding's padding row) are never moved.
         self.fixed_rows: dict[int, list[int]] = {}
         for i, row in function.fixed_rows:
@@ -178,13 +187,17 @@ class ParameterSpace:
             self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
 
     def _squares(self) -> list[float]:
-        """``|theta_i|^2`` per parameter, in float64 (one call for a small model's flat values)."""
-        if not self.sources:
-            return []
-        if self._flat is not None and self._flat.dtype == torch.float64:
-            return [float(n) ** 2 for n in torch.stack(torch._foreach_norm(self.values)).tolist()]
-        sums = [torch.linalg.vector_norm(unsharded(p).detach(), dtype=torch.float64) ** 2 for p in self.sources]
-        return torch.stack([t.to(sums[0].device) for t in sums]).tolist()
+        """``|theta_i|^2`` per parameter: norms in the parameter's own dtype (no float64 copy of a big weight, one
+        call for an unsharded model's), in float64 where that overflows. They size the directions only."""
+        if self.sharded:  # (each gathered whole in its turn)
+            norms = [torch._foreach_norm([unsharded(p).detach()])[0] for p in self.sources]
+        else:
+            norms = list(torch._foreach_norm([p.detach() for p in self.sources])) if self.sources else []
+        squares = [float(n) ** 2 for n in torch.stack([n.double().cpu() for n in norms]).tolist()] if norms else []
+        for i, square in enumerate(squares):
+            if not math.isfinite(square):
+                squares[i] = float(torch.linalg.vector_norm(unsharded(self.sources[i]).detach(), dtype=torch.float64)) ** 2
+        return squares
 
     def _draw_kept(self, generator: torch.Generator, n_directions: int, dtype: torch.dtype) -> Tensor:
         """Every direction over every trainable weight, ``(directions, weights)``, from one draw of random bytes."""
@@ -216,11 +229,18 @@ class ParameterSpace:
         """
         if self._kept is not None:
             return self.direction(direction, i, self._kept.dtype).reshape(-1) > 0
+        kept = self._signs.get((direction, i))
+        if kept is not None:
+            return kept
         source = self.sources[i]
         draw = torch.Generator(device=source.device).manual_seed(self.seeds[direction][i])
         n = source.numel()
         packed = torch.randint(0, 256, ((n + 7) // 8,), generator=draw, dtype=torch.uint8, device=source.device)
-        return _unpack(packed)[:n]
+        signs = _unpack(packed)[:n]
+        if self._sign_bytes + n <= _KEPT_SIGN_BYTES:  # every move and reduction reads them again
+            self._signs[(direction, i)] = signs
+            self._sign_bytes += n
+        return signs
 
     def _drawn(self, direction: int, i: int, dtype: torch.dtype) -> Tensor:
         source = self.sources[i]
@@ -246,9 +266,11 @@ class ParameterSpace:
         square = torch.zeros((), dtype=torch.float64, device=gradient.device)
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK].double()
-            for d, sign in enumerate(signs):
-                along[d] += torch.dot(chunk, _plus_minus_one(sign[start : start + _CHUNK], chunk.dtype))
-            square += chunk.nan_to_num(0.0, 0.0, 0.0).pow(2).sum()
+            total = chunk.sum()
+            for d, sign in enumerate(signs):  # the + entries twice, less all of them: two passes, not four
+                along[d] += 2 * torch.dot(chunk, sign[start : start + _CHUNK].to(chunk.dtype)) - total
+            chunk_square = torch.dot(chunk, chunk)
+            square += chunk_square if bool(chunk_square.isfinite()) else chunk.nan_to_num(0.0, 0.0, 0.0).pow(2).sum()
         return along * self.sizes[i], square
 
     def displace_(self, value: Tensor, direction: int, i: int, step: float) -> Tensor:
@@ -267,6 +289,16 @@ class ParameterSpace:
         if resting is not None:
             value[rows] = resting
         return value
+
+    def displace_rows_(self, value: Tensor, direction: int, i: int, step: float, index: Tensor) -> Tensor:
+        """:meth:`displace_` of rows ``index`` of 2-D parameter ``i`` alone, ``value`` being those rows, in place."""
+        source = self.sources[i]
+        signs = self.signs(direction, i).to(value.device).view(source.shape).index_select(0, index.to(value.device))
+        delta = _plus_minus_one(signs, value.dtype)
+        rows = self.fixed_rows.get(i)
+        if rows:  # (rows that rest where they are, wherever the lookup reads them)
+            delta.mul_(~torch.isin(index, torch.tensor(rows, device=index.device)).unsqueeze(1).to(device=value.device))
+        return value.add_(delta, alpha=step * self.sizes[i])
 
     def gradient(self, value_at: ValueAt) -> tuple[Tensor, Tensor, float]:
         """``value_at(values)``, autograd's ``grad . v`` per direction, and ``sum_i size_i^2 |grad_i|^2``.
@@ -476,3 +508,7 @@ class _Shift:
 
     def __call__(self, value: Tensor) -> Tensor:
         return self.space.displace_(value, self.direction, self.i, self.step)  # a fresh cast: written in place
+
+    def rows(self, value: Tensor, index: Tensor) -> Tensor:
+        """The move of rows ``index`` of the parameter alone, ``value`` being those rows (an embedding lookup's)."""
+        return self.space.displace_rows_(value, self.direction, self.i, self.step, index)
