@@ -109,11 +109,11 @@ class LazyCast(Tensor):
         return self.shift(source.to(self.dtype, copy=True))  # a copy of its own, moved in place
 
     def rows(self, index: Tensor) -> Tensor | None:
-        """``value()[index]`` of a 2-D cast, made of those rows alone: an embedding lookup reads a few rows of a big
-        table, and casting (and moving) the whole table for them costs more than the model's forward.
+        """``value()[index]`` of a 2-D cast, made of those rows alone.
 
-        ``None`` where only the whole value will do: a view, a written (held) value, a shard, or a shift that
-        moves whole tensors only.
+        An embedding lookup reads a few rows of a big table: casting (and moving) the whole table for them costs
+        more than the model's forward. ``None`` where only the whole value will do: a view, a written (held) value,
+        a shard, or a shift that moves whole tensors only.
         """
         dtensor = _dtensor_type()
         if (

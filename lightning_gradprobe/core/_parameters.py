@@ -187,8 +187,11 @@ class ParameterSpace:
             self.seeds = torch.randint(1 << 62, (n_directions, len(self.sources)), generator=generator).tolist()
 
     def _squares(self) -> list[float]:
-        """``|theta_i|^2`` per parameter: norms in the parameter's own dtype (no float64 copy of a big weight, one
-        call for an unsharded model's), in float64 where that overflows. They size the directions only."""
+        """``|theta_i|^2`` per parameter, sizing the directions.
+
+        Norms in the parameter's own dtype (no float64 copy of a big weight; one call for an unsharded model's), in
+        float64 where that overflows.
+        """
         if self.sharded:  # (each gathered whole in its turn)
             norms = [torch._foreach_norm([unsharded(p).detach()])[0] for p in self.sources]
         else:
@@ -196,7 +199,8 @@ class ParameterSpace:
         squares = [float(n) ** 2 for n in torch.stack([n.double().cpu() for n in norms]).tolist()] if norms else []
         for i, square in enumerate(squares):
             if not math.isfinite(square):
-                squares[i] = float(torch.linalg.vector_norm(unsharded(self.sources[i]).detach(), dtype=torch.float64)) ** 2
+                whole = unsharded(self.sources[i]).detach()
+                squares[i] = float(torch.linalg.vector_norm(whole, dtype=torch.float64)) ** 2
         return squares
 
     def _draw_kept(self, generator: torch.Generator, n_directions: int, dtype: torch.dtype) -> Tensor:
