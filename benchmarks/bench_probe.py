@@ -15,9 +15,11 @@ Each method and its anchor are timed alternately; the figure is the ratio of med
                                                             one of working size (4 layers, d=128, 64 tokens); (e) on
                                                             randomly initialised Hugging Face models, batch 8 (with
                                                             ``transformers`` installed: BERT d=128 x 4 layers on 32
-                                                            tokens, GPT-2 d=64 x 2 on 16, ViT d=64 x 2 on 3x32x32)
+                                                            tokens, GPT-2 d=64 x 2 on 16, ViT d=64 x 2 on 3x32x32);
+                                                            (e') with --released-sizes N, on models of released
+                                                            sizes: BERT-mini, ViT-Tiny, DistilGPT-2 (seconds a probe)
 
-Run:  python benchmarks/bench_probe.py [--repeats 15] [--threads 2]
+Run:  python benchmarks/bench_probe.py [--repeats 15] [--threads 2] [--released-sizes 5]
 """
 
 from __future__ import annotations
@@ -93,6 +95,42 @@ def hugging_face_models() -> list[tuple[str, torch.nn.Module, object]]:
     ]
 
 
+def released_size_models() -> list[tuple[str, torch.nn.Module, object]]:
+    """Randomly initialised Hugging Face models at the sizes of released checkpoints, batch 8 (slow: seconds a probe).
+
+    BERT-mini (4 layers, d=256, the 30,522-token vocabulary, 11M parameters) on 64 tokens, ViT-Tiny (12 layers,
+    d=192, 224x224, 5.7M) and DistilGPT-2 (6 layers, d=768, the 50,257-token vocabulary tied to its head, 82M) on
+    32 tokens: big embedding tables, the lazily cast float64 reference.
+    """
+    try:
+        import transformers
+    except ImportError:
+        return []
+    transformers.logging.set_verbosity_error()
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(vocabulary: int, length: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, vocabulary, (8, length), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    bert = transformers.BertConfig(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, num_labels=3
+    )
+    vit = transformers.ViTConfig(
+        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=224,
+        patch_size=16, num_labels=1000,
+    )  # fmt: skip
+    return [
+        ("BERT-mini", transformers.BertForSequenceClassification(bert).eval(), tokens(bert.vocab_size, 64)),
+        (
+            "ViT-Tiny",
+            transformers.ViTForImageClassification(vit).eval(),
+            torch.randn(8, 3, 224, 224, generator=generator),
+        ),
+        ("DistilGPT-2", transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=6)).eval(), tokens(50257, 32)),
+    ]
+
+
 def timed(fn, repeats):
     fn()  # warm-up
     out = []
@@ -116,6 +154,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--released-sizes", type=int, default=0, metavar="REPEATS",
+        help="also (e') the parameter check's share on Hugging Face models of released sizes, this many repeats",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="gradprobe:")  # (its notes: token models probed at the embedding)
@@ -170,11 +212,20 @@ def main() -> None:
                 1.25,
             )
         )
+    released = released_size_models() if args.released_sizes else []
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, medians of {args.repeats}")
     print(f"{'method':34s} {'ratio':>7s} {'target':>7s} {'method ms':>10s} {'anchor ms':>10s}")
     for name, method, anchor, target in rows:
         r, m, a = ratio(method, anchor, args.repeats)
         print(f"{name:34s} {r:7.2f} {'<=' + str(target):>7s} {m * 1e3:10.1f} {a * 1e3:10.1f}", flush=True)
+    for label, network, inputs in released:  # medians of --released-sizes repeats
+        r, m, a = ratio(
+            lambda m=network, b=inputs: probe(m, b),
+            lambda m=network, b=inputs: probe(m, b, check_parameters=False),
+            args.released_sizes,
+        )
+        name = "(e') same, " + label
+        print(f"{name:34s} {r:7.2f} {'<=1.25':>7s} {m * 1e3:10.1f} {a * 1e3:10.1f}", flush=True)
 
 
 if __name__ == "__main__":
