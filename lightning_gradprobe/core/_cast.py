@@ -12,6 +12,8 @@ float64 backward holds no float64 weight beyond the operation at hand. View oper
 that writes into one (rare in a forward) makes it hold a float64 copy of its own from then on (a parameter is
 never written); reading one in an in-place operation on another tensor (``x.mul_(gamma)``) changes nothing.
 Operations that return several views (``chunk``, ``split``) are computed on a full cast, which autograd may keep.
+A lookup of rows (``F.embedding``, ``table[ids]``, ``index_select``) casts the rows it reads alone: a token model's
+table is most of its weights, and a batch reads few of its rows.
 
 A small model keeps plain float64 copies (:func:`use_lazy_casts`): the copy is small, and an operation on a plain
 tensor is cheaper than one through Python. Both give the same values, bit for bit: a cast is exact.
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from ._sharding import _dtensor_type, unsharded
+from ._sharding import is_dtensor, unsharded
 
 __all__ = ["LAZY_CAST_BYTES", "LazyCast", "as_dtype", "use_lazy_casts"]
 
@@ -115,13 +117,12 @@ class LazyCast(Tensor):
         more than the model's forward. ``None`` where only the whole value will do: a view, a written (held) value,
         a shard, or a shift that moves whole tensors only.
         """
-        dtensor = _dtensor_type()
         if (
             self._held is not None
             or self._base_cast is not None
             or self.shard is not None
             or self.source.dim() != 2
-            or (dtensor is not None and isinstance(self.source, dtensor))
+            or is_dtensor(self.source)
         ):
             return None
         index = torch.where(index < 0, index + self.source.shape[0], index)  # (table[-1]; out of range still raises)

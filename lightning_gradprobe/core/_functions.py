@@ -167,9 +167,9 @@ class ParameterFunction:
     def held(self, values: Sequence[Tensor], body: Callable[[BatchFunction], _R]) -> _R:
         """``body(x -> outputs)``, the ``values`` put in place once for every call that ``body`` makes.
 
-        The values must stay the same tensors while ``body`` runs (moved in place, never replaced). On a small
-        model, swapping its tensors in costs a third of a forward: a check that calls the model five times at one
-        set of values pays it once.
+        The values must stay the same tensors while ``body`` runs (moved in place, never replaced). Swapping a
+        model's tensors in walks its modules: a check that calls the model five times at one set of values walks
+        them once.
 
         Example:
             >>> model = nn.Linear(3, 2)

@@ -18,10 +18,11 @@ are one parameter, whose gradient sums both uses.
 
 Memory: a small model (up to 8M weights, 64 MiB in float64) is held twice more in float64 (where it rests and
 where it is moved to, one flat tensor each), and its gradient; a big one never is. Its
-parameters are :class:`~._cast.LazyCast` casts made op by op, moved by ``+- h v`` as each cast is made; its
-directions (random signs, sized by each parameter tensor's own RMS) are drawn again from per-parameter seeds
-when needed, a chunk at a time; and each parameter's gradient is reduced to ``grad . v`` as soon as autograd hands
-it over, then dropped. The comparison needs nothing else (:class:`ParameterSpace`).
+parameters are :class:`~._cast.LazyCast` casts made op by op, moved by ``+- h v`` as each cast is made (an
+embedding lookup casts and moves the rows it reads alone); its directions (random signs, sized by each parameter
+tensor's own RMS) are drawn from per-parameter seeds, kept as a byte per sign up to 64 MiB and drawn again when
+needed beyond it; and each parameter's gradient is reduced to ``grad . v`` as soon as autograd hands it over, then
+dropped. The comparison needs nothing else (:class:`ParameterSpace`).
 """
 
 from __future__ import annotations
@@ -228,8 +229,9 @@ class ParameterSpace:
     def signs(self, direction: int, i: int) -> Tensor:
         """Direction ``direction``'s signs on parameter ``i``, flat (``True``: ``+``).
 
-        A small model's are read from its kept directions; a big model's are drawn afresh from their own seed, as
-        random bytes of eight signs each (4x faster than a draw per sign).
+        A small model's are read from its kept directions; a big model's are drawn from their own seed, as random
+        bytes of eight signs each (4x faster than a draw per sign), and kept while they fit ``_KEPT_SIGN_BYTES`` (a
+        byte per sign): beyond it, drawn afresh each time.
         """
         if self._kept is not None:
             return self.direction(direction, i, self._kept.dtype).reshape(-1) > 0

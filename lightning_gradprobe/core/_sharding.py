@@ -66,10 +66,15 @@ def tensor_parallel(model: nn.Module) -> bool:
     return walk(model, False)
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a shard, or a tensor-parallel piece)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
 def unsharded(tensor: Tensor) -> Tensor:
     """``tensor`` whole, detached: a DTensor is gathered (a collective: every process must call it alike)."""
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(tensor, dtensor):
+    if is_dtensor(tensor):
         return tensor.full_tensor().detach()  # type: ignore[attr-defined]
     return tensor.detach()
 
