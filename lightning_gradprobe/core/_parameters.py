@@ -22,8 +22,8 @@ Memory: a small model (up to 8M weights, 64 MiB in float64) is held twice more i
 where it is moved to, one flat tensor each), and its gradient; a big one never is. Its
 parameters are :class:`~._cast.LazyCast` casts made op by op, moved by ``+- h v`` as each cast is made (an
 embedding lookup casts and moves the rows it reads alone); its directions (random signs, sized by each parameter
-tensor's own RMS) are drawn from per-parameter seeds, kept as a byte per sign up to 64 MiB and drawn again when
-needed beyond it; and each parameter's gradient is reduced to ``grad . v`` as soon as autograd hands it over, then
+tensor's own RMS) are drawn from per-parameter seeds, kept as a byte per sign up to 16M weights and drawn again
+when needed beyond; and each parameter's gradient is reduced to ``grad . v`` as soon as autograd hands it over, then
 dropped. The comparison needs nothing else (:class:`ParameterSpace`).
 """
 
@@ -50,7 +50,7 @@ PARAMETER_SAMPLES = 2  # samples whose outputs carry the check: every weight is 
 PARAMETER_DIRECTIONS = 2
 _CHUNK = 1 << 20  # weights moved or reduced by one call: 8 MiB of float64 at a time
 _KEPT_DIRECTION_BYTES = 16 << 20  # directions kept whole up to this size (a model of up to 1M weights)
-_KEPT_SIGN_BYTES = 64 << 20  # beyond it, signs kept as drawn (a byte each: both directions of 32M weights)
+_KEPT_SIGN_BYTES = 32 << 20  # a mid-sized model's signs kept as drawn, a byte each (up to 16M weights)
 # A failure stands this many times farther from D(h/8) than D(h) and D(h/8) are from each other.
 _NOISE_SPREAD = 4.0
 # A failure must stand with the step grown this much too: at small steps a float64 function computed through
@@ -179,8 +179,8 @@ class ParameterSpace:
         self._kept: Tensor | None = None
         self._offsets: dict[int, int] = {}
         self.seeds: list[list[int]] = []
-        self._signs: dict[tuple[int, int], Tensor] = {}  # a big model's signs, drawn once, up to _KEPT_SIGN_BYTES
-        self._sign_bytes = 0
+        self._signs: dict[tuple[int, int], Tensor] = {}  # a mid-sized model's signs, drawn once
+        self._keep_signs = not small and n_directions * self.trainable_count <= _KEPT_SIGN_BYTES
         # Rows PyTorch gives no gradient on purpose (an embedding's padding row) are never moved.
         self.fixed_rows: dict[int, list[int]] = {}
         for i, row in function.fixed_rows:
@@ -234,8 +234,8 @@ class ParameterSpace:
         """Direction ``direction``'s signs on parameter ``i``, flat (``True``: ``+``).
 
         A small model's are read from its kept directions; a big model's are drawn from their own seed, as random
-        bytes of eight signs each (4x faster than a draw per sign), and kept while they fit ``_KEPT_SIGN_BYTES`` (a
-        byte per sign): beyond it, drawn afresh each time.
+        bytes of eight signs each (4x faster than a draw per sign): kept once drawn where all of them fit
+        ``_KEPT_SIGN_BYTES`` (a byte per sign), else drawn afresh each time.
         """
         if self._kept is not None:
             return self.direction(direction, i, self._kept.dtype).reshape(-1) > 0
@@ -247,9 +247,8 @@ class ParameterSpace:
         n = source.numel()
         packed = torch.randint(0, 256, ((n + 7) // 8,), generator=draw, dtype=torch.uint8, device=source.device)
         signs = _unpack(packed)[:n]
-        if self._sign_bytes + n <= _KEPT_SIGN_BYTES:  # every move and reduction reads them again
+        if self._keep_signs:  # every move and reduction reads them again
             self._signs[(direction, i)] = signs
-            self._sign_bytes += n
         return signs
 
     def _drawn(self, direction: int, i: int, dtype: torch.dtype) -> Tensor:
