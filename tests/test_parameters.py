@@ -39,6 +39,40 @@ def test_correct_models_pass_the_parameter_check(name):
         assert report.parameter_check is not None and report.parameter_check.verdict is not Verdict.FAIL
 
 
+class _Counted(nn.Module):
+    """A model that counts its own forwards."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def _parameter_check_forwards(model: nn.Module, x: torch.Tensor, seed: int):
+    """The default probe's report, and how many forwards its parameter check ran (against the same probe without)."""
+    counted = _Counted(model)
+    probe(counted, x, seed=seed, check_parameters=False)
+    without, counted.calls = counted.calls, 0
+    report = probe(counted, x, seed=seed)
+    return report, counted.calls - without
+
+
+@pytest.mark.parametrize("seed", [30, 37])
+def test_a_correct_model_passes_at_the_screen_and_a_wrong_one_goes_on_to_both_directions(seed):
+    """The screen (one direction at step sqrt(eps)) passes a correct model in two forwards after the gradient's; a
+    layer norm's affine weight x1.1, which one direction at the default step passed on these seeds (its error under
+    that step's curvature bound), is not clean there and fails in the two-direction checks."""
+    (twin, x), (wrong, _), _ = weight_bug_classes(seed)["layernorm-grad-affine-weight-x1.1"]
+    good, forwards = _parameter_check_forwards(twin, x, seed)
+    assert good.parameter_check.verdict is Verdict.PASS and forwards == 1 + 2
+    bad, forwards = _parameter_check_forwards(wrong, x, seed)
+    assert bad.parameter_check.verdict is Verdict.FAIL and forwards >= 1 + 2 + 4 + 4
+
+
 def test_frozen_parameters_are_left_out_and_the_check_can_be_switched_off():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), FusedLinear(8, 8, "scale"), nn.Tanh(), nn.Linear(8, 3)).eval()
