@@ -2,66 +2,28 @@
 
 Each model is probed at its defaults twice: as shipped (one direction screened first at step sqrt(eps), a clean
 pass ending the check) and with the screen off (both directions at the default step, what decides anything else).
-Bugs: a hand-written linear layer whose weight gradient is x1.01 or x1.001, has one entry x2 or a row's sign
-flipped, or is missing (detached), whose bias gradient is x1.1 or missing, in two MLPs; a learnable temperature
-whose gradient is x1.1. The screen can only pass a probe, so the figure to read is whether it passed a bug the
-two-direction check fails.
+Bugs (``tests/zoo.py``'s ``LINEAR_WEIGHT_BUGS`` beyond the zoo's own two): a hand-written linear layer whose
+weight gradient is x1.01 or x1.001, has one entry x2 or a row's sign flipped, or is missing (detached), whose bias
+gradient is x1.1 or missing, in two MLPs; a learnable temperature whose gradient is x1.1. The screen can only pass
+a probe, so the figure to read is whether it passed a bug the two-direction check fails.
 
 Run:  python benchmarks/bench_parameter_screen.py [--seeds 30]
 """
 
 import argparse
 import collections
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo import LINEAR_WEIGHT_BUGS, FusedLinear
+
 import lightning_gradprobe.core._parameters as P
 from lightning_gradprobe import probe
-
-
-class BugLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(x, w, b, mode):
-        return x @ w.t() + b
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0], inputs[1])
-        ctx.mode = inputs[3]
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        gx, gw, gb = g @ w, g.t() @ x, g.sum(0)
-        m = ctx.mode
-        if m == "w*1.01":
-            gw = gw * 1.01
-        elif m == "w*1.001":
-            gw = gw * 1.001
-        elif m == "b*1.1":
-            gb = gb * 1.1
-        elif m == "w detached":
-            gw = None
-        elif m == "w row sign":
-            gw = gw.clone()
-            gw[0] = -gw[0]
-        elif m == "w one entry x2":
-            gw = gw.clone()
-            gw[1, 2] = 2 * gw[1, 2]
-        elif m == "b detached":
-            gb = None
-        return gx, gw, gb, None
-
-
-class BugLinear(nn.Linear):
-    def __init__(self, i, o, mode):
-        super().__init__(i, o)
-        self.mode = mode
-
-    def forward(self, x):
-        return BugLinearFn.apply(x, self.weight, self.bias, self.mode)
 
 
 class TempFn(torch.autograd.Function):
@@ -95,13 +57,13 @@ def model(mode, seed, kind):
     torch.manual_seed(seed)
     if kind == "mlp":
         return nn.Sequential(
-            nn.Linear(10, 16), nn.Tanh(), BugLinear(16, 16, mode), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)
+            nn.Linear(10, 16), nn.Tanh(), FusedLinear(16, 16, mode), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)
         ).eval()
     if kind == "wide":
         return nn.Sequential(
             nn.Linear(32, 64),
             nn.ReLU(),
-            BugLinear(64, 64, mode),
+            FusedLinear(64, 64, mode),
             nn.SiLU(),
             nn.Linear(64, 64),
             nn.Tanh(),
@@ -113,7 +75,7 @@ def model(mode, seed, kind):
         ).eval()
 
 
-modes = ["none", "w*1.01", "w*1.001", "b*1.1", "w detached", "w row sign", "w one entry x2", "b detached"]
+modes = [None] + [bug for bug in LINEAR_WEIGHT_BUGS if bug not in ("scale", "transpose")]  # (those: the zoo's)
 warnings.simplefilter("ignore")
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--seeds", type=int, default=30)
@@ -127,7 +89,7 @@ for screen in (True, False):
     )
     tallies = collections.defaultdict(collections.Counter)
     for kind in ("mlp", "wide", "temp"):
-        for mode in modes if kind != "temp" else ["none", "temp*1.1"]:
+        for mode in modes if kind != "temp" else [None, "temp*1.1"]:
             for seed in range(seeds):
                 m = model(mode, seed, kind)
                 x = torch.randn(8, 32 if kind == "wide" else 10, generator=torch.Generator().manual_seed(seed))
@@ -137,6 +99,6 @@ for screen in (True, False):
     results[screen] = tallies
 print(f"{seeds} seeds per model, parameter-check verdicts: with the screen | without")
 for key in results[True]:
-    print(f"  {key[0]:5s} {key[1]:16s} {dict(results[True][key])!s:45s} | {dict(results[False][key])}")
+    print(f"  {key[0]:5s} {key[1] or 'correct'!s:16s} {dict(results[True][key])!s:45s} | {dict(results[False][key])}")
 differ = [k for k in verdicts[True] if verdicts[True][k] != verdicts[False][k]]
 print(f"probes whose verdict the screen changed: {len(differ)} of {len(verdicts[True])}", differ[:10])

@@ -619,8 +619,35 @@ def second_order_models(
 # --- Weight-only bugs: the input gradient is right, the gradient training consumes is not ----------------------
 
 
+def _one_entry_doubled(grad_weight):
+    grad_weight = grad_weight.clone()
+    grad_weight[1, 2] *= 2
+    return grad_weight
+
+
+def _first_row_negated(grad_weight):
+    grad_weight = grad_weight.clone()
+    grad_weight[0] = -grad_weight[0]
+    return grad_weight
+
+
+# Weight-only bugs of WeightLinear: what each does to (grad_W, grad_b); None drops that gradient (a detached use).
+LINEAR_WEIGHT_BUGS = {
+    "scale": lambda w, b: (1.1 * w, b),
+    "transpose": lambda w, b: (w.T, b),
+    "scale 1.01": lambda w, b: (1.01 * w, b),
+    "scale 1.001": lambda w, b: (1.001 * w, b),
+    "one entry x2": lambda w, b: (_one_entry_doubled(w), b),
+    "row sign": lambda w, b: (_first_row_negated(w), b),
+    "weight detached": lambda w, b: (None, b),
+    "bias x1.1": lambda w, b: (w, 1.1 * b),
+    "bias detached": lambda w, b: (w, None),
+}
+
+
 class WeightLinear(torch.autograd.Function):
-    """``x @ W^T + b``; ``bug``: ``"scale"`` (``grad_W`` x 1.1), ``"transpose"`` (``grad_W`` transposed), or None."""
+    """``x @ W^T + b``; ``bug``: a key of ``LINEAR_WEIGHT_BUGS`` (``"scale"``: ``grad_W`` x 1.1, ``"transpose"``:
+    ``grad_W`` transposed, ...), or None: the input gradient is right in every case."""
 
     @staticmethod
     def forward(x, weight, bias, bug):
@@ -635,11 +662,10 @@ class WeightLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        if ctx.bug == "scale":
-            grad_weight = 1.1 * grad_weight
-        elif ctx.bug == "transpose":
-            grad_weight = grad_weight.T
-        return grad @ weight, grad_weight, grad.reshape(-1, grad.shape[-1]).sum(0), None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        if ctx.bug is not None:
+            grad_weight, grad_bias = LINEAR_WEIGHT_BUGS[ctx.bug](grad_weight, grad_bias)
+        return grad @ weight, grad_weight, grad_bias, None
 
 
 class FusedLinear(nn.Linear):
